@@ -1,0 +1,710 @@
+//! Typed settings, read once from a TOML file and validated at load. Every error names the
+//! file, the dotted key (`modules[2].parameters[0].type`) and the problem.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::module::{Module, ParamKind, Parameter, Passing, Pattern};
+use crate::run::RunMode;
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (absolute when it could be made so).
+    pub file: PathBuf,
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[runner]`.
+    pub runner: RunnerConfig,
+    /// `[output]`.
+    pub output: OutputConfig,
+    /// `[sse]`.
+    pub sse: SseConfig,
+    /// `[retention]`.
+    pub retention: RetentionConfig,
+    /// `[[modules]]`, in file order.
+    pub modules: Vec<Arc<Module>>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub bind: SocketAddr,
+}
+
+/// `[runner]`.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Runs executing at once, all modules together.
+    pub max_concurrent: NonZeroUsize,
+    /// Runs in state `queued`; at this count new runs are refused.
+    pub max_queued: usize,
+    /// Timeout for modules that set none.
+    pub default_timeout: Duration,
+    /// SIGTERM -> wait this long -> SIGKILL.
+    pub kill_grace: Duration,
+    /// Default run mode.
+    pub mode: RunMode,
+    /// Parent environment variables a child may inherit.
+    pub env_allow: Vec<String>,
+}
+
+/// `[output]`.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputConfig {
+    /// Longer lines are split.
+    pub max_line_bytes: NonZeroUsize,
+    /// Output kept per run; past it lines are counted, not kept.
+    pub max_run_bytes: u64,
+}
+
+/// `[sse]`.
+#[derive(Debug, Clone, Copy)]
+pub struct SseConfig {
+    /// A comment is sent when a stream has been quiet this long.
+    pub keep_alive: Duration,
+}
+
+/// `[retention]`.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionConfig {
+    /// Finished runs kept; the oldest finished go first.
+    pub keep_runs: usize,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: NonZeroUsize::new(4).expect("4 is not zero"),
+            max_queued: 1000,
+            default_timeout: Duration::from_secs(3600),
+            kill_grace: Duration::from_secs(5),
+            mode: RunMode::Auto,
+            env_allow: ["PATH", "HOME", "LANG", "TZ"].map(String::from).to_vec(),
+        }
+    }
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            max_line_bytes: NonZeroUsize::new(65536).expect("not zero"),
+            max_run_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {}{message}", file.display(), key.as_deref().map(|k| format!("{k}: ")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// The dotted key, when the problem has one.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+// ---- raw, as written in the file ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    runner: RawRunner,
+    #[serde(default)]
+    output: RawOutput,
+    #[serde(default)]
+    sse: RawSse,
+    #[serde(default)]
+    retention: RawRetention,
+    #[serde(default)]
+    modules: Vec<RawModule>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    bind: Option<SocketAddr>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRunner {
+    max_concurrent: Option<NonZeroUsize>,
+    max_queued: Option<usize>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    default_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    kill_grace: Option<Duration>,
+    mode: Option<RunMode>,
+    env_allow: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    #[serde(default, deserialize_with = "de_opt_size")]
+    max_line_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "de_opt_size")]
+    max_run_bytes: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSse {
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    keep_alive: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    keep_runs: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModule {
+    id: String,
+    name: Option<String>,
+    description: Option<String>,
+    command: Vec<String>,
+    cwd: Option<PathBuf>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    timeout: Option<Duration>,
+    max_concurrent: Option<NonZeroUsize>,
+    #[serde(default)]
+    parameters: Vec<RawParameter>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawParameter {
+    name: String,
+    #[serde(rename = "type")]
+    kind: RawType,
+    #[serde(default)]
+    required: bool,
+    default: Option<Value>,
+    min: Option<Value>,
+    max: Option<Value>,
+    choices: Option<Vec<String>>,
+    pattern: Option<String>,
+    max_length: Option<usize>,
+    arg: Option<String>,
+    #[serde(default)]
+    positional: bool,
+    env: Option<String>,
+    description: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawType {
+    String,
+    Integer,
+    Number,
+    Boolean,
+    Choice,
+}
+
+/// Parse a humantime duration such as `500ms`, `30s`, `1h30m` or `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration `{s}` ({e}); write it like \"500ms\", \"30s\", \"1h30m\""))
+}
+
+/// Parse a size: an integer of bytes or a string with a unit (`64KiB`, `64MiB`, `1GiB`, `10MB`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size `{s}`; write it like 65536 or \"64KiB\""))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "invalid size unit `{other}` in `{s}` (use B, KB, KiB, MB, MiB, GB or GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map(Some).map_err(de::Error::custom)
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct V;
+    impl de::Visitor<'_> for V {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a size in bytes or a string such as \"64KiB\"")
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::custom("a size cannot be negative"))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            parse_size(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(V).map(Some)
+}
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        let file = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        Self::from_toml(&text, &file)
+    }
+
+    /// Parse and validate TOML text as if it were read from `file` (relative paths in it are
+    /// resolved against the file's folder).
+    pub fn from_toml(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let err = |key: Option<String>, message: String| ConfigError {
+            file: file.to_owned(),
+            key,
+            message,
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| err(None, e.to_string()))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = inner.message().trim().to_owned();
+            err((key != ".").then_some(key), msg)
+        })?;
+        let base = file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let mut config = build(raw, &base).map_err(|(key, message)| err(Some(key), message))?;
+        config.file = file.to_owned();
+        Ok(config)
+    }
+}
+
+type KeyError = (String, String);
+
+fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
+    let defaults = RunnerConfig::default();
+    let runner = RunnerConfig {
+        max_concurrent: raw.runner.max_concurrent.unwrap_or(defaults.max_concurrent),
+        max_queued: raw.runner.max_queued.unwrap_or(defaults.max_queued),
+        default_timeout: raw.runner.default_timeout.unwrap_or(defaults.default_timeout),
+        kill_grace: raw.runner.kill_grace.unwrap_or(defaults.kill_grace),
+        mode: raw.runner.mode.unwrap_or(defaults.mode),
+        env_allow: raw.runner.env_allow.unwrap_or(defaults.env_allow),
+    };
+    if runner.default_timeout.is_zero() {
+        return Err(("runner.default_timeout".into(), "must be longer than 0s".into()));
+    }
+    for (i, name) in runner.env_allow.iter().enumerate() {
+        check_env_name(name).map_err(|m| (format!("runner.env_allow[{i}]"), m))?;
+    }
+    let out_defaults = OutputConfig::default();
+    let max_line_bytes = match raw.output.max_line_bytes {
+        None => out_defaults.max_line_bytes,
+        Some(n) => usize::try_from(n)
+            .ok()
+            .filter(|n| *n >= 4)
+            .and_then(NonZeroUsize::new)
+            .ok_or(("output.max_line_bytes".to_owned(), "must be at least 4".to_owned()))?,
+    };
+    let output = OutputConfig {
+        max_line_bytes,
+        max_run_bytes: raw.output.max_run_bytes.unwrap_or(out_defaults.max_run_bytes),
+    };
+    let keep_alive = raw.sse.keep_alive.unwrap_or(Duration::from_secs(15));
+    if keep_alive.is_zero() {
+        return Err(("sse.keep_alive".into(), "must be longer than 0s".into()));
+    }
+    let mut seen = HashSet::new();
+    let mut modules = Vec::with_capacity(raw.modules.len());
+    for (i, m) in raw.modules.into_iter().enumerate() {
+        let key = format!("modules[{i}]");
+        let module = build_module(m, base, &key)?;
+        if !seen.insert(module.id.clone()) {
+            return Err((
+                format!("{key}.id"),
+                format!("duplicate module id `{}`", module.id),
+            ));
+        }
+        modules.push(Arc::new(module));
+    }
+    Ok(Config {
+        file: PathBuf::new(),
+        server: ServerConfig {
+            bind: raw
+                .server
+                .bind
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+        },
+        runner,
+        output,
+        sse: SseConfig { keep_alive },
+        retention: RetentionConfig {
+            keep_runs: raw.retention.keep_runs.unwrap_or(10_000),
+        },
+        modules,
+    })
+}
+
+fn is_module_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=64).contains(&b.len())
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+fn is_param_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+}
+
+fn check_env_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && !s.as_bytes()[0].is_ascii_digit()
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{s}` is not a valid environment variable name (letters, digits and _, not starting with a digit)"
+        ))
+    }
+}
+
+fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Module, KeyError> {
+    if !is_module_id(&m.id) {
+        return Err((
+            format!("{key}.id"),
+            format!("`{}` is not a valid module id ([a-z0-9][a-z0-9_-]{{0,63}})", m.id),
+        ));
+    }
+    if m.command.is_empty() || m.command[0].is_empty() {
+        return Err((
+            format!("{key}.command"),
+            "must name a program: command = [\"program\", \"arg\", ...]".into(),
+        ));
+    }
+    let cwd = match &m.cwd {
+        Some(c) => base.join(c),
+        None => base.to_owned(),
+    };
+    if !cwd.is_dir() {
+        return Err((
+            format!("{key}.cwd"),
+            format!("`{}` is not a directory", cwd.display()),
+        ));
+    }
+    for name in m.env.keys() {
+        check_env_name(name).map_err(|msg| (format!("{key}.env.{name}"), msg))?;
+    }
+    if m.timeout.is_some_and(|t| t.is_zero()) {
+        return Err((format!("{key}.timeout"), "must be longer than 0s".into()));
+    }
+    let mut parameters: Vec<Parameter> = Vec::with_capacity(m.parameters.len());
+    for (j, p) in m.parameters.into_iter().enumerate() {
+        let pkey = format!("{key}.parameters[{j}]");
+        let param = build_parameter(p, &pkey)?;
+        if parameters.iter().any(|q| q.name == param.name) {
+            return Err((
+                format!("{pkey}.name"),
+                format!("duplicate parameter `{}`", param.name),
+            ));
+        }
+        parameters.push(param);
+    }
+    Ok(Module {
+        name: m.name.unwrap_or_else(|| m.id.clone()),
+        id: m.id,
+        description: m.description,
+        command: m.command,
+        cwd,
+        env: m.env,
+        timeout: m.timeout,
+        max_concurrent: m.max_concurrent,
+        parameters,
+    })
+}
+
+fn build_parameter(p: RawParameter, key: &str) -> Result<Parameter, KeyError> {
+    let k = |field: &str| format!("{key}.{field}");
+    if !is_param_name(&p.name) {
+        return Err((
+            k("name"),
+            format!("`{}` is not a valid parameter name ([a-z0-9_]{{1,64}})", p.name),
+        ));
+    }
+    let only_for = |field: &str, present: bool, types: &str| -> Result<(), KeyError> {
+        if present {
+            Err((k(field), format!("is only allowed for type {types}")))
+        } else {
+            Ok(())
+        }
+    };
+    let numeric = matches!(p.kind, RawType::Integer | RawType::Number);
+    only_for("min", p.min.is_some() && !numeric, "integer or number")?;
+    only_for("max", p.max.is_some() && !numeric, "integer or number")?;
+    only_for("choices", p.choices.is_some() && p.kind != RawType::Choice, "choice")?;
+    only_for("pattern", p.pattern.is_some() && p.kind != RawType::String, "string")?;
+    only_for("max_length", p.max_length.is_some() && p.kind != RawType::String, "string")?;
+
+    let kind = match p.kind {
+        RawType::String => ParamKind::String {
+            pattern: p
+                .pattern
+                .as_deref()
+                .map(Pattern::new)
+                .transpose()
+                .map_err(|e| (k("pattern"), format!("invalid regular expression: {e}")))?,
+            max_length: p.max_length,
+        },
+        RawType::Integer => {
+            let int = |v: &Option<Value>, field: &str| -> Result<Option<i64>, KeyError> {
+                v.as_ref()
+                    .map(|v| v.as_i64().ok_or((k(field), "must be an integer".to_owned())))
+                    .transpose()
+            };
+            ParamKind::Integer {
+                min: int(&p.min, "min")?,
+                max: int(&p.max, "max")?,
+            }
+        }
+        RawType::Number => {
+            let num = |v: &Option<Value>, field: &str| -> Result<Option<f64>, KeyError> {
+                v.as_ref()
+                    .map(|v| v.as_f64().ok_or((k(field), "must be a number".to_owned())))
+                    .transpose()
+            };
+            ParamKind::Number {
+                min: num(&p.min, "min")?,
+                max: num(&p.max, "max")?,
+            }
+        }
+        RawType::Boolean => ParamKind::Boolean,
+        RawType::Choice => {
+            let choices = p
+                .choices
+                .ok_or((k("choices"), "is required for type choice".to_owned()))?;
+            if choices.is_empty() {
+                return Err((k("choices"), "must list at least one value".into()));
+            }
+            ParamKind::Choice { choices }
+        }
+    };
+    if let ParamKind::Integer {
+        min: Some(a),
+        max: Some(b),
+    } = &kind
+        && a > b
+    {
+        return Err((k("min"), format!("min {a} is greater than max {b}")));
+    }
+    if let ParamKind::Number {
+        min: Some(a),
+        max: Some(b),
+    } = &kind
+        && a > b
+    {
+        return Err((k("min"), format!("min {a} is greater than max {b}")));
+    }
+    if let Some(d) = &p.default {
+        kind.check(d)
+            .map_err(|m| (k("default"), format!("the default {m}")))?;
+    }
+    let passing = match (p.env, p.positional, p.arg) {
+        (Some(_), true, _) | (Some(_), _, Some(_)) => {
+            return Err((
+                k("env"),
+                "a parameter is passed either as env, as positional or as an option, not several"
+                    .into(),
+            ));
+        }
+        (None, true, Some(_)) => {
+            return Err((k("arg"), "a positional parameter takes no option name".into()));
+        }
+        (Some(var), false, None) => {
+            check_env_name(&var).map_err(|m| (k("env"), m))?;
+            Passing::Env(var)
+        }
+        (None, true, None) => {
+            if matches!(kind, ParamKind::Boolean) {
+                return Err((k("positional"), "a boolean cannot be positional".into()));
+            }
+            Passing::Positional
+        }
+        (None, false, arg) => {
+            let flag = arg.unwrap_or_else(|| format!("--{}", p.name));
+            if flag.is_empty() {
+                return Err((k("arg"), "must not be empty".into()));
+            }
+            Passing::Option(flag)
+        }
+    };
+    Ok(Parameter {
+        name: p.name,
+        kind,
+        required: p.required,
+        default: p.default,
+        description: p.description,
+        passing,
+    })
+}
+
+impl Config {
+    /// A module by id.
+    pub fn module(&self, id: &str) -> Option<&Arc<Module>> {
+        self.modules.iter().find(|m| m.id == id)
+    }
+
+    /// The timeout a run of `module` gets when the request sets none.
+    pub fn module_timeout(&self, module: &Module) -> Duration {
+        module.timeout.unwrap_or(self.runner.default_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir();
+        Config::from_toml(text, &dir.join("modrun.toml"))
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let c = load("").unwrap();
+        assert_eq!(c.runner.max_concurrent.get(), 4);
+        assert_eq!(c.runner.max_queued, 1000);
+        assert_eq!(c.runner.kill_grace, Duration::from_secs(5));
+        assert_eq!(c.output.max_run_bytes, 64 << 20);
+        assert_eq!(c.server.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.retention.keep_runs, 10_000);
+    }
+
+    #[test]
+    fn durations_and_sizes_parse_with_units() {
+        let c = load(
+            "[runner]\ndefault_timeout = \"1h30m\"\nkill_grace = \"500ms\"\n\
+             [output]\nmax_line_bytes = \"64KiB\"\nmax_run_bytes = 1000\n",
+        )
+        .unwrap();
+        assert_eq!(c.runner.default_timeout, Duration::from_secs(5400));
+        assert_eq!(c.runner.kill_grace, Duration::from_millis(500));
+        assert_eq!(c.output.max_line_bytes.get(), 65536);
+        assert_eq!(c.output.max_run_bytes, 1000);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert!(parse_size("12 parsecs").is_err());
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+    }
+
+    #[test]
+    fn errors_name_the_dotted_key() {
+        let e = load("[runner]\nmax_concurrent = 0\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("runner.max_concurrent"), "{e}");
+        assert!(e.to_string().contains("modrun.toml"), "{e}");
+
+        let e = load(
+            "[[modules]]\nid = \"a\"\ncommand = [\"true\"]\n\
+             [[modules]]\nid = \"b\"\ncommand = [\"true\"]\n\
+             [[modules]]\nid = \"c\"\ncommand = [\"true\"]\n\
+             [[modules.parameters]]\nname = \"x\"\ntype = \"float\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("modules[2].parameters[0].type"), "{e}");
+
+        let e = load("[runner]\nkill_grace = \"soon\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("runner.kill_grace"), "{e}");
+        assert!(e.message.contains("invalid duration"), "{e}");
+
+        let e = load("[runner]\nbogus = 1\n").unwrap_err();
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn module_rules_are_checked() {
+        let bad = [
+            ("id = \"Bad\"\ncommand = [\"true\"]", "modules[0].id"),
+            ("id = \"a\"\ncommand = []", "modules[0].command"),
+            ("id = \"a\"\ncommand = [\"true\"]\ncwd = \"/nonexistent-dir\"", "modules[0].cwd"),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"integer\"\ndefault = \"3\"",
+                "modules[0].parameters[0].default",
+            ),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"boolean\"\npositional = true",
+                "modules[0].parameters[0].positional",
+            ),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"choice\"",
+                "modules[0].parameters[0].choices",
+            ),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"string\"\npattern = \"(\"",
+                "modules[0].parameters[0].pattern",
+            ),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"string\"\nmin = 1",
+                "modules[0].parameters[0].min",
+            ),
+        ];
+        for (module, key) in bad {
+            let e = load(&format!("[[modules]]\n{module}\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{module}: {e}");
+        }
+        let e = load(
+            "[[modules]]\nid = \"a\"\ncommand = [\"true\"]\n[[modules]]\nid = \"a\"\ncommand = [\"true\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("modules[1].id"));
+    }
+
+    #[test]
+    fn the_bundled_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/modrun.toml");
+        let c = Config::load(&path).unwrap();
+        assert!(c.modules.len() >= 3);
+    }
+}

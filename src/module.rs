@@ -1,0 +1,521 @@
+//! The module catalog: what an operator declared (program, fixed args, cwd, env, typed
+//! parameters, limits), how a request's parameters are validated against it, and how valid
+//! parameters become argv and environment. No I/O.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use regex::Regex;
+use serde_json::{Map, Value};
+
+/// One operator-declared module.
+#[derive(Debug, Clone)]
+pub struct Module {
+    /// `[a-z0-9][a-z0-9_-]{0,63}`.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// What it does.
+    pub description: Option<String>,
+    /// Program and fixed args; never run through a shell by modrun.
+    pub command: Vec<String>,
+    /// Absolute working directory.
+    pub cwd: PathBuf,
+    /// Extra environment for the child.
+    pub env: BTreeMap<String, String>,
+    /// The module's own timeout, if it sets one.
+    pub timeout: Option<Duration>,
+    /// Per-module concurrency limit, within the global one.
+    pub max_concurrent: Option<NonZeroUsize>,
+    /// Typed parameters in declaration order.
+    pub parameters: Vec<Parameter>,
+}
+
+/// A typed parameter of a module.
+#[derive(Debug, Clone)]
+pub struct Parameter {
+    /// `[a-z0-9_]{1,64}`.
+    pub name: String,
+    /// Type and its constraints.
+    pub kind: ParamKind,
+    /// Whether a request must give it.
+    pub required: bool,
+    /// Used when the request omits it (already checked against `kind`).
+    pub default: Option<Value>,
+    /// What it means.
+    pub description: Option<String>,
+    /// How the value reaches the child.
+    pub passing: Passing,
+}
+
+/// Parameter types with their constraints.
+#[derive(Debug, Clone)]
+pub enum ParamKind {
+    /// A JSON string.
+    String {
+        /// Must match the whole value.
+        pattern: Option<Pattern>,
+        /// Maximum length in characters.
+        max_length: Option<usize>,
+    },
+    /// A JSON integer (no fraction, no exponent form).
+    Integer {
+        /// Inclusive lower bound.
+        min: Option<i64>,
+        /// Inclusive upper bound.
+        max: Option<i64>,
+    },
+    /// Any JSON number.
+    Number {
+        /// Inclusive lower bound.
+        min: Option<f64>,
+        /// Inclusive upper bound.
+        max: Option<f64>,
+    },
+    /// `true` or `false`.
+    Boolean,
+    /// One of a fixed set of strings.
+    Choice {
+        /// The allowed values.
+        choices: Vec<String>,
+    },
+}
+
+/// A compiled `pattern` that matches whole values, with its source text.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    /// As the operator wrote it.
+    pub source: String,
+    anchored: Regex,
+}
+
+impl Pattern {
+    /// Compile `source` so that it must match the whole value.
+    pub fn new(source: &str) -> Result<Self, regex::Error> {
+        Ok(Self {
+            source: source.to_owned(),
+            anchored: Regex::new(&format!("^(?:{source})$"))?,
+        })
+    }
+
+    /// True if `value` matches entirely.
+    pub fn is_match(&self, value: &str) -> bool {
+        self.anchored.is_match(value)
+    }
+}
+
+/// How a parameter's value reaches the child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Passing {
+    /// `--name value` (or the bare flag for a true boolean).
+    Option(String),
+    /// The value alone, after all options.
+    Positional,
+    /// An environment variable.
+    Env(String),
+}
+
+impl ParamKind {
+    /// The type's wire name.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ParamKind::String { .. } => "string",
+            ParamKind::Integer { .. } => "integer",
+            ParamKind::Number { .. } => "number",
+            ParamKind::Boolean => "boolean",
+            ParamKind::Choice { .. } => "choice",
+        }
+    }
+
+    /// Check `value` against the type and constraints; `Err` is a sentence for the client.
+    pub fn check(&self, value: &Value) -> Result<(), String> {
+        match self {
+            ParamKind::String {
+                pattern,
+                max_length,
+            } => {
+                let Value::String(s) = value else {
+                    return Err(format!("must be a string, got {}", json_type(value)));
+                };
+                if let Some(max) = max_length {
+                    let len = s.chars().count();
+                    if len > *max {
+                        return Err(format!("must be at most {max} characters, got {len}"));
+                    }
+                }
+                if let Some(p) = pattern
+                    && !p.is_match(s)
+                {
+                    return Err(format!("must match the pattern {}", p.source));
+                }
+                Ok(())
+            }
+            ParamKind::Integer { min, max } => {
+                let Some(n) = value.as_i64() else {
+                    return Err(match value {
+                        Value::Number(_) => "must be an integer within 64 bits".to_owned(),
+                        other => format!("must be an integer, got {}", json_type(other)),
+                    });
+                };
+                range_check(n, *min, *max)
+            }
+            ParamKind::Number { min, max } => {
+                let Some(n) = value.as_f64().filter(|_| value.is_number()) else {
+                    return Err(format!("must be a number, got {}", json_type(value)));
+                };
+                range_check(n, *min, *max)
+            }
+            ParamKind::Boolean => match value {
+                Value::Bool(_) => Ok(()),
+                other => Err(format!("must be a boolean, got {}", json_type(other))),
+            },
+            ParamKind::Choice { choices } => match value {
+                Value::String(s) if choices.iter().any(|c| c == s) => Ok(()),
+                Value::String(s) => Err(format!(
+                    "must be one of {}, got \"{s}\"",
+                    choices
+                        .iter()
+                        .map(|c| format!("\"{c}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                other => Err(format!("must be a string, got {}", json_type(other))),
+            },
+        }
+    }
+}
+
+fn range_check<T: PartialOrd + std::fmt::Display>(
+    n: T,
+    min: Option<T>,
+    max: Option<T>,
+) -> Result<(), String> {
+    if let Some(min) = min
+        && n < min
+    {
+        return Err(format!("must be at least {min}, got {n}"));
+    }
+    if let Some(max) = max
+        && n > max
+    {
+        return Err(format!("must be at most {max}, got {n}"));
+    }
+    Ok(())
+}
+
+/// The JSON type of a value, for error messages.
+pub fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "an integer",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// One rejected request field.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FieldError {
+    /// Dotted path of the field (`parameters.count`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    /// Build one.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Parameters that passed validation, with defaults applied. Only [`Module::validate`] makes one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidParams(Map<String, Value>);
+
+impl ValidParams {
+    /// The values by name.
+    pub fn as_map(&self) -> &Map<String, Value> {
+        &self.0
+    }
+
+    /// Take the values out.
+    pub fn into_map(self) -> Map<String, Value> {
+        self.0
+    }
+}
+
+/// What the child receives: extra argv after `command`, and environment variables.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Invocation {
+    /// `command` followed by options then positionals.
+    pub argv: Vec<String>,
+    /// Module env then env parameters.
+    pub env: Vec<(String, String)>,
+}
+
+impl Module {
+    /// Check a request's parameters: unknown names, types, constraints and required ones.
+    /// Every bad field is reported, not just the first.
+    pub fn validate(&self, given: &Map<String, Value>) -> Result<ValidParams, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        for name in given.keys() {
+            if !self.parameters.iter().any(|p| &p.name == name) {
+                errors.push(FieldError::new(
+                    format!("parameters.{name}"),
+                    format!("unknown parameter for module `{}`", self.id),
+                ));
+            }
+        }
+        let mut out = Map::new();
+        for p in &self.parameters {
+            match given.get(&p.name) {
+                Some(v) => match p.kind.check(v) {
+                    Ok(()) => {
+                        out.insert(p.name.clone(), v.clone());
+                    }
+                    Err(msg) => errors.push(FieldError::new(format!("parameters.{}", p.name), msg)),
+                },
+                None if p.required => errors.push(FieldError::new(
+                    format!("parameters.{}", p.name),
+                    "is required",
+                )),
+                None => {
+                    if let Some(d) = &p.default {
+                        out.insert(p.name.clone(), d.clone());
+                    }
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(ValidParams(out))
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Build the child's argv and env from valid parameters: `command`, then each option
+    /// parameter in declaration order, then the positional ones. Values are passed verbatim.
+    pub fn invocation(&self, params: &ValidParams) -> Invocation {
+        let mut argv = self.command.clone();
+        let mut positionals = Vec::new();
+        let mut env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for p in &self.parameters {
+            let Some(value) = params.0.get(&p.name) else {
+                continue;
+            };
+            match (&p.passing, value) {
+                (Passing::Option(flag), Value::Bool(b)) => {
+                    if *b {
+                        argv.push(flag.clone());
+                    }
+                }
+                (Passing::Option(flag), v) => {
+                    argv.push(flag.clone());
+                    argv.push(arg_text(v));
+                }
+                (Passing::Positional, v) => positionals.push(arg_text(v)),
+                (Passing::Env(var), v) => env.push((var.clone(), arg_text(v))),
+            }
+        }
+        argv.extend(positionals);
+        Invocation { argv, env }
+    }
+}
+
+/// A value as the child sees it: strings verbatim, numbers as JSON writes them, booleans as
+/// `true`/`false`.
+fn arg_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn param(name: &str, kind: ParamKind, passing: Passing) -> Parameter {
+        Parameter {
+            name: name.into(),
+            kind,
+            required: false,
+            default: None,
+            description: None,
+            passing,
+        }
+    }
+
+    fn module(parameters: Vec<Parameter>) -> Module {
+        Module {
+            id: "m".into(),
+            name: "M".into(),
+            description: None,
+            command: vec!["prog".into(), "fixed".into()],
+            cwd: "/".into(),
+            env: BTreeMap::from([("A".into(), "1".into())]),
+            timeout: None,
+            max_concurrent: None,
+            parameters,
+        }
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn integers_are_strict() {
+        let k = ParamKind::Integer {
+            min: Some(1),
+            max: Some(100),
+        };
+        assert!(k.check(&json!(3)).is_ok());
+        assert!(k.check(&json!("3")).is_err());
+        assert!(k.check(&json!(2.5)).is_err());
+        assert!(k.check(&json!(3.0)).is_err());
+        assert!(k.check(&json!(0)).unwrap_err().contains("at least 1"));
+        assert!(k.check(&json!(101)).unwrap_err().contains("at most 100"));
+        assert!(k.check(&json!(null)).is_err());
+    }
+
+    #[test]
+    fn booleans_numbers_choices_and_strings_are_strict() {
+        assert!(ParamKind::Boolean.check(&json!("yes")).is_err());
+        assert!(ParamKind::Boolean.check(&json!(1)).is_err());
+        assert!(ParamKind::Boolean.check(&json!(true)).is_ok());
+        let n = ParamKind::Number {
+            min: Some(0.5),
+            max: None,
+        };
+        assert!(n.check(&json!(2.5)).is_ok());
+        assert!(n.check(&json!(2)).is_ok());
+        assert!(n.check(&json!(0.1)).is_err());
+        assert!(n.check(&json!("2.5")).is_err());
+        let c = ParamKind::Choice {
+            choices: vec!["a".into(), "b".into()],
+        };
+        assert!(c.check(&json!("a")).is_ok());
+        assert!(c.check(&json!("c")).is_err());
+        assert!(c.check(&json!(1)).is_err());
+        let s = ParamKind::String {
+            pattern: Some(Pattern::new("[a-z]+").unwrap()),
+            max_length: Some(3),
+        };
+        assert!(s.check(&json!("abc")).is_ok());
+        assert!(s.check(&json!("abcd")).unwrap_err().contains("at most 3"));
+        // The pattern must match the whole value, not a part of it.
+        assert!(s.check(&json!("ab1")).unwrap_err().contains("pattern"));
+        assert!(s.check(&json!(5)).is_err());
+    }
+
+    #[test]
+    fn validate_reports_every_bad_field_and_applies_defaults() {
+        let mut count = param(
+            "count",
+            ParamKind::Integer {
+                min: Some(1),
+                max: None,
+            },
+            Passing::Option("--count".into()),
+        );
+        count.default = Some(json!(3));
+        let mut name = param(
+            "name",
+            ParamKind::String {
+                pattern: None,
+                max_length: None,
+            },
+            Passing::Positional,
+        );
+        name.required = true;
+        let m = module(vec![count, name]);
+
+        let errs = m
+            .validate(&obj(json!({"count": "x", "bogus": 1})))
+            .unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["parameters.bogus", "parameters.count", "parameters.name"]
+        );
+
+        let ok = m.validate(&obj(json!({"name": "x"}))).unwrap();
+        assert_eq!(ok.as_map(), &obj(json!({"count": 3, "name": "x"})));
+    }
+
+    #[test]
+    fn argv_has_options_in_order_then_positionals_and_env_params() {
+        let m = module(vec![
+            param("pos1", ParamKind::Boolean, Passing::Positional),
+            param("verbose", ParamKind::Boolean, Passing::Option("--verbose".into())),
+            param("quiet", ParamKind::Boolean, Passing::Option("--quiet".into())),
+            param(
+                "ratio",
+                ParamKind::Number {
+                    min: None,
+                    max: None,
+                },
+                Passing::Option("-r".into()),
+            ),
+            param(
+                "text",
+                ParamKind::String {
+                    pattern: None,
+                    max_length: None,
+                },
+                Passing::Positional,
+            ),
+            param("flag", ParamKind::Boolean, Passing::Env("FLAG".into())),
+            param(
+                "n",
+                ParamKind::Integer {
+                    min: None,
+                    max: None,
+                },
+                Passing::Env("N".into()),
+            ),
+        ]);
+        let v = m
+            .validate(&obj(json!({
+                "pos1": true, "verbose": true, "quiet": false, "ratio": 2.5,
+                "text": "a b; $(rm -rf /)", "flag": false, "n": 7
+            })))
+            .unwrap();
+        let inv = m.invocation(&v);
+        assert_eq!(
+            inv.argv,
+            [
+                "prog",
+                "fixed",
+                "--verbose",
+                "-r",
+                "2.5",
+                "true",
+                "a b; $(rm -rf /)"
+            ]
+        );
+        assert_eq!(
+            inv.env,
+            [
+                ("A".to_owned(), "1".to_owned()),
+                ("FLAG".to_owned(), "false".to_owned()),
+                ("N".to_owned(), "7".to_owned())
+            ]
+        );
+    }
+}

@@ -1,0 +1,433 @@
+//! The per-run output log: raw pipe bytes become seq-numbered lines, kept up to a byte budget,
+//! readable from any seq, with a change signal that wakes readers.
+//!
+//! Readers never receive pushed lines: each one keeps its own cursor (the last seq it saw) and
+//! copies the next batch out of the log when the change signal fires. So a slow reader can never
+//! slow the writer or other readers, never lags out of a buffer and never loses a line; "replay
+//! then live" is the same loop, with no gap and no duplicate by construction.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+
+use crate::run::{Line, Stream};
+
+/// Limits applied to one run's output.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputLimits {
+    /// Longer lines (in raw bytes) are split into several lines, never inside a UTF-8 sequence.
+    pub max_line_bytes: usize,
+    /// Bytes of line text kept per run; past it lines are counted, not kept.
+    pub max_run_bytes: u64,
+}
+
+/// One run's output.
+#[derive(Debug)]
+pub struct OutputLog {
+    /// The lines and counters. A std mutex: every critical section is a push of a batch or a
+    /// copy of a slice (no I/O, no `.await`), so an async mutex would only add overhead.
+    inner: Mutex<LogInner>,
+    /// Per-stream partial-line buffers. Each stream has a single writer (its pipe pump), so these
+    /// are uncontended; they are separate from `inner` so that splitting happens outside it.
+    splitters: [Mutex<Splitter>; 2],
+    /// Bumped after every append, close or status change of the run. Overflow policy: a watch
+    /// channel holds only the latest value, so nothing ever queues up for a slow reader; a woken
+    /// reader re-reads the log from its own cursor.
+    changes: watch::Sender<u64>,
+    limits: OutputLimits,
+}
+
+#[derive(Debug, Default)]
+struct LogInner {
+    /// Kept lines; `lines[i].seq == i + 1`. Bounded by `limits.max_run_bytes` of text.
+    lines: Vec<Line>,
+    kept_bytes: u64,
+    /// Set once a line did not fit: every later line is counted, not kept.
+    truncated: bool,
+    dropped_lines: u64,
+    dropped_bytes: u64,
+    closed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Splitter {
+    /// Bytes of a line whose `\n` has not arrived yet; never longer than `max_line_bytes` plus
+    /// one read chunk, since full-size pieces are cut off as soon as they are complete.
+    partial: Vec<u8>,
+}
+
+fn idx(stream: Stream) -> usize {
+    match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    }
+}
+
+impl OutputLog {
+    /// An empty log.
+    pub fn new(limits: OutputLimits) -> Self {
+        Self {
+            inner: Mutex::new(LogInner::default()),
+            splitters: Default::default(),
+            changes: watch::Sender::new(0),
+            limits: OutputLimits {
+                max_line_bytes: limits.max_line_bytes.max(4),
+                ..limits
+            },
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LogInner> {
+        // A panic while holding the lock leaves consistent data (pushes are atomic), so a
+        // poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Feed raw bytes read from a pipe; complete lines are appended.
+    pub fn write(&self, stream: Stream, data: &[u8]) {
+        let mut texts = Vec::new();
+        {
+            let mut sp = self.splitters[idx(stream)]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            split_lines(&mut sp.partial, data, self.limits.max_line_bytes, &mut texts);
+        }
+        self.append(stream, texts);
+    }
+
+    /// The pipe reached EOF: a final line without `\n` is kept.
+    pub fn finish_stream(&self, stream: Stream) {
+        let rest = {
+            let mut sp = self.splitters[idx(stream)]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut sp.partial)
+        };
+        if !rest.is_empty() {
+            let mut texts = Vec::new();
+            emit_line(&rest, self.limits.max_line_bytes, &mut texts);
+            self.append(stream, texts);
+        }
+    }
+
+    /// Append one whole line of text (a message from modrun itself, such as a spawn error).
+    pub fn push_line(&self, stream: Stream, text: &str) {
+        let mut texts = Vec::new();
+        let mut partial = Vec::new();
+        split_lines(&mut partial, text.as_bytes(), self.limits.max_line_bytes, &mut texts);
+        if !partial.is_empty() {
+            emit_line(&partial, self.limits.max_line_bytes, &mut texts);
+        }
+        self.append(stream, texts);
+    }
+
+    fn append(&self, stream: Stream, texts: Vec<Arc<str>>) {
+        if texts.is_empty() {
+            return;
+        }
+        let ts = SystemTime::now();
+        {
+            let mut inner = self.lock();
+            for text in texts {
+                let len = text.len() as u64;
+                if inner.truncated || inner.kept_bytes + len > self.limits.max_run_bytes {
+                    inner.truncated = true;
+                    inner.dropped_lines += 1;
+                    inner.dropped_bytes += len;
+                    continue;
+                }
+                inner.kept_bytes += len;
+                let seq = inner.lines.len() as u64 + 1;
+                inner.lines.push(Line {
+                    seq,
+                    stream,
+                    ts,
+                    text,
+                });
+            }
+        }
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// No more output will come. If lines were dropped for the budget, one marker line on
+    /// stderr says how many lines and bytes were not kept.
+    pub fn close(&self) {
+        {
+            let mut inner = self.lock();
+            if inner.closed {
+                return;
+            }
+            inner.closed = true;
+            if inner.dropped_lines > 0 {
+                let text: Arc<str> = format!(
+                    "[modrun] output limit of {} bytes reached: {} more lines ({} bytes) were not kept",
+                    self.limits.max_run_bytes, inner.dropped_lines, inner.dropped_bytes
+                )
+                .into();
+                let seq = inner.lines.len() as u64 + 1;
+                inner.lines.push(Line {
+                    seq,
+                    stream: Stream::Stderr,
+                    ts: SystemTime::now(),
+                    text,
+                });
+            }
+        }
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// Wake every reader (the run's status changed).
+    pub fn touch(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// A receiver that fires after each change. Mark it seen (`borrow_and_update`) *before*
+    /// reading, so that no change between the read and the wait is missed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Up to `limit` lines with `seq > after`, in order.
+    pub fn read_after(&self, after: u64, limit: usize) -> Vec<Line> {
+        let inner = self.lock();
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(inner.lines.len());
+        let end = start.saturating_add(limit).min(inner.lines.len());
+        inner.lines[start..end].to_vec()
+    }
+
+    /// The seq of the last kept line (0 when there is none).
+    pub fn last_seq(&self) -> u64 {
+        self.lock().lines.len() as u64
+    }
+
+    /// True once [`OutputLog::close`] ran: every line is in.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Lines and bytes not kept because of the budget.
+    pub fn dropped(&self) -> (u64, u64) {
+        let inner = self.lock();
+        (inner.dropped_lines, inner.dropped_bytes)
+    }
+}
+
+/// A reader's position in a log: replay from any seq, then live, with no gap and no duplicate.
+#[derive(Debug)]
+pub struct Cursor {
+    log: Arc<OutputLog>,
+    changes: watch::Receiver<u64>,
+    after: u64,
+}
+
+impl Cursor {
+    /// Start reading after line `after` (0 for the beginning).
+    pub fn new(log: Arc<OutputLog>, after: u64) -> Self {
+        let changes = log.subscribe();
+        Self {
+            log,
+            changes,
+            after,
+        }
+    }
+
+    /// The seq of the last line handed out.
+    pub fn position(&self) -> u64 {
+        self.after
+    }
+
+    /// The next lines available now (at most `max`), without waiting. Marks the change signal
+    /// seen first, so that a following [`Cursor::changed`] fires for anything newer.
+    pub fn read(&mut self, max: usize) -> Vec<Line> {
+        self.changes.borrow_and_update();
+        let lines = self.log.read_after(self.after, max);
+        if let Some(last) = lines.last() {
+            self.after = last.seq;
+        }
+        lines
+    }
+
+    /// Wait until the log (or the run's status) changes after the last [`Cursor::read`].
+    pub async fn changed(&mut self) {
+        // The sender lives in the log, which this cursor keeps alive: this cannot fail.
+        let _ = self.changes.changed().await;
+    }
+
+    /// The next batch of lines, waiting for them; `None` once the log is closed and fully read.
+    pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Line>> {
+        loop {
+            let closed = self.log.is_closed();
+            let lines = self.read(max);
+            if !lines.is_empty() {
+                return Some(lines);
+            }
+            if closed {
+                return None;
+            }
+            self.changed().await;
+        }
+    }
+}
+
+/// Append `data` to `partial`, moving every complete line (and every full-size piece of an
+/// over-long one) to `out`.
+fn split_lines(partial: &mut Vec<u8>, data: &[u8], max: usize, out: &mut Vec<Arc<str>>) {
+    let mut rest = data;
+    while let Some(i) = memchr::memchr(b'\n', rest) {
+        if partial.is_empty() {
+            emit_line(&rest[..i], max, out);
+        } else {
+            partial.extend_from_slice(&rest[..i]);
+            emit_line(partial, max, out);
+            partial.clear();
+        }
+        rest = &rest[i + 1..];
+    }
+    partial.extend_from_slice(rest);
+    // Cut full-size pieces off an over-long unfinished line right away, so that the buffer stays
+    // bounded and subscribers see them live. Keep a possible trailing `\r` for the next read.
+    while partial.len() > max {
+        let cut = utf8_cut(partial, max);
+        out.push(decode(&partial[..cut]));
+        partial.drain(..cut);
+    }
+}
+
+/// Push one complete line (without its `\n`): a trailing `\r` is dropped, and a line longer
+/// than `max` bytes becomes several.
+fn emit_line(line: &[u8], max: usize, out: &mut Vec<Arc<str>>) {
+    let mut line = line.strip_suffix(b"\r").unwrap_or(line);
+    while line.len() > max {
+        let cut = utf8_cut(line, max);
+        out.push(decode(&line[..cut]));
+        line = &line[cut..];
+    }
+    out.push(decode(line));
+}
+
+/// The largest cut `<= max` that does not fall inside a UTF-8 sequence (when the bytes are
+/// valid UTF-8 there; invalid bytes are cut at `max`).
+fn utf8_cut(bytes: &[u8], max: usize) -> usize {
+    let mut cut = max;
+    // A UTF-8 sequence is at most 4 bytes: step back over at most 3 continuation bytes.
+    while cut > max.saturating_sub(3) && cut > 0 && (bytes[cut] & 0xC0) == 0x80 {
+        cut -= 1;
+    }
+    if cut == 0 || (bytes[cut] & 0xC0) == 0x80 {
+        max
+    } else {
+        cut
+    }
+}
+
+fn decode(bytes: &[u8]) -> Arc<str> {
+    Arc::from(&*String::from_utf8_lossy(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(max_line: usize, max_run: u64) -> OutputLog {
+        OutputLog::new(OutputLimits {
+            max_line_bytes: max_line,
+            max_run_bytes: max_run,
+        })
+    }
+
+    fn texts(log: &OutputLog) -> Vec<String> {
+        log.read_after(0, usize::MAX)
+            .iter()
+            .map(|l| l.text.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn lines_split_across_reads_and_keep_a_final_partial_line() {
+        let l = log(100, 1 << 20);
+        l.write(Stream::Stdout, b"he");
+        l.write(Stream::Stdout, b"llo\r\nwor");
+        l.write(Stream::Stdout, b"ld\n\nlast");
+        l.finish_stream(Stream::Stdout);
+        assert_eq!(texts(&l), ["hello", "world", "", "last"]);
+        let seqs: Vec<u64> = l.read_after(0, 10).iter().map(|l| l.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        assert_eq!(l.read_after(2, 1)[0].text.as_ref(), "");
+        assert!(l.read_after(4, 10).is_empty());
+        assert!(l.read_after(u64::MAX, 10).is_empty());
+    }
+
+    #[test]
+    fn long_lines_split_on_character_boundaries() {
+        let l = log(10, 1 << 20);
+        // 4 x "é" (2 bytes) + "abcdef" = 14 bytes; then a 3-byte char crossing byte 10.
+        l.write(Stream::Stdout, "ééééabcdef\n".as_bytes());
+        l.write(Stream::Stdout, "123456789€xyz\n".as_bytes());
+        let t = texts(&l);
+        assert_eq!(t, ["ééééab", "cdef", "123456789", "€xyz"]);
+        assert!(t.iter().all(|s| s.len() <= 10));
+    }
+
+    #[test]
+    fn an_unfinished_long_line_is_cut_while_it_arrives() {
+        let l = log(8, 1 << 20);
+        l.write(Stream::Stdout, b"0123456789abcdefXY");
+        assert_eq!(texts(&l), ["01234567", "89abcdef"]);
+        l.finish_stream(Stream::Stdout);
+        assert_eq!(texts(&l), ["01234567", "89abcdef", "XY"]);
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced() {
+        let l = log(100, 1 << 20);
+        l.write(Stream::Stderr, b"ok \xff\xfe end\n");
+        assert_eq!(texts(&l), ["ok \u{fffd}\u{fffd} end"]);
+        assert_eq!(l.read_after(0, 1)[0].stream, Stream::Stderr);
+    }
+
+    #[test]
+    fn past_the_budget_lines_are_counted_and_a_marker_is_added() {
+        let l = log(100, 10);
+        l.write(Stream::Stdout, b"12345\n12345\n1\n22\n");
+        assert_eq!(texts(&l), ["12345", "12345"]);
+        assert_eq!(l.dropped(), (2, 3));
+        l.close();
+        let all = l.read_after(0, 10);
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[2].seq, 3);
+        assert_eq!(all[2].stream, Stream::Stderr);
+        assert!(all[2].text.contains("2 more lines (3 bytes)"), "{}", all[2].text);
+        assert!(l.is_closed());
+    }
+
+    #[test]
+    fn seqs_are_contiguous_across_streams() {
+        let l = log(100, 1 << 20);
+        l.write(Stream::Stdout, b"a\n");
+        l.write(Stream::Stderr, b"b\n");
+        l.write(Stream::Stdout, b"c\n");
+        let got: Vec<(u64, Stream)> = l
+            .read_after(0, 10)
+            .iter()
+            .map(|x| (x.seq, x.stream))
+            .collect();
+        assert_eq!(
+            got,
+            [(1, Stream::Stdout), (2, Stream::Stderr), (3, Stream::Stdout)]
+        );
+    }
+
+    #[tokio::test]
+    async fn readers_are_woken_by_appends() {
+        let l = Arc::new(log(100, 1 << 20));
+        let mut rx = l.subscribe();
+        rx.borrow_and_update();
+        let w = l.clone();
+        tokio::spawn(async move { w.write(Stream::Stdout, b"x\n") });
+        rx.changed().await.unwrap();
+        assert_eq!(texts(&l), ["x"]);
+    }
+}

@@ -1,0 +1,668 @@
+//! Spawning and supervising one child process: the only code in modrun that starts or signals a
+//! process. One path for every caller (the service's runs and `execute_module`) and every mode.
+//!
+//! Every child gets its own process group (so that the group can be signalled as a whole,
+//! grandchildren included) and a parent-death signal (so that it never outlives a crashed
+//! server). Both pipes are pumped concurrently with the wait. A stop (cancel or timeout) sends
+//! SIGTERM to the group, waits `kill_grace`, then SIGKILL. When the leader has exited, whatever
+//! is left of its group is killed so that no process outlives its run. Dropping the future of
+//! [`run_process`] kills the whole group at once (SIGKILL) and leaves the reaping to a
+//! background waiter: tokio's orphan reaper for async children, the blocking wait thread for
+//! the threaded and local modes.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::run::{Exit, RunMode, Stream};
+
+/// Where a process's output goes, as raw byte chunks per pipe.
+pub(crate) trait Sink: Send + Sync + 'static {
+    /// Bytes read from a pipe.
+    fn write(&self, stream: Stream, data: &[u8]);
+    /// The pipe reached EOF.
+    fn eof(&self, stream: Stream);
+}
+
+impl Sink for crate::output::OutputLog {
+    fn write(&self, stream: Stream, data: &[u8]) {
+        crate::output::OutputLog::write(self, stream, data);
+    }
+    fn eof(&self, stream: Stream) {
+        self.finish_stream(stream);
+    }
+}
+
+/// Hooks called while a process runs.
+pub(crate) trait ProcEvents: Send + Sync {
+    /// The process started with this pid (also its process-group id).
+    fn spawned(&self, pid: u32);
+    /// A stop (cancel or timeout) has begun: SIGTERM was sent.
+    fn stopping(&self) {}
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub(crate) struct ProcSpec {
+    /// Program as declared (bare name, relative or absolute path).
+    pub program: OsString,
+    /// Arguments after the program.
+    pub args: Vec<OsString>,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// `None`: inherit the parent's environment. `Some`: exactly these variables.
+    pub env: Option<Vec<(OsString, OsString)>>,
+    /// Bytes written to stdin, then closed; `None` for a null stdin.
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// How a process was stopped by modrun, if it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stopped {
+    /// The cancel token fired.
+    Cancelled,
+    /// The timeout expired.
+    TimedOut,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProcEnd {
+    /// As the OS reported it.
+    pub exit: Exit,
+    /// Set when modrun stopped it.
+    pub stopped: Option<Stopped>,
+}
+
+/// Why a process could not be started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum SpawnError {
+    /// The program does not exist (or is not on PATH).
+    #[error("cannot start `{program}`: {detail}")]
+    NotFound {
+        /// The program as resolved or declared.
+        program: String,
+        /// Why.
+        detail: String,
+    },
+    /// The program is not executable or not readable.
+    #[error("cannot start `{program}`: permission denied ({detail})")]
+    PermissionDenied {
+        /// The program.
+        program: String,
+        /// Why.
+        detail: String,
+    },
+    /// Anything else the OS refused.
+    #[error("cannot start `{program}`: {detail}")]
+    Other {
+        /// The program.
+        program: String,
+        /// The OS error.
+        detail: String,
+    },
+}
+
+/// Stop conditions for [`run_process`].
+pub(crate) struct Supervision<'a> {
+    /// Fires to cancel: TERM, grace, KILL.
+    pub cancel: &'a CancellationToken,
+    /// Stop after this long (TERM, grace, KILL).
+    pub timeout: Option<Duration>,
+    /// SIGTERM -> this long -> SIGKILL.
+    pub kill_grace: Duration,
+}
+
+/// How long the pipes may stay open after the group was killed (a process that left the group
+/// with `setsid` can hold them); then the output is cut off with a note.
+const PIPE_DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// Resolve the program as the child would: a name with a `/` is a path (relative to `cwd`), a
+/// bare name is looked up on the child's `PATH`.
+pub(crate) fn resolve_program(spec: &ProcSpec) -> Result<PathBuf, SpawnError> {
+    let program = Path::new(&spec.program);
+    let shown = program.display().to_string();
+    if spec.program.is_empty() {
+        return Err(SpawnError::NotFound {
+            program: shown,
+            detail: "empty program name".into(),
+        });
+    }
+    let candidate = if program.as_os_str().as_encoded_bytes().contains(&b'/') {
+        let p = spec.cwd.join(program);
+        check_executable(&p)?;
+        p
+    } else {
+        let path_var: Option<OsString> = match &spec.env {
+            Some(env) => env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v.clone()),
+            None => std::env::var_os("PATH"),
+        };
+        let path_var = path_var.unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        let mut denied = None;
+        let mut found = None;
+        for dir in std::env::split_paths(&path_var) {
+            let dir = if dir.is_relative() {
+                spec.cwd.join(dir)
+            } else {
+                dir
+            };
+            let p = dir.join(program);
+            match check_executable(&p) {
+                Ok(()) => {
+                    found = Some(p);
+                    break;
+                }
+                Err(e @ SpawnError::PermissionDenied { .. }) => {
+                    denied.get_or_insert(e);
+                }
+                Err(_) => {}
+            }
+        }
+        match (found, denied) {
+            (Some(p), _) => p,
+            (None, Some(e)) => return Err(e),
+            (None, None) => {
+                return Err(SpawnError::NotFound {
+                    program: shown,
+                    detail: format!("not found on PATH ({})", path_var.to_string_lossy()),
+                });
+            }
+        }
+    };
+    Ok(candidate)
+}
+
+/// Check that `p` is an existing regular file with an execute bit.
+pub(crate) fn check_executable(p: &Path) -> Result<(), SpawnError> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = p.display().to_string();
+    match std::fs::metadata(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(SpawnError::NotFound {
+            program: shown,
+            detail: "no such file".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            Err(SpawnError::PermissionDenied {
+                program: shown,
+                detail: e.to_string(),
+            })
+        }
+        Err(e) => Err(SpawnError::Other {
+            program: shown,
+            detail: e.to_string(),
+        }),
+        Ok(m) if m.is_dir() => Err(SpawnError::PermissionDenied {
+            program: shown,
+            detail: "it is a directory".into(),
+        }),
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => Err(SpawnError::PermissionDenied {
+            program: shown,
+            detail: "the file is not executable".into(),
+        }),
+        Ok(_) => Ok(()),
+    }
+}
+
+fn spawn_error(program: &Path, e: &std::io::Error) -> SpawnError {
+    let program = program.display().to_string();
+    match e.kind() {
+        std::io::ErrorKind::NotFound => SpawnError::NotFound {
+            program,
+            detail: format!("{e} (is its interpreter installed?)"),
+        },
+        std::io::ErrorKind::PermissionDenied => SpawnError::PermissionDenied {
+            program,
+            detail: e.to_string(),
+        },
+        _ => SpawnError::Other {
+            program,
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// Shell-quote one word so that `sh` would read it back verbatim.
+pub(crate) fn shell_quote(word: &str) -> String {
+    let safe = !word.is_empty()
+        && word
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"@%+=:,./_-".contains(&c));
+    if safe {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// The command line of `spec`, shell-quoted.
+pub(crate) fn command_line(spec: &ProcSpec) -> String {
+    std::iter::once(&spec.program)
+        .chain(&spec.args)
+        .map(|w| shell_quote(&w.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn std_command(program: &Path, spec: &ProcSpec) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(&spec.args)
+        .current_dir(&spec.cwd)
+        .stdin(if spec.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if let Some(env) = &spec.env {
+        cmd.env_clear();
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    }
+    set_parent_death_signal(&mut cmd);
+    cmd
+}
+
+/// Ask the kernel to SIGKILL the child when the thread that spawned it dies, so that a crashed
+/// server never leaves its children behind.
+#[expect(
+    unsafe_code,
+    reason = "pre_exec is unsafe; the closure only makes async-signal-safe syscalls (prctl, getppid)"
+)]
+fn set_parent_death_signal(cmd: &mut std::process::Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs between fork and exec; it allocates nothing and only calls
+    // prctl(2) and getppid(2), which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The parent may have died before prctl took effect: then stop here.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                return Err(std::io::Error::other("parent exited during spawn"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Signal a whole process group; a group that is already gone is not an error.
+pub(crate) fn signal_group(pgid: u32, sig: Signal) {
+    let Ok(raw) = i32::try_from(pgid) else { return };
+    if raw <= 1 {
+        return;
+    }
+    match killpg(Pid::from_raw(raw), sig) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(pgid, signal = %sig, error = %e, "cannot signal process group"),
+    }
+}
+
+/// SIGKILLs the group when dropped while armed: the safety net that makes dropping a running
+/// [`run_process`] future leave no process behind.
+struct GroupGuard {
+    pgid: u32,
+    armed: bool,
+}
+
+impl GroupGuard {
+    fn new(pgid: u32) -> Self {
+        Self { pgid, armed: true }
+    }
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            signal_group(self.pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+async fn sleep_or_forever(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Run `spec` in `mode` to completion, feeding output to `sink`. Returns how it ended, or why it
+/// could not start. `RunMode::DryRun` spawns nothing and writes the shell-quoted command line to
+/// stdout.
+pub(crate) async fn run_process(
+    spec: &ProcSpec,
+    mode: RunMode,
+    sink: Arc<dyn Sink>,
+    sup: Supervision<'_>,
+    events: &dyn ProcEvents,
+) -> Result<ProcEnd, SpawnError> {
+    if mode == RunMode::DryRun {
+        let line = command_line(spec);
+        tracing::info!(command = %line, "dry run: nothing spawned");
+        sink.write(Stream::Stdout, format!("{line}\n").as_bytes());
+        sink.eof(Stream::Stdout);
+        sink.eof(Stream::Stderr);
+        return Ok(ProcEnd {
+            exit: Exit::Code(0),
+            stopped: None,
+        });
+    }
+    let program = resolve_program(spec)?;
+    match mode.resolve() {
+        RunMode::Threaded => run_threaded(&program, spec, sink, sup, events).await,
+        RunMode::Local => run_local(&program, spec, sink, sup, events).await,
+        _ => run_async(&program, spec, sink, sup, events).await,
+    }
+}
+
+/// Wait for `exit` while honouring cancel and timeout; on a stop, TERM the group, wait the grace,
+/// KILL it, and wait for `exit` again.
+async fn supervise<F>(
+    pgid: u32,
+    exit: F,
+    sup: &Supervision<'_>,
+    events: &dyn ProcEvents,
+) -> std::io::Result<(std::process::ExitStatus, Option<Stopped>)>
+where
+    F: std::future::Future<Output = std::io::Result<std::process::ExitStatus>>,
+{
+    tokio::pin!(exit);
+    let stopped = tokio::select! {
+        status = &mut exit => return status.map(|s| (s, None)),
+        () = sup.cancel.cancelled() => Stopped::Cancelled,
+        () = sleep_or_forever(sup.timeout) => Stopped::TimedOut,
+    };
+    events.stopping();
+    signal_group(pgid, Signal::SIGTERM);
+    tokio::select! {
+        status = &mut exit => return status.map(|s| (s, Some(stopped))),
+        () = tokio::time::sleep(sup.kill_grace) => {}
+    }
+    signal_group(pgid, Signal::SIGKILL);
+    exit.await.map(|s| (s, Some(stopped)))
+}
+
+/// After the leader exited: kill what is left of its group so the pipes close, then wait for
+/// the pumps, at most [`PIPE_DRAIN_LIMIT`].
+async fn finish_pumps<P: std::future::Future<Output = ()>>(pgid: u32, pumps: P, sink: &dyn Sink) {
+    signal_group(pgid, Signal::SIGKILL);
+    if tokio::time::timeout(PIPE_DRAIN_LIMIT, pumps).await.is_err() {
+        sink.write(
+            Stream::Stderr,
+            b"\n[modrun] output pipes stayed open after the process group was killed (a process left the group); output cut off\n",
+        );
+        sink.eof(Stream::Stderr);
+    }
+}
+
+async fn pump<R: AsyncRead + Unpin>(mut r: R, stream: Stream, sink: &dyn Sink) {
+    // Reused read buffer; a read never returns more than its size.
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => sink.write(stream, &buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!(stream = stream.as_str(), error = %e, "pipe read failed");
+                break;
+            }
+        }
+    }
+    sink.eof(stream);
+}
+
+async fn run_async(
+    program: &Path,
+    spec: &ProcSpec,
+    sink: Arc<dyn Sink>,
+    sup: Supervision<'_>,
+    events: &dyn ProcEvents,
+) -> Result<ProcEnd, SpawnError> {
+    let mut cmd = tokio::process::Command::from(std_command(program, spec));
+    cmd.kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| spawn_error(program, &e))?;
+    let pid = child.id().expect("a freshly spawned child has a pid");
+    let mut guard = GroupGuard::new(pid);
+    events.spawned(pid);
+
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let stdin = child.stdin.take();
+    let input = spec.stdin.clone();
+    let s1 = sink.clone();
+    let s2 = sink.clone();
+    let pumps = async move {
+        let feed = async move {
+            if let (Some(mut w), Some(data)) = (stdin, input) {
+                // A child that exits without reading its stdin gives EPIPE: not an error here.
+                let _ = w.write_all(&data).await;
+            }
+        };
+        let out = async {
+            if let Some(o) = stdout {
+                pump(o, Stream::Stdout, &*s1).await;
+            }
+        };
+        let err = async {
+            if let Some(e) = stderr {
+                pump(e, Stream::Stderr, &*s2).await;
+            }
+        };
+        tokio::join!(feed, out, err);
+    };
+    tokio::pin!(pumps);
+    let waiting = supervise(pid, child.wait(), &sup, events);
+    tokio::pin!(waiting);
+    let mut pumps_done = false;
+    let result = loop {
+        tokio::select! {
+            r = &mut waiting => break r,
+            () = &mut pumps, if !pumps_done => pumps_done = true,
+        }
+    };
+    if !pumps_done {
+        finish_pumps(pid, &mut pumps, &*sink).await;
+    } else {
+        signal_group(pid, Signal::SIGKILL);
+    }
+    guard.disarm();
+    let (status, stopped) = result.map_err(|e| spawn_error(program, &e))?;
+    Ok(ProcEnd {
+        exit: Exit::from_status(status),
+        stopped,
+    })
+}
+
+fn blocking_pump(r: impl Read + Send + 'static, stream: Stream, sink: Arc<dyn Sink>) {
+    let mut r = r;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => sink.write(stream, &buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    sink.eof(stream);
+}
+
+async fn run_threaded(
+    program: &Path,
+    spec: &ProcSpec,
+    sink: Arc<dyn Sink>,
+    sup: Supervision<'_>,
+    events: &dyn ProcEvents,
+) -> Result<ProcEnd, SpawnError> {
+    let mut child = std_command(program, spec)
+        .spawn()
+        .map_err(|e| spawn_error(program, &e))?;
+    let pid = child.id();
+    let mut guard = GroupGuard::new(pid);
+    events.spawned(pid);
+
+    let mut pumps = Vec::new();
+    if let Some(o) = child.stdout.take() {
+        let s = sink.clone();
+        pumps.push(tokio::task::spawn_blocking(move || {
+            blocking_pump(o, Stream::Stdout, s)
+        }));
+    }
+    if let Some(e) = child.stderr.take() {
+        let s = sink.clone();
+        pumps.push(tokio::task::spawn_blocking(move || {
+            blocking_pump(e, Stream::Stderr, s)
+        }));
+    }
+    if let (Some(mut w), Some(data)) = (child.stdin.take(), spec.stdin.clone()) {
+        pumps.push(tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let _ = w.write_all(&data);
+        }));
+    }
+    // The blocking wait owns the child: if this future is dropped, the guard kills the group and
+    // this thread still reaps the child.
+    let wait = tokio::task::spawn_blocking(move || child.wait());
+    let exit = async {
+        match wait.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    };
+    let result = supervise(pid, exit, &sup, events).await;
+    let all_pumps = async {
+        for p in pumps {
+            let _ = p.await;
+        }
+    };
+    finish_pumps(pid, all_pumps, &*sink).await;
+    guard.disarm();
+    let (status, stopped) = result.map_err(|e| spawn_error(program, &e))?;
+    Ok(ProcEnd {
+        exit: Exit::from_status(status),
+        stopped,
+    })
+}
+
+async fn run_local(
+    program: &Path,
+    spec: &ProcSpec,
+    sink: Arc<dyn Sink>,
+    sup: Supervision<'_>,
+    events: &dyn ProcEvents,
+) -> Result<ProcEnd, SpawnError> {
+    let mut cmd = std_command(program, spec);
+    let input = spec.stdin.clone();
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
+    // Spawn, wait and collect on one blocking thread (which also keeps the parent-death signal
+    // bound to a live thread for the child's whole life).
+    let work = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn()?;
+        let _ = pid_tx.send(child.id());
+        let stdin = child.stdin.take();
+        std::thread::scope(|s| {
+            if let (Some(mut w), Some(data)) = (stdin, input) {
+                s.spawn(move || {
+                    use std::io::Write;
+                    let _ = w.write_all(&data);
+                });
+            }
+            child.wait_with_output()
+        })
+    });
+    let Ok(pid) = pid_rx.await else {
+        // The sender was dropped: the spawn failed.
+        let err = match work.await {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => std::io::Error::other("the child vanished"),
+            Err(e) => std::io::Error::other(e),
+        };
+        return Err(spawn_error(program, &err));
+    };
+    let mut guard = GroupGuard::new(pid);
+    events.spawned(pid);
+    let (out_tx, out_rx) = std::sync::mpsc::sync_channel(1);
+    let exit = async {
+        match work.await {
+            Ok(Ok(output)) => {
+                let status = output.status;
+                let _ = out_tx.send(output);
+                Ok(status)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    };
+    let result = supervise(pid, exit, &sup, events).await;
+    signal_group(pid, Signal::SIGKILL);
+    guard.disarm();
+    if let Ok(output) = out_rx.try_recv() {
+        sink.write(Stream::Stdout, &output.stdout);
+        sink.write(Stream::Stderr, &output.stderr);
+    }
+    sink.eof(Stream::Stdout);
+    sink.eof(Stream::Stderr);
+    let (status, stopped) = result.map_err(|e| spawn_error(program, &e))?;
+    Ok(ProcEnd {
+        exit: Exit::from_status(status),
+        stopped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting_round_trips() {
+        assert_eq!(shell_quote("abc-1.txt"), "abc-1.txt");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote("$(rm -rf /)"), "'$(rm -rf /)'");
+    }
+
+    #[test]
+    fn bare_names_are_found_on_the_childs_path() {
+        let spec = ProcSpec {
+            program: "sh".into(),
+            args: vec![],
+            cwd: "/".into(),
+            env: Some(vec![("PATH".into(), "/nonexistent:/bin:/usr/bin".into())]),
+            stdin: None,
+        };
+        assert!(resolve_program(&spec).unwrap().ends_with("sh"));
+        let missing = ProcSpec {
+            program: "no-such-program-xyz".into(),
+            ..spec.clone()
+        };
+        let err = resolve_program(&missing).unwrap_err();
+        assert!(matches!(err, SpawnError::NotFound { .. }), "{err}");
+        assert!(err.to_string().contains("not found on PATH"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain.txt");
+        std::fs::write(&file, "not a program").unwrap();
+        let not_exec = ProcSpec {
+            program: file.into_os_string(),
+            ..spec
+        };
+        let err = resolve_program(&not_exec).unwrap_err();
+        assert!(matches!(err, SpawnError::PermissionDenied { .. }), "{err}");
+    }
+}
