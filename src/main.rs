@@ -1,1 +1,95 @@
-fn main() {}
+//! The `modrun` command: `modrun serve [--config FILE] [--bind ADDR]`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use modrun::config::Config;
+
+#[derive(Parser)]
+#[command(name = "modrun", version, about = "Run declared modules over HTTP and watch them live")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Serve {
+        /// The configuration file.
+        #[arg(long, default_value = "config/modrun.toml")]
+        config: PathBuf,
+        /// Listen here instead of `server.bind` (port 0 picks a free port).
+        #[arg(long, env = "MODRUN_BIND")]
+        bind: Option<SocketAddr>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    modrun::telemetry::init("info", std::io::stderr);
+    match cli.command {
+        Command::Serve { config, bind } => serve(config, bind),
+    }
+}
+
+fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
+    let mut config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("modrun: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(addr) = bind {
+        config.server.bind = addr;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("modrun: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.server.bind).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("modrun: cannot listen on {}: {e}", config.server.bind);
+                return ExitCode::FAILURE;
+            }
+        };
+        let addr = listener.local_addr().map_or_else(|_| config.server.bind.to_string(), |a| a.to_string());
+        tracing::info!(
+            config = %config.file.display(),
+            modules = config.modules.len(),
+            "listening on http://{addr}"
+        );
+        match modrun::app::serve(config, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("modrun: server error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops modrun");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}

@@ -239,10 +239,14 @@ impl Cursor {
         self.after
     }
 
-    /// The next lines available now (at most `max`), without waiting. Marks the change signal
-    /// seen first, so that a following [`Cursor::changed`] fires for anything newer.
-    pub fn read(&mut self, max: usize) -> Vec<Line> {
+    /// Mark every change so far as seen: a following [`Cursor::changed`] fires only for newer
+    /// ones. Call it *before* looking at the log or the run's status, then wait.
+    pub fn mark_seen(&mut self) {
         self.changes.borrow_and_update();
+    }
+
+    /// The next lines available now (at most `max`), without waiting.
+    pub fn read(&mut self, max: usize) -> Vec<Line> {
         let lines = self.log.read_after(self.after, max);
         if let Some(last) = lines.last() {
             self.after = last.seq;
@@ -250,7 +254,7 @@ impl Cursor {
         lines
     }
 
-    /// Wait until the log (or the run's status) changes after the last [`Cursor::read`].
+    /// Wait until the log (or the run's status) changes after the last [`Cursor::mark_seen`].
     pub async fn changed(&mut self) {
         // The sender lives in the log, which this cursor keeps alive: this cannot fail.
         let _ = self.changes.changed().await;
@@ -259,6 +263,7 @@ impl Cursor {
     /// The next batch of lines, waiting for them; `None` once the log is closed and fully read.
     pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Line>> {
         loop {
+            self.mark_seen();
             let closed = self.log.is_closed();
             let lines = self.read(max);
             if !lines.is_empty() {

@@ -1,1 +1,146 @@
-//! stub
+//! The HTTP API: the router, its state, and the handlers. The only code that knows HTTP.
+
+mod dto;
+mod error;
+mod extract;
+mod runs;
+mod sse;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::{DefaultBodyLimit, OriginalUri, Request, State};
+use axum::http::{HeaderName, Method};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use dto::{LineDto, ModuleDto, RunDto, run_json};
+pub use error::{ApiError, PROBLEM_JSON};
+
+use crate::config::Config;
+use crate::runner::ModuleRunner;
+
+/// Every route the router serves, as (method, path template). `openapi.yaml` documents exactly
+/// these; a test keeps the two in step.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/modules"),
+    ("GET", "/modules/{id}"),
+    ("POST", "/runs"),
+    ("GET", "/runs"),
+    ("GET", "/runs/{id}"),
+    ("DELETE", "/runs/{id}"),
+    ("GET", "/runs/{id}/output"),
+    ("GET", "/runs/{id}/stream"),
+];
+
+/// What the handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// The runner (and through it, the store).
+    pub runner: ModuleRunner,
+    /// The parent environment variables a child may inherit (`runner.env_allow`), read once.
+    pub base_env: Arc<Vec<(String, String)>>,
+    /// Fires at shutdown: open SSE streams send `end` and close; `?wait` requests answer.
+    pub streams_end: CancellationToken,
+    /// Set at shutdown: every new request gets 503.
+    pub draining: Arc<AtomicBool>,
+}
+
+impl AppState {
+    /// Wire a runner to a configuration.
+    pub fn new(config: Arc<Config>, runner: ModuleRunner) -> Self {
+        let base_env = config
+            .runner
+            .env_allow
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+            .collect();
+        Self {
+            config,
+            runner,
+            base_env: Arc::new(base_env),
+            streams_end: CancellationToken::new(),
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// The router, without a socket (handler tests can drive it with `tower::ServiceExt::oneshot`).
+pub fn router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/modules", get(list_modules))
+        .route("/modules/{id}", get(get_module))
+        .route("/runs", get(runs::list).post(runs::create))
+        .route("/runs/{id}", get(runs::get).delete(runs::cancel))
+        .route("/runs/{id}/output", get(runs::output))
+        .route("/runs/{id}/stream", get(sse::stream))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), refuse_when_draining))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+async fn refuse_when_draining(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        return ApiError::unavailable("modrun is shutting down").into_response();
+    }
+    next.run(req).await
+}
+
+async fn no_route(OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::no_route(uri.path())
+}
+
+async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn list_modules(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let c = &state.config;
+    let modules: Vec<ModuleDto> = c
+        .modules
+        .iter()
+        .map(|m| ModuleDto::new(m, c.module_timeout(m)))
+        .collect();
+    Json(json!({ "modules": modules }))
+}
+
+async fn get_module(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let c = &state.config;
+    let m = c
+        .module(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no module `{id}`")))?;
+    Ok(Json(
+        serde_json::to_value(ModuleDto::new(m, c.module_timeout(m)))
+            .map_err(|e| ApiError::internal(e.to_string()))?,
+    ))
+}

@@ -1,0 +1,154 @@
+//! Wire shapes of the API, mirroring `openapi.yaml`.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::module::{Module, ParamKind, Parameter};
+use crate::run::{Line, Run, rfc3339};
+
+/// A run as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct RunDto<'a> {
+    id: String,
+    module_id: &'a str,
+    module_name: &'a str,
+    parameters: &'a Map<String, Value>,
+    argv: &'a [String],
+    mode: &'static str,
+    status: &'static str,
+    created_at: String,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    pid: Option<u32>,
+    error: Option<String>,
+    output_lines: u64,
+    timeout_s: f64,
+}
+
+impl<'a> From<&'a Run> for RunDto<'a> {
+    fn from(r: &'a Run) -> Self {
+        Self {
+            id: r.id.to_string(),
+            module_id: &r.module_id,
+            module_name: &r.module_name,
+            parameters: &r.parameters,
+            argv: &r.argv,
+            mode: r.mode.as_str(),
+            status: r.status().as_str(),
+            created_at: rfc3339(r.created_at),
+            started_at: r.started_at().map(rfc3339),
+            finished_at: r.finished_at().map(rfc3339),
+            exit_code: r.exit_code(),
+            signal: r.signal(),
+            pid: r.pid(),
+            error: r.error(),
+            output_lines: r.output_lines,
+            timeout_s: r.timeout.as_secs_f64(),
+        }
+    }
+}
+
+/// A run as JSON.
+pub fn run_json(r: &Run) -> Value {
+    serde_json::to_value(RunDto::from(r)).unwrap_or(Value::Null)
+}
+
+/// One output line.
+#[derive(Debug, Serialize)]
+pub struct LineDto<'a> {
+    seq: u64,
+    stream: &'static str,
+    ts: String,
+    line: &'a str,
+}
+
+impl<'a> From<&'a Line> for LineDto<'a> {
+    fn from(l: &'a Line) -> Self {
+        Self {
+            seq: l.seq,
+            stream: l.stream.as_str(),
+            ts: rfc3339(l.ts),
+            line: &l.text,
+        }
+    }
+}
+
+/// A module as the API shows it: no command line, no passing details.
+#[derive(Debug, Serialize)]
+pub struct ModuleDto<'a> {
+    id: &'a str,
+    name: &'a str,
+    description: Option<&'a str>,
+    timeout_s: f64,
+    max_concurrent: Option<usize>,
+    parameters: Vec<ParameterDto<'a>>,
+}
+
+/// A module parameter.
+#[derive(Debug, Serialize)]
+pub struct ParameterDto<'a> {
+    name: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    required: bool,
+    default: Option<&'a Value>,
+    min: Option<Value>,
+    max: Option<Value>,
+    choices: Option<&'a [String]>,
+    pattern: Option<&'a str>,
+    max_length: Option<usize>,
+    description: Option<&'a str>,
+}
+
+impl<'a> ModuleDto<'a> {
+    /// `timeout` is the module's effective timeout.
+    pub fn new(m: &'a Module, timeout: std::time::Duration) -> Self {
+        Self {
+            id: &m.id,
+            name: &m.name,
+            description: m.description.as_deref(),
+            timeout_s: timeout.as_secs_f64(),
+            max_concurrent: m.max_concurrent.map(|n| n.get()),
+            parameters: m.parameters.iter().map(ParameterDto::from).collect(),
+        }
+    }
+}
+
+impl<'a> From<&'a Parameter> for ParameterDto<'a> {
+    fn from(p: &'a Parameter) -> Self {
+        let (min, max, choices, pattern, max_length) = match &p.kind {
+            ParamKind::Integer { min, max } => {
+                (min.map(Value::from), max.map(Value::from), None, None, None)
+            }
+            ParamKind::Number { min, max } => {
+                (min.map(Value::from), max.map(Value::from), None, None, None)
+            }
+            ParamKind::Choice { choices } => (None, None, Some(choices.as_slice()), None, None),
+            ParamKind::String {
+                pattern,
+                max_length,
+            } => (
+                None,
+                None,
+                None,
+                pattern.as_ref().map(|p| p.source.as_str()),
+                *max_length,
+            ),
+            ParamKind::Boolean => (None, None, None, None, None),
+        };
+        Self {
+            name: &p.name,
+            kind: p.kind.type_name(),
+            required: p.required,
+            default: p.default.as_ref(),
+            min,
+            max,
+            choices,
+            pattern,
+            max_length,
+            description: p.description.as_deref(),
+        }
+    }
+}

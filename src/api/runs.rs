@@ -1,0 +1,372 @@
+//! `/runs` handlers: create (with `?wait` and `Idempotency-Key`), list, get, cancel, output.
+
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{Map, Value, json};
+
+use super::dto::{LineDto, run_json};
+use super::error::ApiError;
+use super::extract::{JsonBody, QueryPairs, RunIdPath};
+use super::AppState;
+use crate::module::{FieldError, json_type};
+use crate::run::{Run, RunId, RunMode, RunStatus};
+use crate::runner::{CancelError, RunRequest, SubmitError, Submitted};
+use crate::store::{IdempotencyKey, ListQuery};
+
+fn run_response(status: StatusCode, run: &Run) -> Response {
+    let mut res = (status, Json(run_json(run))).into_response();
+    if let Ok(loc) = HeaderValue::from_str(&format!("/runs/{}", run.id)) {
+        res.headers_mut().insert(header::LOCATION, loc);
+    }
+    res
+}
+
+/// A create request that passed the shape checks.
+struct CreateBody {
+    module_id: String,
+    parameters: Map<String, Value>,
+    timeout_s: Option<f64>,
+    mode: Option<RunMode>,
+    stdin: Option<String>,
+}
+
+/// Shape checks of a create body. Returns the body with the errors found so far (so that the
+/// handler can add parameter errors and report every bad field at once), or a 422 when not even
+/// the module is known.
+fn parse_create(body: &Value) -> Result<(CreateBody, Vec<FieldError>), ApiError> {
+    let Value::Object(obj) = body else {
+        return Err(ApiError::invalid_field(
+            "body",
+            format!("must be a JSON object, got {}", json_type(body)),
+        ));
+    };
+    let mut errors = Vec::new();
+    for key in obj.keys() {
+        if !["module_id", "parameters", "timeout_s", "mode", "stdin"].contains(&key.as_str()) {
+            errors.push(FieldError::new(key.as_str(), "unknown field"));
+        }
+    }
+    let module_id = match obj.get("module_id") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            errors.push(FieldError::new(
+                "module_id",
+                format!("must be a string, got {}", json_type(other)),
+            ));
+            None
+        }
+        None => {
+            errors.push(FieldError::new("module_id", "is required"));
+            None
+        }
+    };
+    let parameters = match obj.get("parameters") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(other) => {
+            errors.push(FieldError::new(
+                "parameters",
+                format!("must be an object, got {}", json_type(other)),
+            ));
+            Map::new()
+        }
+    };
+    let timeout_s = match obj.get("timeout_s") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(t),
+            _ => {
+                errors.push(FieldError::new("timeout_s", "must be a positive number of seconds"));
+                None
+            }
+        },
+        Some(other) => {
+            errors.push(FieldError::new(
+                "timeout_s",
+                format!("must be a number, got {}", json_type(other)),
+            ));
+            None
+        }
+    };
+    let mode = match obj.get("mode") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => match s.parse::<RunMode>() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                errors.push(FieldError::new("mode", e.to_string()));
+                None
+            }
+        },
+        Some(other) => {
+            errors.push(FieldError::new(
+                "mode",
+                format!("must be a string, got {}", json_type(other)),
+            ));
+            None
+        }
+    };
+    let stdin = match obj.get("stdin") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            errors.push(FieldError::new(
+                "stdin",
+                format!("must be a string, got {}", json_type(other)),
+            ));
+            None
+        }
+    };
+    match module_id {
+        Some(module_id) => Ok((
+            CreateBody {
+                module_id,
+                parameters,
+                timeout_s,
+                mode,
+                stdin,
+            },
+            errors,
+        )),
+        None => Err(ApiError::validation(errors)),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap, body: &Value) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(raw) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = raw
+        .to_str()
+        .ok()
+        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|c| c.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "the Idempotency-Key header must be 1 to 255 visible ASCII characters",
+            )
+        })?;
+    // serde_json's maps are sorted, so equal JSON bodies have equal text here.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    body.to_string().hash(&mut hasher);
+    Ok(Some(IdempotencyKey {
+        key: key.to_owned(),
+        fingerprint: hasher.finish(),
+    }))
+}
+
+/// `POST /runs`.
+pub async fn create(
+    State(state): State<AppState>,
+    query: QueryPairs,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let wait = query.u64_in("wait", 1..=300)?;
+    let key = idempotency_key(&headers, &body)?;
+    let (req, mut errors) = parse_create(&body)?;
+    let config = &state.config;
+    let module = config
+        .module(&req.module_id)
+        .ok_or_else(|| ApiError::not_found(format!("no module `{}`", req.module_id)))?;
+
+    let params = module.validate(&req.parameters).map_err(|e| errors.extend(e)).ok();
+    let max_timeout = config.module_timeout(module);
+    let timeout = match req.timeout_s {
+        None => max_timeout,
+        Some(t) => {
+            let t = Duration::from_secs_f64(t);
+            if t > max_timeout {
+                errors.push(FieldError::new(
+                    "timeout_s",
+                    format!(
+                        "must be at most {} (the module's timeout)",
+                        max_timeout.as_secs_f64()
+                    ),
+                ));
+            }
+            t
+        }
+    };
+    let Some(params) = params.filter(|_| errors.is_empty()) else {
+        return Err(ApiError::validation(errors));
+    };
+    let mode = req.mode.unwrap_or(config.runner.mode);
+    let mut run_req = RunRequest::for_module(module, params, &state.base_env, timeout, mode);
+    run_req.stdin = req.stdin;
+    run_req.idempotency = key;
+
+    let (handle, existing) = match state.runner.submit(run_req) {
+        Ok(Submitted::New(h)) => (h, false),
+        Ok(Submitted::Existing(h)) => (h, true),
+        Err(SubmitError::QueueFull(n)) => {
+            return Err(ApiError::too_many(
+                format!("{n} runs are already queued; try again later"),
+                1,
+            ));
+        }
+        Err(SubmitError::ShuttingDown) => {
+            return Err(ApiError::unavailable("modrun is shutting down"));
+        }
+        Err(SubmitError::IdempotencyConflict) => {
+            return Err(ApiError::conflict(
+                "this Idempotency-Key was already used with a different request body",
+            ));
+        }
+        Err(e @ (SubmitError::EmptyArgv | SubmitError::Store(_))) => {
+            return Err(ApiError::internal(e.to_string()));
+        }
+    };
+    let id = handle.id();
+    if let Some(secs) = wait {
+        let waited = tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(secs), handle.wait()) => r.ok().flatten(),
+            () = state.streams_end.cancelled() => None,
+        };
+        if let Some(run) = waited {
+            return Ok(run_response(StatusCode::OK, &run));
+        }
+    }
+    let run = state
+        .runner
+        .get(id)
+        .ok_or_else(|| ApiError::internal(format!("run {id} vanished")))?;
+    let status = if existing {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok(run_response(status, &run))
+}
+
+/// `GET /runs`.
+pub async fn list(State(state): State<AppState>, query: QueryPairs) -> Result<Response, ApiError> {
+    let limit = query.u64_in("limit", 1..=1000)?.unwrap_or(50) as usize;
+    let before = match query.get("cursor").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => Some(c.parse::<RunId>().map_err(|_| {
+            ApiError::bad_request(format!("`{c}` is not a valid cursor"))
+        })?),
+    };
+    let statuses = match query.get("status").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(list) => {
+            let mut out = Vec::new();
+            let mut errors = Vec::new();
+            for s in list.split(',').map(str::trim) {
+                match s.parse::<RunStatus>() {
+                    Ok(st) => out.push(st),
+                    Err(e) => errors.push(FieldError::new(
+                        "status",
+                        format!(
+                            "{e}; expected any of {}",
+                            RunStatus::ALL.map(|s| s.as_str()).join(", ")
+                        ),
+                    )),
+                }
+            }
+            if !errors.is_empty() {
+                return Err(ApiError::validation(errors));
+            }
+            Some(out)
+        }
+    };
+    let page = state.runner.list(&ListQuery {
+        statuses,
+        module_id: query.get("module_id").filter(|m| !m.is_empty()).map(String::from),
+        before,
+        limit,
+    });
+    let runs: Vec<Value> = page.runs.iter().map(run_json).collect();
+    Ok(Json(json!({
+        "runs": runs,
+        "next_cursor": page.next_cursor.map(|c| c.to_string()),
+    }))
+    .into_response())
+}
+
+fn not_found(id: RunId) -> ApiError {
+    ApiError::not_found(format!("no run {id}"))
+}
+
+/// `GET /runs/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    RunIdPath(id): RunIdPath,
+) -> Result<Response, ApiError> {
+    let run = state.runner.get(id).ok_or_else(|| not_found(id))?;
+    Ok(Json(run_json(&run)).into_response())
+}
+
+/// `DELETE /runs/{id}`.
+pub async fn cancel(
+    State(state): State<AppState>,
+    RunIdPath(id): RunIdPath,
+) -> Result<Response, ApiError> {
+    match state.runner.cancel(id) {
+        Ok(run) => Ok(run_response(StatusCode::ACCEPTED, &run)),
+        Err(CancelError::NotFound(_)) => Err(not_found(id)),
+        Err(CancelError::AlreadyFinished(run)) => Err(ApiError::conflict(format!(
+            "run {id} already finished ({})",
+            run.status()
+        ))),
+    }
+}
+
+fn wants_text(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/plain") && !a.contains("application/json"))
+}
+
+/// `GET /runs/{id}/output`.
+pub async fn output(
+    State(state): State<AppState>,
+    RunIdPath(id): RunIdPath,
+    query: QueryPairs,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let after = query.u64("after")?.unwrap_or(0);
+    let limit = query.u64_in("limit", 1..=10_000)?.unwrap_or(1000) as usize;
+    let run = state.runner.get(id).ok_or_else(|| not_found(id))?;
+    let log = state.runner.store().output(id).ok_or_else(|| not_found(id))?;
+    if wants_text(&headers) {
+        // Stream the text in batches rather than building it whole.
+        let body = futures_util::stream::unfold(Some(after), move |pos| {
+            let log = log.clone();
+            async move {
+                let pos = pos?;
+                let lines = log.read_after(pos, 4096);
+                let last = lines.last()?.seq;
+                let mut text = String::with_capacity(lines.iter().map(|l| l.text.len() + 1).sum());
+                for l in &lines {
+                    text.push_str(&l.text);
+                    text.push('\n');
+                }
+                Some((Ok::<_, std::convert::Infallible>(Bytes::from(text)), Some(last)))
+            }
+        });
+        let mut res = Body::from_stream(body).into_response();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        return Ok(res);
+    }
+    let finished = run.state.is_finished();
+    let lines = log.read_after(after, limit);
+    let next_after = lines.last().map_or(after, |l| l.seq);
+    let complete = finished && log.is_closed() && next_after >= log.last_seq();
+    let dtos: Vec<LineDto> = lines.iter().map(LineDto::from).collect();
+    Ok(Json(json!({
+        "lines": dtos,
+        "next_after": next_after,
+        "complete": complete,
+    }))
+    .into_response())
+}
