@@ -58,14 +58,15 @@ where
     stop_accepting.cancel();
     runner.shutdown();
     let grace = config.runner.kill_grace + Duration::from_secs(1);
+    // Keep serving the open connections (streams see the runs end) while runs stop.
+    let mut served = None;
     let idle = {
         let wait = runner.wait_idle(grace);
         tokio::pin!(wait);
-        // Keep serving the open connections (streams see the runs end) while runs stop.
         loop {
             tokio::select! {
                 idle = &mut wait => break idle,
-                r = &mut server => { r?; break runner.wait_idle(grace).await }
+                r = &mut server, if served.is_none() => served = Some(r),
             }
         }
     };
@@ -73,10 +74,13 @@ where
         tracing::warn!("some runs did not stop within kill_grace + 1s");
     }
     state.streams_end.cancel();
-    match tokio::time::timeout(Duration::from_millis(900), &mut server).await {
-        Ok(r) => r?,
-        Err(_) => tracing::warn!("connections still open after shutdown; closing them"),
+    if served.is_none() {
+        match tokio::time::timeout(Duration::from_millis(900), &mut server).await {
+            Ok(r) => served = Some(r),
+            Err(_) => tracing::warn!("connections still open after shutdown; closing them"),
+        }
     }
+    served.transpose()?;
     tracing::info!(queued = runner.queued(), "stopped");
     Ok(())
 }

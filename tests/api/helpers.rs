@@ -1,0 +1,436 @@
+//! `TestApp`: the real service on port 0 with a test configuration, and typed helpers.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+/// Modules every test config has. Scripts are inline `sh -c` so that the tests need nothing
+/// but a POSIX shell.
+pub const MODULES: &str = r#"
+[[modules]]
+id = "echo"
+name = "Echo"
+description = "Prints its arguments, one per line"
+command = ["sh", "-c", 'for a in "$@"; do echo "$a"; done; [ -n "$ENVP" ] && echo "env=$ENVP"; exit 0', "echo"]
+[[modules.parameters]]
+name = "count"
+type = "integer"
+default = 3
+min = 1
+max = 100
+[[modules.parameters]]
+name = "ratio"
+type = "number"
+[[modules.parameters]]
+name = "loud"
+type = "boolean"
+[[modules.parameters]]
+name = "color"
+type = "choice"
+choices = ["red", "green"]
+arg = "-c"
+[[modules.parameters]]
+name = "word"
+type = "string"
+pattern = "[a-z ]+"
+max_length = 20
+positional = true
+[[modules.parameters]]
+name = "envp"
+type = "string"
+env = "ENVP"
+
+[[modules]]
+id = "lines"
+name = "Lines"
+command = ["sh", "-c", 'i=1; while [ $i -le $1 ]; do echo "line $i"; i=$((i+1)); done', "lines"]
+[[modules.parameters]]
+name = "n"
+type = "integer"
+default = 3
+positional = true
+
+[[modules]]
+id = "mixed"
+name = "Mixed"
+command = ["sh", "-c", 'echo out1; sleep 0.05; echo err1 >&2; sleep 0.05; echo out2; sleep 0.05; echo err2 >&2; exit 3']
+
+[[modules]]
+id = "sleep"
+name = "Sleep"
+command = ["sh", "-c", 'echo started; sleep $1; echo slept', "sleep"]
+[[modules.parameters]]
+name = "s"
+type = "number"
+default = 30
+positional = true
+
+[[modules]]
+id = "limited"
+name = "Limited"
+max_concurrent = 1
+command = ["sh", "-c", 'echo started; sleep $1', "limited"]
+[[modules.parameters]]
+name = "s"
+type = "number"
+default = 30
+positional = true
+
+[[modules]]
+id = "tree"
+name = "Tree"
+command = ["sh", "-c", 'echo started; sleep 60 & sleep 60']
+
+[[modules]]
+id = "stubborn"
+name = "Ignores SIGTERM"
+command = ["sh", "-c", 'trap "" TERM; echo started; sleep 60 & sleep 60; sleep 60']
+
+[[modules]]
+id = "graceful"
+name = "Handles SIGTERM"
+command = ["sh", "-c", 'trap "echo got-term; exit 7" TERM; echo started; while true; do sleep 0.05; done']
+
+[[modules]]
+id = "big"
+name = "Big output"
+command = ["sh", "-c", 'yes "$(printf "%0${2}d" 0)" | head -n $1', "big"]
+[[modules.parameters]]
+name = "lines"
+type = "integer"
+positional = true
+required = true
+[[modules.parameters]]
+name = "width"
+type = "integer"
+positional = true
+default = 80
+
+[[modules]]
+id = "bytes"
+name = "Raw bytes"
+command = ["sh", "-c", 'printf "ok \377\376 end\nno newline at end"']
+
+[[modules]]
+id = "longline"
+name = "A 1 MB line"
+command = ["sh", "-c", 'head -c 1048576 /dev/zero | tr "\0" "a"; echo; echo after']
+
+[[modules]]
+id = "silent"
+name = "No output"
+command = ["true"]
+
+[[modules]]
+id = "cat"
+name = "Cat stdin"
+command = ["cat"]
+
+[[modules]]
+id = "missing"
+name = "Missing program"
+command = ["no-such-program-modrun-test"]
+
+[[modules]]
+id = "noexec"
+name = "Not executable"
+command = ["./noexec.sh"]
+
+[[modules]]
+id = "short"
+name = "Short timeout"
+timeout = "2s"
+command = ["sh", "-c", 'echo started; sleep 30']
+"#;
+
+/// Runner settings of the default test config.
+pub fn base_config(extra_runner: &str) -> String {
+    format!(
+        "[runner]\nmax_concurrent = 4\nmax_queued = 20\nkill_grace = \"1s\"\ndefault_timeout = \"1m\"\n{extra_runner}\n\
+         [sse]\nkeep_alive = \"1s\"\n[retention]\nkeep_runs = 1000\n{MODULES}"
+    )
+}
+
+/// A running service and a client for it.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// HTTP client.
+    pub client: Client,
+    /// Holds the config file and scripts.
+    #[allow(dead_code, reason = "keeps the config folder alive")]
+    pub dir: TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// Write `toml` and the scripts it needs into a fresh temp folder.
+pub fn write_config(toml: &str) -> (TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("modrun.toml");
+    std::fs::write(&path, toml).expect("write config");
+    std::fs::write(dir.path().join("noexec.sh"), "#!/bin/sh\necho hi\n").expect("write script");
+    (dir, path)
+}
+
+/// Start the service in this process with the default test config.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&base_config("")).await
+}
+
+/// Start the service in this process with the given config text.
+pub async fn spawn_app_with(toml: &str) -> TestApp {
+    if std::env::var_os("TEST_LOG").is_some() {
+        modrun::telemetry::init("debug", std::io::stderr);
+    }
+    let (dir, path) = write_config(toml);
+    let config = modrun::config::Config::load(&path).expect("valid test config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(modrun::app::serve(config, listener, async {
+        let _ = rx.await;
+    }));
+    TestApp {
+        base: format!("http://{addr}"),
+        client: Client::new(),
+        dir,
+        stop: Some(tx),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    /// Absolute URL of a path.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `POST /runs` with a JSON body.
+    pub async fn post_run(&self, body: Value) -> Response {
+        self.client
+            .post(self.url("/runs"))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /runs")
+    }
+
+    /// Start a run of `module` and return its JSON (asserting 202).
+    pub async fn start(&self, module: &str, params: Value) -> Value {
+        let res = self
+            .post_run(json!({"module_id": module, "parameters": params}))
+            .await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED, "starting {module}");
+        res.json().await.expect("run json")
+    }
+
+    /// `GET /runs/{id}`.
+    pub async fn get_run(&self, id: &str) -> Value {
+        let res = self
+            .client
+            .get(self.url(&format!("/runs/{id}")))
+            .send()
+            .await
+            .expect("GET run");
+        assert_eq!(res.status(), StatusCode::OK);
+        res.json().await.expect("json")
+    }
+
+    /// `DELETE /runs/{id}`.
+    pub async fn cancel_run(&self, id: &str) -> Response {
+        self.client
+            .delete(self.url(&format!("/runs/{id}")))
+            .send()
+            .await
+            .expect("DELETE run")
+    }
+
+    /// Poll until the run's status satisfies `pred`.
+    pub async fn wait_status(&self, id: &str, pred: impl Fn(&str) -> bool, limit: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let run = self.get_run(id).await;
+            if pred(run["status"].as_str().unwrap_or("")) {
+                return run;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "run {id} still {} after {limit:?}",
+                run["status"]
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Wait until the run has finished.
+    pub async fn wait_finished(&self, id: &str) -> Value {
+        self.wait_status(
+            id,
+            |s| !matches!(s, "queued" | "running"),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// All output lines as JSON (following pages).
+    pub async fn output(&self, id: &str) -> Vec<Value> {
+        let mut after = 0;
+        let mut all = Vec::new();
+        loop {
+            let page: Value = self
+                .client
+                .get(self.url(&format!("/runs/{id}/output?after={after}&limit=10000")))
+                .send()
+                .await
+                .expect("GET output")
+                .json()
+                .await
+                .expect("json");
+            let lines = page["lines"].as_array().expect("lines").clone();
+            if lines.is_empty() {
+                return all;
+            }
+            after = page["next_after"].as_u64().expect("next_after");
+            all.extend(lines);
+        }
+    }
+
+    /// Subscribe to a run's SSE stream and collect every event until the server closes it.
+    pub async fn stream_run(&self, id: &str, last_event_id: Option<u64>) -> Vec<SseEvent> {
+        let mut req = self.client.get(self.url(&format!("/runs/{id}/stream")));
+        if let Some(n) = last_event_id {
+            req = req.header("Last-Event-ID", n.to_string());
+        }
+        let res = req.send().await.expect("GET stream");
+        assert_eq!(res.status(), StatusCode::OK);
+        read_sse(res, Duration::from_secs(60)).await
+    }
+
+    /// Stop the service gracefully and wait for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server result");
+        }
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    /// `event:`.
+    pub event: String,
+    /// `id:`, if any.
+    pub id: Option<String>,
+    /// `data:` parsed as JSON.
+    pub data: Value,
+}
+
+/// Parse SSE from a response until it ends (or `limit` passes, which fails the test).
+pub async fn read_sse(res: Response, limit: Duration) -> Vec<SseEvent> {
+    read_sse_with(res, limit, |_| {}).await
+}
+
+/// Like [`read_sse`], calling `each` on every event as it arrives.
+pub async fn read_sse_with(
+    mut res: Response,
+    limit: Duration,
+    mut each: impl FnMut(&SseEvent),
+) -> Vec<SseEvent> {
+    let deadline = Instant::now() + limit;
+    let mut buf = Vec::<u8>::new();
+    let mut events = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, res.chunk())
+            .await
+            .expect("SSE stream did not end in time")
+            .expect("SSE read");
+        let Some(chunk) = chunk else { break };
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = find(&buf, b"\n\n") {
+            let block = String::from_utf8(buf[..pos].to_vec()).expect("utf8 event");
+            buf.drain(..pos + 2);
+            if let Some(ev) = parse_event(&block) {
+                each(&ev);
+                events.push(ev);
+            }
+        }
+    }
+    events
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn parse_event(block: &str) -> Option<SseEvent> {
+    let mut event = None;
+    let mut id = None;
+    let mut data = String::new();
+    for line in block.lines() {
+        if let Some(v) = line.strip_prefix("event: ") {
+            event = Some(v.to_owned());
+        } else if let Some(v) = line.strip_prefix("id: ") {
+            id = Some(v.to_owned());
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data.push_str(v);
+        }
+    }
+    Some(SseEvent {
+        event: event?,
+        id,
+        data: serde_json::from_str(&data).expect("event data is JSON"),
+    })
+}
+
+/// Pids of live (non-zombie) processes in a process group.
+pub fn group_members(pgid: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u64>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the ")" that closes the command name: state ppid pgrp ...
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 2 && f[0] != "Z" && f[2].parse::<u64>().ok() == Some(pgid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Poll `cond` until it holds or `limit` passes.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
+/// The service binary.
+pub fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_modrun"))
+}

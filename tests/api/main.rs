@@ -1,0 +1,9 @@
+//! Integration tests: the real service on real sockets, with real child processes.
+
+mod basics;
+mod cancel;
+mod helpers;
+mod limits;
+mod openapi;
+mod process;
+mod streaming;

@@ -1,0 +1,172 @@
+//! The `modrun` binary itself: start-up errors, the listening line, graceful shutdown, memory.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::helpers::{base_config, binary, group_members, read_sse_with, write_config};
+
+/// A bad config file stops start-up with a non-zero exit and a message naming the file and
+/// the dotted key.
+#[tokio::test]
+async fn bad_config_fails_at_start() {
+    let (_dir, path) = write_config(&base_config("").replace("max_concurrent = 4", "max_concurrent = 0"));
+    let out = Command::new(binary()).args(["serve", "--config"]).arg(&path).output().await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&*path.to_string_lossy()), "{err}");
+    assert!(err.contains("runner.max_concurrent"), "{err}");
+
+    let (_dir, path) = write_config("[[modules]]\nid = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"x\"\ntype = \"float\"\n");
+    let out = Command::new(binary()).args(["serve", "--config"]).arg(&path).output().await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("modules[0].parameters[0].type"), "{err}");
+
+    let out = Command::new(binary()).args(["serve", "--config", "/nonexistent/modrun.toml"]).output().await.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/modrun.toml"));
+}
+
+/// A server process on port 0, with the address it logged.
+struct Server {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_server(toml: &str) -> Server {
+    let (dir, path) = write_config(toml);
+    let mut child = Command::new(binary())
+        .args(["serve", "--bind", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("the server exited before listening");
+    })
+    .await
+    .expect("listening line");
+    // Keep draining stderr so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    assert!(!addr.ends_with(":0"), "the real port is shown: {addr}");
+    Server {
+        child,
+        base: format!("http://{addr}"),
+        _dir: dir,
+    }
+}
+
+fn sigterm(child: &Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+}
+
+/// SIGTERM: running runs are cancelled, an open SSE stream gets `end` and closes, queued runs
+/// stay queued, new requests are refused, and the process exits 0 within kill_grace + 2 s.
+#[tokio::test]
+async fn graceful_shutdown_with_an_open_stream() {
+    let toml = base_config("").replace("max_concurrent = 4", "max_concurrent = 1");
+    let mut server = start_server(&toml).await;
+    let client = reqwest::Client::new();
+    let running: Value = client.post(format!("{}/runs", server.base)).json(&json!({"module_id": "tree"})).send().await.unwrap().json().await.unwrap();
+    let queued: Value = client.post(format!("{}/runs", server.base)).json(&json!({"module_id": "lines"})).send().await.unwrap().json().await.unwrap();
+    assert_eq!(queued["status"], "queued");
+    let id = running["id"].as_str().unwrap().to_owned();
+    let mut pgid = 0;
+    for _ in 0..100 {
+        let r: Value = client.get(format!("{}/runs/{id}", server.base)).send().await.unwrap().json().await.unwrap();
+        if let Some(p) = r["pid"].as_u64() {
+            pgid = p;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(pgid > 0);
+    let stream = client.get(format!("{}/runs/{id}/stream", server.base)).send().await.unwrap();
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let mut first_tx = Some(first_tx);
+    let reader = tokio::spawn(read_sse_with(stream, Duration::from_secs(10), move |_| {
+        if let Some(tx) = first_tx.take() {
+            let _ = tx.send(());
+        }
+    }));
+    first_rx.await.unwrap();
+
+    let t = Instant::now();
+    sigterm(&server.child);
+    let events = reader.await.unwrap();
+    let end = events.last().unwrap();
+    assert_eq!(end.event, "end");
+    assert!(matches!(end.data["status"].as_str(), Some("cancelled" | "running")), "{}", end.data);
+    let status = tokio::time::timeout(Duration::from_secs(4), server.child.wait()).await.expect("exits in time").unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(3), "within kill_grace + 2 s: {:?}", t.elapsed());
+    assert!(group_members(pgid).is_empty(), "the run's processes are gone");
+    assert!(client.get(format!("{}/healthz", server.base)).send().await.is_err(), "not accepting");
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// A 100 MB output streams to a subscriber while the server's peak RSS stays under 100 MiB.
+#[tokio::test]
+async fn large_output_streams_in_bounded_memory() {
+    let mut server = start_server(&base_config("")).await;
+    let client = reqwest::Client::new();
+    let run: Value = client
+        .post(format!("{}/runs", server.base))
+        .json(&json!({"module_id": "big", "parameters": {"lines": 100_000, "width": 1000}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = run["id"].as_str().unwrap();
+    let stream = client.get(format!("{}/runs/{id}/stream", server.base)).send().await.unwrap();
+    let mut lines = 0u64;
+    let mut bytes = 0u64;
+    let mut last_seq = 0u64;
+    let events = read_sse_with(stream, Duration::from_secs(120), |e| {
+        if e.event == "stdout" {
+            let seq = e.data["seq"].as_u64().unwrap();
+            assert_eq!(seq, last_seq + 1, "no gap, no duplicate");
+            last_seq = seq;
+            lines += 1;
+            bytes += e.data["line"].as_str().unwrap().len() as u64;
+        }
+    })
+    .await;
+    let end = events.last().unwrap();
+    assert_eq!(end.event, "end");
+    assert_eq!(end.data["status"], "succeeded");
+    // 64 MiB are kept and streamed; the rest is counted, and a marker line says so.
+    assert_eq!(bytes, lines * 1000);
+    assert!(bytes >= 60 << 20, "{bytes}");
+    let marker = events.iter().rev().find(|e| e.event == "stderr").expect("marker line");
+    assert!(marker.data["line"].as_str().unwrap().contains("were not kept"));
+    let rss = peak_rss_kib(server.child.id().unwrap());
+    eprintln!("peak RSS while streaming 100 MB: {} MiB", rss / 1024);
+    assert!(rss < 100 * 1024, "peak RSS {rss} KiB");
+    sigterm(&server.child);
+    server.child.wait().await.unwrap();
+}
