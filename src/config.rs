@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use serde::de::{self, Deserializer};
 use serde_json::Value;
 
 use crate::module::{Module, ParamKind, Parameter, Passing, Pattern};
@@ -226,16 +226,15 @@ enum RawType {
 
 /// Parse a humantime duration such as `500ms`, `30s`, `1h30m` or `7d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration `{s}` ({e}); write it like \"500ms\", \"30s\", \"1h30m\""))
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("invalid duration `{s}` ({e}); write it like \"500ms\", \"30s\", \"1h30m\"")
+    })
 }
 
 /// Parse a size: an integer of bytes or a string with a unit (`64KiB`, `64MiB`, `1GiB`, `10MB`).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
@@ -327,13 +326,19 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
     let runner = RunnerConfig {
         max_concurrent: raw.runner.max_concurrent.unwrap_or(defaults.max_concurrent),
         max_queued: raw.runner.max_queued.unwrap_or(defaults.max_queued),
-        default_timeout: raw.runner.default_timeout.unwrap_or(defaults.default_timeout),
+        default_timeout: raw
+            .runner
+            .default_timeout
+            .unwrap_or(defaults.default_timeout),
         kill_grace: raw.runner.kill_grace.unwrap_or(defaults.kill_grace),
         mode: raw.runner.mode.unwrap_or(defaults.mode),
         env_allow: raw.runner.env_allow.unwrap_or(defaults.env_allow),
     };
     if runner.default_timeout.is_zero() {
-        return Err(("runner.default_timeout".into(), "must be longer than 0s".into()));
+        return Err((
+            "runner.default_timeout".into(),
+            "must be longer than 0s".into(),
+        ));
     }
     for (i, name) in runner.env_allow.iter().enumerate() {
         check_env_name(name).map_err(|m| (format!("runner.env_allow[{i}]"), m))?;
@@ -345,11 +350,17 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
             .ok()
             .filter(|n| *n >= 4)
             .and_then(NonZeroUsize::new)
-            .ok_or(("output.max_line_bytes".to_owned(), "must be at least 4".to_owned()))?,
+            .ok_or((
+                "output.max_line_bytes".to_owned(),
+                "must be at least 4".to_owned(),
+            ))?,
     };
     let output = OutputConfig {
         max_line_bytes,
-        max_run_bytes: raw.output.max_run_bytes.unwrap_or(out_defaults.max_run_bytes),
+        max_run_bytes: raw
+            .output
+            .max_run_bytes
+            .unwrap_or(out_defaults.max_run_bytes),
     };
     let keep_alive = raw.sse.keep_alive.unwrap_or(Duration::from_secs(15));
     if keep_alive.is_zero() {
@@ -396,8 +407,7 @@ fn is_module_id(s: &str) -> bool {
 
 fn is_param_name(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
 }
 
@@ -418,7 +428,10 @@ fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Module, KeyError
     if !is_module_id(&m.id) {
         return Err((
             format!("{key}.id"),
-            format!("`{}` is not a valid module id ([a-z0-9][a-z0-9_-]{{0,63}})", m.id),
+            format!(
+                "`{}` is not a valid module id ([a-z0-9][a-z0-9_-]{{0,63}})",
+                m.id
+            ),
         ));
     }
     if m.command.is_empty() || m.command[0].is_empty() {
@@ -473,7 +486,10 @@ fn build_parameter(p: RawParameter, key: &str) -> Result<Parameter, KeyError> {
     if !is_param_name(&p.name) {
         return Err((
             k("name"),
-            format!("`{}` is not a valid parameter name ([a-z0-9_]{{1,64}})", p.name),
+            format!(
+                "`{}` is not a valid parameter name ([a-z0-9_]{{1,64}})",
+                p.name
+            ),
         ));
     }
     let only_for = |field: &str, present: bool, types: &str| -> Result<(), KeyError> {
@@ -486,9 +502,21 @@ fn build_parameter(p: RawParameter, key: &str) -> Result<Parameter, KeyError> {
     let numeric = matches!(p.kind, RawType::Integer | RawType::Number);
     only_for("min", p.min.is_some() && !numeric, "integer or number")?;
     only_for("max", p.max.is_some() && !numeric, "integer or number")?;
-    only_for("choices", p.choices.is_some() && p.kind != RawType::Choice, "choice")?;
-    only_for("pattern", p.pattern.is_some() && p.kind != RawType::String, "string")?;
-    only_for("max_length", p.max_length.is_some() && p.kind != RawType::String, "string")?;
+    only_for(
+        "choices",
+        p.choices.is_some() && p.kind != RawType::Choice,
+        "choice",
+    )?;
+    only_for(
+        "pattern",
+        p.pattern.is_some() && p.kind != RawType::String,
+        "string",
+    )?;
+    only_for(
+        "max_length",
+        p.max_length.is_some() && p.kind != RawType::String,
+        "string",
+    )?;
 
     let kind = match p.kind {
         RawType::String => ParamKind::String {
@@ -503,7 +531,10 @@ fn build_parameter(p: RawParameter, key: &str) -> Result<Parameter, KeyError> {
         RawType::Integer => {
             let int = |v: &Option<Value>, field: &str| -> Result<Option<i64>, KeyError> {
                 v.as_ref()
-                    .map(|v| v.as_i64().ok_or((k(field), "must be an integer".to_owned())))
+                    .map(|v| {
+                        v.as_i64()
+                            .ok_or((k(field), "must be an integer".to_owned()))
+                    })
                     .transpose()
             };
             ParamKind::Integer {
@@ -562,7 +593,10 @@ fn build_parameter(p: RawParameter, key: &str) -> Result<Parameter, KeyError> {
             ));
         }
         (None, true, Some(_)) => {
-            return Err((k("arg"), "a positional parameter takes no option name".into()));
+            return Err((
+                k("arg"),
+                "a positional parameter takes no option name".into(),
+            ));
         }
         (Some(var), false, None) => {
             check_env_name(&var).map_err(|m| (k("env"), m))?;
@@ -637,7 +671,10 @@ mod tests {
         assert_eq!(c.output.max_run_bytes, 1000);
         assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
         assert!(parse_size("12 parsecs").is_err());
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
     }
 
     #[test]
@@ -653,7 +690,11 @@ mod tests {
              [[modules.parameters]]\nname = \"x\"\ntype = \"float\"\n",
         )
         .unwrap_err();
-        assert_eq!(e.key.as_deref(), Some("modules[2].parameters[0].type"), "{e}");
+        assert_eq!(
+            e.key.as_deref(),
+            Some("modules[2].parameters[0].type"),
+            "{e}"
+        );
 
         let e = load("[runner]\nkill_grace = \"soon\"\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("runner.kill_grace"), "{e}");
@@ -668,7 +709,10 @@ mod tests {
         let bad = [
             ("id = \"Bad\"\ncommand = [\"true\"]", "modules[0].id"),
             ("id = \"a\"\ncommand = []", "modules[0].command"),
-            ("id = \"a\"\ncommand = [\"true\"]\ncwd = \"/nonexistent-dir\"", "modules[0].cwd"),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\ncwd = \"/nonexistent-dir\"",
+                "modules[0].cwd",
+            ),
             (
                 "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"integer\"\ndefault = \"3\"",
                 "modules[0].parameters[0].default",

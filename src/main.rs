@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use modrun::config::Config;
 
 #[derive(Parser)]
-#[command(name = "modrun", version, about = "Run declared modules over HTTP and watch them live")]
+#[command(
+    name = "modrun",
+    version,
+    about = "Run declared modules over HTTP and watch them live"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,7 +50,10 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
     if let Some(addr) = bind {
         config.server.bind = addr;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("modrun: cannot start the async runtime: {e}");
@@ -61,7 +68,9 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let addr = listener.local_addr().map_or_else(|_| config.server.bind.to_string(), |a| a.to_string());
+        let addr = listener
+            .local_addr()
+            .map_or_else(|_| config.server.bind.to_string(), |a| a.to_string());
         tracing::info!(
             config = %config.file.display(),
             modules = config.modules.len(),

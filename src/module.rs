@@ -462,8 +462,16 @@ mod tests {
     fn argv_has_options_in_order_then_positionals_and_env_params() {
         let m = module(vec![
             param("pos1", ParamKind::Boolean, Passing::Positional),
-            param("verbose", ParamKind::Boolean, Passing::Option("--verbose".into())),
-            param("quiet", ParamKind::Boolean, Passing::Option("--quiet".into())),
+            param(
+                "verbose",
+                ParamKind::Boolean,
+                Passing::Option("--verbose".into()),
+            ),
+            param(
+                "quiet",
+                ParamKind::Boolean,
+                Passing::Option("--quiet".into()),
+            ),
             param(
                 "ratio",
                 ParamKind::Number {

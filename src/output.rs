@@ -91,7 +91,12 @@ impl OutputLog {
             let mut sp = self.splitters[idx(stream)]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            split_lines(&mut sp.partial, data, self.limits.max_line_bytes, &mut texts);
+            split_lines(
+                &mut sp.partial,
+                data,
+                self.limits.max_line_bytes,
+                &mut texts,
+            );
         }
         self.append(stream, texts);
     }
@@ -115,7 +120,12 @@ impl OutputLog {
     pub fn push_line(&self, stream: Stream, text: &str) {
         let mut texts = Vec::new();
         let mut partial = Vec::new();
-        split_lines(&mut partial, text.as_bytes(), self.limits.max_line_bytes, &mut texts);
+        split_lines(
+            &mut partial,
+            text.as_bytes(),
+            self.limits.max_line_bytes,
+            &mut texts,
+        );
         if !partial.is_empty() {
             emit_line(&partial, self.limits.max_line_bytes, &mut texts);
         }
@@ -404,7 +414,11 @@ mod tests {
         assert_eq!(all.len(), 3);
         assert_eq!(all[2].seq, 3);
         assert_eq!(all[2].stream, Stream::Stderr);
-        assert!(all[2].text.contains("2 more lines (3 bytes)"), "{}", all[2].text);
+        assert!(
+            all[2].text.contains("2 more lines (3 bytes)"),
+            "{}",
+            all[2].text
+        );
         assert!(l.is_closed());
     }
 
@@ -421,7 +435,11 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            [(1, Stream::Stdout), (2, Stream::Stderr), (3, Stream::Stdout)]
+            [
+                (1, Stream::Stdout),
+                (2, Stream::Stderr),
+                (3, Stream::Stdout)
+            ]
         );
     }
 

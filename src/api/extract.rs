@@ -25,7 +25,12 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let essence = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = ctype
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if !(essence == "application/json" || essence.ends_with("+json")) {
             return Err(ApiError::unsupported_media_type(format!(
                 "the body must be JSON (Content-Type: application/json), got `{}`",

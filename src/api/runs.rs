@@ -3,17 +3,17 @@
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
+use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde_json::{Map, Value, json};
 
+use super::AppState;
 use super::dto::{LineDto, run_json};
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryPairs, RunIdPath};
-use super::AppState;
 use crate::module::{FieldError, json_type};
 use crate::run::{Run, RunId, RunMode, RunStatus};
 use crate::runner::{CancelError, RunRequest, SubmitError, Submitted};
@@ -82,7 +82,10 @@ fn parse_create(body: &Value) -> Result<(CreateBody, Vec<FieldError>), ApiError>
         Some(Value::Number(n)) => match n.as_f64() {
             Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(t),
             _ => {
-                errors.push(FieldError::new("timeout_s", "must be a positive number of seconds"));
+                errors.push(FieldError::new(
+                    "timeout_s",
+                    "must be a positive number of seconds",
+                ));
                 None
             }
         },
@@ -174,7 +177,10 @@ pub async fn create(
         .module(&req.module_id)
         .ok_or_else(|| ApiError::not_found(format!("no module `{}`", req.module_id)))?;
 
-    let params = module.validate(&req.parameters).map_err(|e| errors.extend(e)).ok();
+    let params = module
+        .validate(&req.parameters)
+        .map_err(|e| errors.extend(e))
+        .ok();
     let max_timeout = config.module_timeout(module);
     let timeout = match req.timeout_s {
         None => max_timeout,
@@ -248,9 +254,10 @@ pub async fn list(State(state): State<AppState>, query: QueryPairs) -> Result<Re
     let limit = query.u64_in("limit", 1..=1000)?.unwrap_or(50) as usize;
     let before = match query.get("cursor").filter(|c| !c.is_empty()) {
         None => None,
-        Some(c) => Some(c.parse::<RunId>().map_err(|_| {
-            ApiError::bad_request(format!("`{c}` is not a valid cursor"))
-        })?),
+        Some(c) => Some(
+            c.parse::<RunId>()
+                .map_err(|_| ApiError::bad_request(format!("`{c}` is not a valid cursor")))?,
+        ),
     };
     let statuses = match query.get("status").filter(|s| !s.is_empty()) {
         None => None,
@@ -277,7 +284,10 @@ pub async fn list(State(state): State<AppState>, query: QueryPairs) -> Result<Re
     };
     let page = state.runner.list(&ListQuery {
         statuses,
-        module_id: query.get("module_id").filter(|m| !m.is_empty()).map(String::from),
+        module_id: query
+            .get("module_id")
+            .filter(|m| !m.is_empty())
+            .map(String::from),
         before,
         limit,
     });
@@ -334,7 +344,11 @@ pub async fn output(
     let after = query.u64("after")?.unwrap_or(0);
     let limit = query.u64_in("limit", 1..=10_000)?.unwrap_or(1000) as usize;
     let run = state.runner.get(id).ok_or_else(|| not_found(id))?;
-    let log = state.runner.store().output(id).ok_or_else(|| not_found(id))?;
+    let log = state
+        .runner
+        .store()
+        .output(id)
+        .ok_or_else(|| not_found(id))?;
     if wants_text(&headers) {
         // Stream the text in batches rather than building it whole.
         let body = futures_util::stream::unfold(Some(after), move |pos| {
@@ -348,7 +362,10 @@ pub async fn output(
                     text.push_str(&l.text);
                     text.push('\n');
                 }
-                Some((Ok::<_, std::convert::Infallible>(Bytes::from(text)), Some(last)))
+                Some((
+                    Ok::<_, std::convert::Infallible>(Bytes::from(text)),
+                    Some(last),
+                ))
             }
         });
         let mut res = Body::from_stream(body).into_response();

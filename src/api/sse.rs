@@ -13,10 +13,10 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use tokio_util::sync::CancellationToken;
 
+use super::AppState;
 use super::dto::{LineDto, run_json};
 use super::error::ApiError;
 use super::extract::{QueryPairs, RunIdPath};
-use super::AppState;
 use crate::output::Cursor;
 use crate::run::{Run, RunId, RunStatus};
 use crate::store::RunStore;

@@ -115,7 +115,11 @@ impl Sink for Collect {
 
 impl Collect {
     fn take(&self, stream: Stream) -> String {
-        let bytes = std::mem::take(&mut *self.out[idx(stream)].lock().unwrap_or_else(|e| e.into_inner()));
+        let bytes = std::mem::take(
+            &mut *self.out[idx(stream)]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         match String::from_utf8(bytes) {
             Ok(s) => s,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
@@ -282,11 +286,10 @@ fn to_exec_error(script: &Path, spec: &ProcSpec, e: SpawnError) -> ExecError {
                 detail,
             }
         }
-        SpawnError::PermissionDenied { program, detail } | SpawnError::Other { program, detail } => {
-            ExecError::Spawn {
-                path: script.to_owned(),
-                detail: format!("{program}: {detail}"),
-            }
-        }
+        SpawnError::PermissionDenied { program, detail }
+        | SpawnError::Other { program, detail } => ExecError::Spawn {
+            path: script.to_owned(),
+            detail: format!("{program}: {detail}"),
+        },
     }
 }

@@ -418,7 +418,9 @@ impl ModuleRunner {
         }
         match store.get(id) {
             None => Err(CancelError::NotFound(id)),
-            Some(run) if run.state.is_finished() => Err(CancelError::AlreadyFinished(Box::new(run))),
+            Some(run) if run.state.is_finished() => {
+                Err(CancelError::AlreadyFinished(Box::new(run)))
+            }
             Some(run) => Ok(run),
         }
     }
@@ -631,7 +633,9 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control) {
         outcome,
     };
     match store.transition(id, Expect::Active, next) {
-        Ok(run) => tracing::info!(status = %run.status(), exit_code = run.exit_code(), "run finished"),
+        Ok(run) => {
+            tracing::info!(status = %run.status(), exit_code = run.exit_code(), "run finished")
+        }
         Err(e) => tracing::error!(error = %e, "cannot record the run's final status"),
     }
     inner.release(&inner, id, &req.module_id);

@@ -178,7 +178,11 @@ impl RunStore for MemoryStore {
             }
             runs.push(entry.snapshot());
         }
-        let next_cursor = if more { runs.last().map(|r| r.id) } else { None };
+        let next_cursor = if more {
+            runs.last().map(|r| r.id)
+        } else {
+            None
+        };
         Page { runs, next_cursor }
     }
 }
@@ -277,9 +281,15 @@ mod tests {
             limit: 2,
         };
         let p1 = s.list(&q(None, None));
-        assert_eq!(p1.runs.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[6], ids[5]]);
+        assert_eq!(
+            p1.runs.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [ids[6], ids[5]]
+        );
         let p2 = s.list(&q(p1.next_cursor, None));
-        assert_eq!(p2.runs.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[4], ids[3]]);
+        assert_eq!(
+            p2.runs.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [ids[4], ids[3]]
+        );
         let odd = s.list(&ListQuery {
             limit: 10,
             ..q(None, Some("odd"))

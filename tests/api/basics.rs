@@ -24,16 +24,40 @@ async fn problem(res: reqwest::Response, status: StatusCode) -> Value {
 #[tokio::test]
 async fn health_and_modules() {
     let app = spawn_app().await;
-    let h: Value = app.client.get(app.url("/healthz")).send().await.unwrap().json().await.unwrap();
+    let h: Value = app
+        .client
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(h, json!({"status": "ok"}));
 
-    let mods: Value = app.client.get(app.url("/modules")).send().await.unwrap().json().await.unwrap();
+    let mods: Value = app
+        .client
+        .get(app.url("/modules"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let list = mods["modules"].as_array().unwrap();
     assert_eq!(list[0]["id"], "echo");
     assert_eq!(list[1]["id"], "lines");
     assert!(list[0].get("command").is_none());
 
-    let echo: Value = app.client.get(app.url("/modules/echo")).send().await.unwrap().json().await.unwrap();
+    let echo: Value = app
+        .client
+        .get(app.url("/modules/echo"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(echo["timeout_s"], 60.0);
     assert_eq!(echo["max_concurrent"], Value::Null);
     let count = &echo["parameters"][0];
@@ -45,9 +69,19 @@ async fn health_and_modules() {
     assert_eq!(echo["parameters"][3]["choices"], json!(["red", "green"]));
     assert!(echo["parameters"][0].get("arg").is_none());
 
-    let res = app.client.get(app.url("/modules/nope")).send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url("/modules/nope"))
+        .send()
+        .await
+        .unwrap();
     problem(res, StatusCode::NOT_FOUND).await;
-    let res = app.client.get(app.url("/no/such/route")).send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url("/no/such/route"))
+        .send()
+        .await
+        .unwrap();
     problem(res, StatusCode::NOT_FOUND).await;
     let res = app.client.put(app.url("/runs")).send().await.unwrap();
     problem(res, StatusCode::METHOD_NOT_ALLOWED).await;
@@ -80,9 +114,31 @@ async fn create_run_builds_argv_and_env() {
     );
     assert_eq!(
         run["argv"],
-        json!(["sh", "-c", run["argv"][2], "echo", "--count", "3", "--ratio", "2.5", "--loud", "-c", "red", "hi there"])
+        json!([
+            "sh",
+            "-c",
+            run["argv"][2],
+            "echo",
+            "--count",
+            "3",
+            "--ratio",
+            "2.5",
+            "--loud",
+            "-c",
+            "red",
+            "hi there"
+        ])
     );
-    for key in ["created_at", "started_at", "finished_at", "exit_code", "signal", "pid", "error", "output_lines"] {
+    for key in [
+        "created_at",
+        "started_at",
+        "finished_at",
+        "exit_code",
+        "signal",
+        "pid",
+        "error",
+        "output_lines",
+    ] {
         assert!(run.get(key).is_some(), "{key} is present");
     }
     let done = app.wait_finished(id).await;
@@ -91,10 +147,25 @@ async fn create_run_builds_argv_and_env() {
     assert_eq!(done["error"], Value::Null);
     assert!(done["finished_at"].is_string() && done["started_at"].is_string());
     assert!(done["pid"].as_u64().unwrap() > 1);
-    let text: Vec<String> = app.output(id).await.iter().map(|l| l["line"].as_str().unwrap().to_owned()).collect();
+    let text: Vec<String> = app
+        .output(id)
+        .await
+        .iter()
+        .map(|l| l["line"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(
         text,
-        ["--count", "3", "--ratio", "2.5", "--loud", "-c", "red", "hi there", "env=from env"]
+        [
+            "--count",
+            "3",
+            "--ratio",
+            "2.5",
+            "--loud",
+            "-c",
+            "red",
+            "hi there",
+            "env=from env"
+        ]
     );
     assert_eq!(done["output_lines"], 9);
     app.stop().await;
@@ -105,22 +176,43 @@ async fn create_run_builds_argv_and_env() {
 async fn create_run_errors() {
     let app = spawn_app().await;
     let res = app
-        .post_run(json!({"module_id": "echo", "mode": "fast", "timeout_s": 1000,
+        .post_run(
+            json!({"module_id": "echo", "mode": "fast", "timeout_s": 1000,
             "parameters": {"count": "3", "ratio": "x", "loud": "yes", "color": "blue",
-                           "word": "UPPER", "bogus": 1}}))
+                           "word": "UPPER", "bogus": 1}}),
+        )
         .await;
     let body = problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
-    let mut fields: Vec<&str> = body["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    let mut fields: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
     fields.sort_unstable();
     assert_eq!(
         fields,
-        ["mode", "parameters.bogus", "parameters.color", "parameters.count", "parameters.loud",
-         "parameters.ratio", "parameters.word", "timeout_s"]
+        [
+            "mode",
+            "parameters.bogus",
+            "parameters.color",
+            "parameters.count",
+            "parameters.loud",
+            "parameters.ratio",
+            "parameters.word",
+            "timeout_s"
+        ]
     );
 
     for (body, field) in [
-        (json!({"module_id": "echo", "parameters": {"count": 2.5}}), "parameters.count"),
-        (json!({"module_id": "echo", "parameters": {"count": 0}}), "parameters.count"),
+        (
+            json!({"module_id": "echo", "parameters": {"count": 2.5}}),
+            "parameters.count",
+        ),
+        (
+            json!({"module_id": "echo", "parameters": {"count": 0}}),
+            "parameters.count",
+        ),
         (json!({"module_id": "big"}), "parameters.lines"),
         (json!({"parameters": {}}), "module_id"),
         (json!({"module_id": 5}), "module_id"),
@@ -138,17 +230,51 @@ async fn create_run_errors() {
     problem(res, StatusCode::NOT_FOUND).await;
 
     let post = |body: &'static str, ctype: &'static str| {
-        app.client.post(app.url("/runs")).header("content-type", ctype).body(body).send()
+        app.client
+            .post(app.url("/runs"))
+            .header("content-type", ctype)
+            .body(body)
+            .send()
     };
-    problem(post("{not json", "application/json").await.unwrap(), StatusCode::BAD_REQUEST).await;
-    problem(post("{}", "text/plain").await.unwrap(), StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
-    let huge = format!("{{\"module_id\":\"echo\",\"stdin\":\"{}\"}}", "a".repeat(1024 * 1024 + 10));
-    let res = app.client.post(app.url("/runs")).header("content-type", "application/json").body(huge).send().await.unwrap();
+    problem(
+        post("{not json", "application/json").await.unwrap(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    problem(
+        post("{}", "text/plain").await.unwrap(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    )
+    .await;
+    let huge = format!(
+        "{{\"module_id\":\"echo\",\"stdin\":\"{}\"}}",
+        "a".repeat(1024 * 1024 + 10)
+    );
+    let res = app
+        .client
+        .post(app.url("/runs"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
     problem(res, StatusCode::PAYLOAD_TOO_LARGE).await;
 
-    let res = app.client.post(app.url("/runs?wait=abc")).json(&json!({"module_id": "echo"})).send().await.unwrap();
+    let res = app
+        .client
+        .post(app.url("/runs?wait=abc"))
+        .json(&json!({"module_id": "echo"}))
+        .send()
+        .await
+        .unwrap();
     problem(res, StatusCode::BAD_REQUEST).await;
-    let res = app.client.post(app.url("/runs?wait=301")).json(&json!({"module_id": "echo"})).send().await.unwrap();
+    let res = app
+        .client
+        .post(app.url("/runs?wait=301"))
+        .json(&json!({"module_id": "echo"}))
+        .send()
+        .await
+        .unwrap();
     problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
     app.stop().await;
 }
@@ -157,15 +283,22 @@ async fn create_run_errors() {
 #[tokio::test]
 async fn timeout_can_only_be_lowered() {
     let app = spawn_app().await;
-    let res = app.post_run(json!({"module_id": "short", "timeout_s": 3})).await;
+    let res = app
+        .post_run(json!({"module_id": "short", "timeout_s": 3}))
+        .await;
     problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
-    let res = app.post_run(json!({"module_id": "short", "timeout_s": 0.3})).await;
+    let res = app
+        .post_run(json!({"module_id": "short", "timeout_s": 0.3}))
+        .await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     let run: Value = res.json().await.unwrap();
     assert_eq!(run["timeout_s"], 0.3);
     let done = app.wait_finished(run["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "timed_out");
-    assert!(done["error"].as_str().unwrap().contains("timed out"), "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("timed out"),
+        "{done}"
+    );
     app.stop().await;
 }
 
@@ -175,9 +308,19 @@ async fn run_ids_are_checked() {
     let app = spawn_app().await;
     let unknown = "01900000-0000-7000-8000-000000000000";
     for path in ["", "/output", "/stream"] {
-        let res = app.client.get(app.url(&format!("/runs/not-a-uuid{path}"))).send().await.unwrap();
+        let res = app
+            .client
+            .get(app.url(&format!("/runs/not-a-uuid{path}")))
+            .send()
+            .await
+            .unwrap();
         problem(res, StatusCode::BAD_REQUEST).await;
-        let res = app.client.get(app.url(&format!("/runs/{unknown}{path}"))).send().await.unwrap();
+        let res = app
+            .client
+            .get(app.url(&format!("/runs/{unknown}{path}")))
+            .send()
+            .await
+            .unwrap();
         problem(res, StatusCode::NOT_FOUND).await;
     }
     problem(app.cancel_run("zzz").await, StatusCode::BAD_REQUEST).await;
@@ -189,7 +332,13 @@ async fn run_ids_are_checked() {
 #[tokio::test]
 async fn wait_holds_the_response() {
     let app = spawn_app().await;
-    let res = app.client.post(app.url("/runs?wait=10")).json(&json!({"module_id": "lines"})).send().await.unwrap();
+    let res = app
+        .client
+        .post(app.url("/runs?wait=10"))
+        .json(&json!({"module_id": "lines"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert!(res.headers().contains_key("location"));
     let run: Value = res.json().await.unwrap();
@@ -197,7 +346,13 @@ async fn wait_holds_the_response() {
     assert_eq!(run["output_lines"], 3);
 
     let started = std::time::Instant::now();
-    let res = app.client.post(app.url("/runs?wait=1")).json(&json!({"module_id": "sleep"})).send().await.unwrap();
+    let res = app
+        .client
+        .post(app.url("/runs?wait=1"))
+        .json(&json!({"module_id": "sleep"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     assert!(started.elapsed() >= Duration::from_millis(900));
     let run: Value = res.json().await.unwrap();
@@ -211,23 +366,39 @@ async fn wait_holds_the_response() {
 async fn idempotency_key() {
     let app = spawn_app().await;
     let post = |body: Value, key: &'static str| {
-        app.client.post(app.url("/runs")).header("Idempotency-Key", key).json(&body).send()
+        app.client
+            .post(app.url("/runs"))
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
     };
     let body = json!({"module_id": "lines", "parameters": {"n": 2}});
     let first = post(body.clone(), "k-1").await.unwrap();
     assert_eq!(first.status(), StatusCode::ACCEPTED);
     let first: Value = first.json().await.unwrap();
     // Same JSON, keys in another order.
-    let again = post(json!({"parameters": {"n": 2}, "module_id": "lines"}), "k-1").await.unwrap();
+    let again = post(json!({"parameters": {"n": 2}, "module_id": "lines"}), "k-1")
+        .await
+        .unwrap();
     assert_eq!(again.status(), StatusCode::OK);
     assert!(again.headers().contains_key("location"));
     let again: Value = again.json().await.unwrap();
     assert_eq!(again["id"], first["id"]);
-    let other = post(json!({"module_id": "lines", "parameters": {"n": 3}}), "k-1").await.unwrap();
+    let other = post(json!({"module_id": "lines", "parameters": {"n": 3}}), "k-1")
+        .await
+        .unwrap();
     problem(other, StatusCode::CONFLICT).await;
     let fresh = post(body, "k-2").await.unwrap();
     assert_eq!(fresh.status(), StatusCode::ACCEPTED);
-    let list: Value = app.client.get(app.url("/runs")).send().await.unwrap().json().await.unwrap();
+    let list: Value = app
+        .client
+        .get(app.url("/runs"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["runs"].as_array().unwrap().len(), 2);
     app.stop().await;
 }
@@ -256,15 +427,25 @@ async fn dry_run() {
 #[tokio::test]
 async fn stdin_is_fed() {
     let app = spawn_app().await;
-    let res = app.post_run(json!({"module_id": "cat", "stdin": "one\ntwo\n"})).await;
+    let res = app
+        .post_run(json!({"module_id": "cat", "stdin": "one\ntwo\n"}))
+        .await;
     let run: Value = res.json().await.unwrap();
     let id = run["id"].as_str().unwrap();
     assert_eq!(app.wait_finished(id).await["status"], "succeeded");
-    let text: Vec<Value> = app.output(id).await.iter().map(|l| l["line"].clone()).collect();
+    let text: Vec<Value> = app
+        .output(id)
+        .await
+        .iter()
+        .map(|l| l["line"].clone())
+        .collect();
     assert_eq!(text, [json!("one"), json!("two")]);
     // Without stdin, cat reads a null stdin and ends at once.
     let run = app.start("cat", json!({})).await;
-    assert_eq!(app.wait_finished(run["id"].as_str().unwrap()).await["status"], "succeeded");
+    assert_eq!(
+        app.wait_finished(run["id"].as_str().unwrap()).await["status"],
+        "succeeded"
+    );
     app.stop().await;
 }
 
@@ -283,7 +464,12 @@ async fn list_runs() {
     }
     let get = |q: &'static str| app.client.get(app.url(&format!("/runs{q}"))).send();
     let all: Value = get("").await.unwrap().json().await.unwrap();
-    let listed: Vec<&str> = all["runs"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    let listed: Vec<&str> = all["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
     let mut newest_first = ids.clone();
     newest_first.reverse();
     assert_eq!(listed, newest_first);
@@ -292,21 +478,52 @@ async fn list_runs() {
     let p1: Value = get("?limit=2").await.unwrap().json().await.unwrap();
     assert_eq!(p1["runs"].as_array().unwrap().len(), 2);
     let cursor = p1["next_cursor"].as_str().unwrap().to_owned();
-    let p2: Value = app.client.get(app.url(&format!("/runs?limit=2&cursor={cursor}"))).send().await.unwrap().json().await.unwrap();
+    let p2: Value = app
+        .client
+        .get(app.url(&format!("/runs?limit=2&cursor={cursor}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(p2["runs"][0]["id"], ids[2].as_str());
 
     let failed: Value = get("?status=failed").await.unwrap().json().await.unwrap();
-    assert!(failed["runs"].as_array().unwrap().iter().all(|r| r["module_id"] == "mixed"));
+    assert!(
+        failed["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["module_id"] == "mixed")
+    );
     assert_eq!(failed["runs"].as_array().unwrap().len(), 2);
-    let both: Value = get("?status=failed,succeeded&module_id=lines").await.unwrap().json().await.unwrap();
+    let both: Value = get("?status=failed,succeeded&module_id=lines")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(both["runs"].as_array().unwrap().len(), 3);
     let none: Value = get("?status=running").await.unwrap().json().await.unwrap();
     assert!(none["runs"].as_array().unwrap().is_empty());
 
-    problem(get("?limit=0").await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
-    problem(get("?limit=1001").await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
+    problem(
+        get("?limit=0").await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    problem(
+        get("?limit=1001").await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     problem(get("?limit=ten").await.unwrap(), StatusCode::BAD_REQUEST).await;
-    problem(get("?status=done").await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
+    problem(
+        get("?status=done").await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     problem(get("?cursor=abc").await.unwrap(), StatusCode::BAD_REQUEST).await;
     app.stop().await;
 }

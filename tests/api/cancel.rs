@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{group_members, spawn_app, spawn_app_with, base_config, wait_until};
+use crate::helpers::{base_config, group_members, spawn_app, spawn_app_with, wait_until};
 
 /// Cancelling a run whose child forked a grandchild stops the whole group, and repeating the
 /// DELETE while it stops is 202 again; once finished it is 409.
@@ -14,7 +14,9 @@ async fn cancel_running_run_kills_the_whole_group() {
     let app = spawn_app().await;
     let run = app.start("tree", json!({})).await;
     let id = run["id"].as_str().unwrap();
-    let running = app.wait_status(id, |s| s == "running", Duration::from_secs(5)).await;
+    let running = app
+        .wait_status(id, |s| s == "running", Duration::from_secs(5))
+        .await;
     let pgid = running["pid"].as_u64().unwrap();
     assert!(
         wait_until(Duration::from_secs(5), || group_members(pgid).len() >= 3).await,
@@ -24,12 +26,18 @@ async fn cancel_running_run_kills_the_whole_group() {
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     assert!(res.headers().contains_key("location"));
     let again = app.cancel_run(id).await;
-    assert!(matches!(again.status(), StatusCode::ACCEPTED | StatusCode::CONFLICT));
+    assert!(matches!(
+        again.status(),
+        StatusCode::ACCEPTED | StatusCode::CONFLICT
+    ));
     let done = app.wait_finished(id).await;
     assert_eq!(done["status"], "cancelled");
     assert_eq!(done["error"], "the run was cancelled by request");
     assert!(done["finished_at"].is_string());
-    assert!(group_members(pgid).is_empty(), "no process of the group is left");
+    assert!(
+        group_members(pgid).is_empty(),
+        "no process of the group is left"
+    );
     assert_eq!(app.cancel_run(id).await.status(), StatusCode::CONFLICT);
     app.stop().await;
 }
@@ -41,14 +49,20 @@ async fn cancel_sends_sigterm_first() {
     let app = spawn_app().await;
     let run = app.start("graceful", json!({})).await;
     let id = run["id"].as_str().unwrap();
-    app.wait_status(id, |s| s == "running", Duration::from_secs(5)).await;
+    app.wait_status(id, |s| s == "running", Duration::from_secs(5))
+        .await;
     // Let the shell install its trap and print.
     assert!(wait_until_output(&app, id, 1).await);
     app.cancel_run(id).await;
     let done = app.wait_finished(id).await;
     assert_eq!(done["status"], "cancelled");
     assert_eq!(done["exit_code"], 7);
-    let lines: Vec<Value> = app.output(id).await.iter().map(|l| l["line"].clone()).collect();
+    let lines: Vec<Value> = app
+        .output(id)
+        .await
+        .iter()
+        .map(|l| l["line"].clone())
+        .collect();
     assert!(lines.contains(&json!("got-term")), "{lines:?}");
     app.stop().await;
 }
@@ -70,15 +84,23 @@ async fn sigkill_after_grace() {
     let app = spawn_app().await;
     let run = app.start("stubborn", json!({})).await;
     let id = run["id"].as_str().unwrap();
-    let running = app.wait_status(id, |s| s == "running", Duration::from_secs(5)).await;
+    let running = app
+        .wait_status(id, |s| s == "running", Duration::from_secs(5))
+        .await;
     let pgid = running["pid"].as_u64().unwrap();
     assert!(wait_until_output(&app, id, 1).await);
     let t = Instant::now();
     app.cancel_run(id).await;
     let mid = app.get_run(id).await;
-    assert_eq!(mid["status"], "running", "still stopping during the grace period");
+    assert_eq!(
+        mid["status"], "running",
+        "still stopping during the grace period"
+    );
     let done = app.wait_finished(id).await;
-    assert!(t.elapsed() >= Duration::from_millis(900), "waited for the grace period");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "waited for the grace period"
+    );
     assert_eq!(done["status"], "cancelled");
     assert_eq!(done["signal"], 9);
     assert_eq!(done["exit_code"], Value::Null);
@@ -89,7 +111,8 @@ async fn sigkill_after_grace() {
 /// A queued run is cancelled at once and never starts.
 #[tokio::test]
 async fn cancel_queued_run() {
-    let app = spawn_app_with(&base_config("").replace("max_concurrent = 4", "max_concurrent = 1")).await;
+    let app =
+        spawn_app_with(&base_config("").replace("max_concurrent = 4", "max_concurrent = 1")).await;
     let blocker = app.start("sleep", json!({})).await;
     let queued = app.start("lines", json!({})).await;
     let qid = queued["id"].as_str().unwrap();
@@ -107,7 +130,11 @@ async fn cancel_queued_run() {
     app.cancel_run(blocker["id"].as_str().unwrap()).await;
     app.wait_finished(blocker["id"].as_str().unwrap()).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(app.get_run(qid).await["status"], "cancelled", "never started later");
+    assert_eq!(
+        app.get_run(qid).await["status"],
+        "cancelled",
+        "never started later"
+    );
     app.stop().await;
 }
 
@@ -115,10 +142,14 @@ async fn cancel_queued_run() {
 #[tokio::test]
 async fn timeout_stops_the_group() {
     let app = spawn_app().await;
-    let res = app.post_run(json!({"module_id": "tree", "timeout_s": 0.5})).await;
+    let res = app
+        .post_run(json!({"module_id": "tree", "timeout_s": 0.5}))
+        .await;
     let run: Value = res.json().await.unwrap();
     let id = run["id"].as_str().unwrap();
-    let running = app.wait_status(id, |s| s == "running", Duration::from_secs(5)).await;
+    let running = app
+        .wait_status(id, |s| s == "running", Duration::from_secs(5))
+        .await;
     let pgid = running["pid"].as_u64().unwrap();
     let done = app.wait_finished(id).await;
     assert_eq!(done["status"], "timed_out");
@@ -132,8 +163,17 @@ async fn timeout_stops_the_group() {
 #[tokio::test]
 async fn spawn_failures_are_outcomes() {
     let app = spawn_app().await;
-    for (module, needle) in [("missing", "not found on PATH"), ("noexec", "permission denied")] {
-        let res = app.client.post(app.url("/runs?wait=5")).json(&json!({"module_id": module})).send().await.unwrap();
+    for (module, needle) in [
+        ("missing", "not found on PATH"),
+        ("noexec", "permission denied"),
+    ] {
+        let res = app
+            .client
+            .post(app.url("/runs?wait=5"))
+            .json(&json!({"module_id": module}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         let run: Value = res.json().await.unwrap();
         assert_eq!(run["status"], "failed");
@@ -155,9 +195,15 @@ async fn foreign_signal_is_a_failure() {
     let app = spawn_app().await;
     let run = app.start("sleep", json!({})).await;
     let id = run["id"].as_str().unwrap();
-    let running = app.wait_status(id, |s| s == "running", Duration::from_secs(5)).await;
+    let running = app
+        .wait_status(id, |s| s == "running", Duration::from_secs(5))
+        .await;
     let pgid = running["pid"].as_u64().unwrap() as i32;
-    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let done = app.wait_finished(id).await;
     assert_eq!(done["status"], "failed");
     assert_eq!(done["signal"], 9);

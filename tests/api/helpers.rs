@@ -253,7 +253,12 @@ impl TestApp {
     }
 
     /// Poll until the run's status satisfies `pred`.
-    pub async fn wait_status(&self, id: &str, pred: impl Fn(&str) -> bool, limit: Duration) -> Value {
+    pub async fn wait_status(
+        &self,
+        id: &str,
+        pred: impl Fn(&str) -> bool,
+        limit: Duration,
+    ) -> Value {
         let start = Instant::now();
         loop {
             let run = self.get_run(id).await;

@@ -21,15 +21,34 @@ async fn global_limit() {
     let app = spawn_app().await;
     let mut ids = Vec::new();
     for _ in 0..6 {
-        ids.push(app.start("sleep", json!({"s": 30})).await["id"].as_str().unwrap().to_owned());
+        ids.push(
+            app.start("sleep", json!({"s": 30})).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let st = statuses(&app, &ids).await;
-    assert_eq!(st, ["running", "running", "running", "running", "queued", "queued"]);
-    let running: Value = app.client.get(app.url("/runs?status=running")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        st,
+        [
+            "running", "running", "running", "running", "queued", "queued"
+        ]
+    );
+    let running: Value = app
+        .client
+        .get(app.url("/runs?status=running"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(running["runs"].as_array().unwrap().len(), 4);
     app.cancel_run(&ids[0]).await;
-    app.wait_status(&ids[4], |s| s == "running", Duration::from_secs(5)).await;
+    app.wait_status(&ids[4], |s| s == "running", Duration::from_secs(5))
+        .await;
     assert_eq!(statuses(&app, &ids[5..]).await, ["queued"]);
     for id in &ids {
         app.cancel_run(id).await;
@@ -42,17 +61,38 @@ async fn global_limit() {
 #[tokio::test]
 async fn per_module_limit_without_head_of_line_blocking() {
     let app = spawn_app().await;
-    let a = app.start("limited", json!({"s": 30})).await["id"].as_str().unwrap().to_owned();
-    let b = app.start("limited", json!({"s": 0.1})).await["id"].as_str().unwrap().to_owned();
-    let c = app.start("limited", json!({"s": 0.1})).await["id"].as_str().unwrap().to_owned();
-    let other = app.start("lines", json!({})).await["id"].as_str().unwrap().to_owned();
+    let a = app.start("limited", json!({"s": 30})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = app.start("limited", json!({"s": 0.1})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let c = app.start("limited", json!({"s": 0.1})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = app.start("lines", json!({})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(app.wait_finished(&other).await["status"], "succeeded");
-    assert_eq!(statuses(&app, &[a.clone(), b.clone(), c.clone()]).await, ["running", "queued", "queued"]);
+    assert_eq!(
+        statuses(&app, &[a.clone(), b.clone(), c.clone()]).await,
+        ["running", "queued", "queued"]
+    );
     app.cancel_run(&a).await;
     let rb = app.wait_finished(&b).await;
     let rc = app.wait_finished(&c).await;
-    assert!(rb["started_at"].as_str().unwrap() <= rc["started_at"].as_str().unwrap(), "FIFO");
-    assert!(rb["finished_at"].as_str().unwrap() <= rc["started_at"].as_str().unwrap(), "one at a time");
+    assert!(
+        rb["started_at"].as_str().unwrap() <= rc["started_at"].as_str().unwrap(),
+        "FIFO"
+    );
+    assert!(
+        rb["finished_at"].as_str().unwrap() <= rc["started_at"].as_str().unwrap(),
+        "one at a time"
+    );
     app.stop().await;
 }
 
@@ -65,7 +105,12 @@ async fn queue_full_is_429() {
     let app = spawn_app_with(&toml).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
-        ids.push(app.start("sleep", json!({})).await["id"].as_str().unwrap().to_owned());
+        ids.push(
+            app.start("sleep", json!({})).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     let res = app.post_run(json!({"module_id": "lines"})).await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -73,7 +118,11 @@ async fn queue_full_is_429() {
     assert_eq!(res.headers()["content-type"], "application/problem+json");
     app.cancel_run(&ids[2]).await;
     let res = app.post_run(json!({"module_id": "lines"})).await;
-    assert_eq!(res.status(), StatusCode::ACCEPTED, "room again after a cancel");
+    assert_eq!(
+        res.status(),
+        StatusCode::ACCEPTED,
+        "room again after a cancel"
+    );
     for id in &ids {
         app.cancel_run(id).await;
     }
@@ -87,16 +136,39 @@ async fn retention_evicts_oldest_finished() {
     let app = spawn_app_with(&toml).await;
     let mut ids = Vec::new();
     for _ in 0..5 {
-        let res = app.client.post(app.url("/runs?wait=10")).json(&json!({"module_id": "silent"})).send().await.unwrap();
+        let res = app
+            .client
+            .post(app.url("/runs?wait=10"))
+            .json(&json!({"module_id": "silent"}))
+            .send()
+            .await
+            .unwrap();
         let run: Value = res.json().await.unwrap();
         ids.push(run["id"].as_str().unwrap().to_owned());
     }
     for (i, id) in ids.iter().enumerate() {
-        let res = app.client.get(app.url(&format!("/runs/{id}"))).send().await.unwrap();
-        let expect = if i < 2 { StatusCode::NOT_FOUND } else { StatusCode::OK };
+        let res = app
+            .client
+            .get(app.url(&format!("/runs/{id}")))
+            .send()
+            .await
+            .unwrap();
+        let expect = if i < 2 {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::OK
+        };
         assert_eq!(res.status(), expect, "run {i}");
     }
-    let list: Value = app.client.get(app.url("/runs")).send().await.unwrap().json().await.unwrap();
+    let list: Value = app
+        .client
+        .get(app.url("/runs"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["runs"].as_array().unwrap().len(), 3);
     app.stop().await;
 }

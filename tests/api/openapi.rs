@@ -8,7 +8,8 @@ use serde_json::Value;
 use crate::helpers::spawn_app;
 
 fn documented() -> BTreeSet<(String, String)> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
     let mut in_paths = false;
     let mut path = None;
     let mut out = BTreeSet::new();
@@ -49,13 +50,27 @@ async fn openapi_matches_the_router() {
         } else {
             path.replace("{id}", "01900000-0000-7000-8000-000000000000")
         };
-        let req = app.client.request(Method::from_bytes(method.as_bytes()).unwrap(), app.url(&concrete));
-        let req = if method == "POST" { req.json(&serde_json::json!({"module_id": "silent"})) } else { req };
+        let req = app.client.request(
+            Method::from_bytes(method.as_bytes()).unwrap(),
+            app.url(&concrete),
+        );
+        let req = if method == "POST" {
+            req.json(&serde_json::json!({"module_id": "silent"}))
+        } else {
+            req
+        };
         let res = req.send().await.unwrap();
-        assert_ne!(res.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_ne!(
+            res.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
         if res.status() == StatusCode::NOT_FOUND {
             let body: Value = res.json().await.unwrap();
-            assert_ne!(body["type"], "urn:modrun:problem:no-route", "{method} {path} is routed");
+            assert_ne!(
+                body["type"], "urn:modrun:problem:no-route",
+                "{method} {path} is routed"
+            );
         }
     }
     app.stop().await;

@@ -13,20 +13,37 @@ use crate::helpers::{base_config, binary, group_members, read_sse_with, write_co
 /// the dotted key.
 #[tokio::test]
 async fn bad_config_fails_at_start() {
-    let (_dir, path) = write_config(&base_config("").replace("max_concurrent = 4", "max_concurrent = 0"));
-    let out = Command::new(binary()).args(["serve", "--config"]).arg(&path).output().await.unwrap();
+    let (_dir, path) =
+        write_config(&base_config("").replace("max_concurrent = 4", "max_concurrent = 0"));
+    let out = Command::new(binary())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&*path.to_string_lossy()), "{err}");
     assert!(err.contains("runner.max_concurrent"), "{err}");
 
-    let (_dir, path) = write_config("[[modules]]\nid = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"x\"\ntype = \"float\"\n");
-    let out = Command::new(binary()).args(["serve", "--config"]).arg(&path).output().await.unwrap();
+    let (_dir, path) = write_config(
+        "[[modules]]\nid = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"x\"\ntype = \"float\"\n",
+    );
+    let out = Command::new(binary())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("modules[0].parameters[0].type"), "{err}");
 
-    let out = Command::new(binary()).args(["serve", "--config", "/nonexistent/modrun.toml"]).output().await.unwrap();
+    let out = Command::new(binary())
+        .args(["serve", "--config", "/nonexistent/modrun.toml"])
+        .output()
+        .await
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/modrun.toml"));
 }
@@ -81,13 +98,36 @@ async fn graceful_shutdown_with_an_open_stream() {
     let toml = base_config("").replace("max_concurrent = 4", "max_concurrent = 1");
     let mut server = start_server(&toml).await;
     let client = reqwest::Client::new();
-    let running: Value = client.post(format!("{}/runs", server.base)).json(&json!({"module_id": "tree"})).send().await.unwrap().json().await.unwrap();
-    let queued: Value = client.post(format!("{}/runs", server.base)).json(&json!({"module_id": "lines"})).send().await.unwrap().json().await.unwrap();
+    let running: Value = client
+        .post(format!("{}/runs", server.base))
+        .json(&json!({"module_id": "tree"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let queued: Value = client
+        .post(format!("{}/runs", server.base))
+        .json(&json!({"module_id": "lines"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(queued["status"], "queued");
     let id = running["id"].as_str().unwrap().to_owned();
     let mut pgid = 0;
     for _ in 0..100 {
-        let r: Value = client.get(format!("{}/runs/{id}", server.base)).send().await.unwrap().json().await.unwrap();
+        let r: Value = client
+            .get(format!("{}/runs/{id}", server.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if let Some(p) = r["pid"].as_u64() {
             pgid = p;
             break;
@@ -95,7 +135,11 @@ async fn graceful_shutdown_with_an_open_stream() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(pgid > 0);
-    let stream = client.get(format!("{}/runs/{id}/stream", server.base)).send().await.unwrap();
+    let stream = client
+        .get(format!("{}/runs/{id}/stream", server.base))
+        .send()
+        .await
+        .unwrap();
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     let mut first_tx = Some(first_tx);
     let reader = tokio::spawn(read_sse_with(stream, Duration::from_secs(10), move |_| {
@@ -110,12 +154,33 @@ async fn graceful_shutdown_with_an_open_stream() {
     let events = reader.await.unwrap();
     let end = events.last().unwrap();
     assert_eq!(end.event, "end");
-    assert!(matches!(end.data["status"].as_str(), Some("cancelled" | "running")), "{}", end.data);
-    let status = tokio::time::timeout(Duration::from_secs(4), server.child.wait()).await.expect("exits in time").unwrap();
+    assert!(
+        matches!(end.data["status"].as_str(), Some("cancelled" | "running")),
+        "{}",
+        end.data
+    );
+    let status = tokio::time::timeout(Duration::from_secs(4), server.child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
     assert!(status.success(), "{status:?}");
-    assert!(t.elapsed() < Duration::from_secs(3), "within kill_grace + 2 s: {:?}", t.elapsed());
-    assert!(group_members(pgid).is_empty(), "the run's processes are gone");
-    assert!(client.get(format!("{}/healthz", server.base)).send().await.is_err(), "not accepting");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "within kill_grace + 2 s: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        group_members(pgid).is_empty(),
+        "the run's processes are gone"
+    );
+    assert!(
+        client
+            .get(format!("{}/healthz", server.base))
+            .send()
+            .await
+            .is_err(),
+        "not accepting"
+    );
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -142,7 +207,11 @@ async fn large_output_streams_in_bounded_memory() {
         .await
         .unwrap();
     let id = run["id"].as_str().unwrap();
-    let stream = client.get(format!("{}/runs/{id}/stream", server.base)).send().await.unwrap();
+    let stream = client
+        .get(format!("{}/runs/{id}/stream", server.base))
+        .send()
+        .await
+        .unwrap();
     let mut lines = 0u64;
     let mut bytes = 0u64;
     let mut last_seq = 0u64;
@@ -162,8 +231,17 @@ async fn large_output_streams_in_bounded_memory() {
     // 64 MiB are kept and streamed; the rest is counted, and a marker line says so.
     assert_eq!(bytes, lines * 1000);
     assert!(bytes >= 60 << 20, "{bytes}");
-    let marker = events.iter().rev().find(|e| e.event == "stderr").expect("marker line");
-    assert!(marker.data["line"].as_str().unwrap().contains("were not kept"));
+    let marker = events
+        .iter()
+        .rev()
+        .find(|e| e.event == "stderr")
+        .expect("marker line");
+    assert!(
+        marker.data["line"]
+            .as_str()
+            .unwrap()
+            .contains("were not kept")
+    );
     let rss = peak_rss_kib(server.child.id().unwrap());
     eprintln!("peak RSS while streaming 100 MB: {} MiB", rss / 1024);
     assert!(rss < 100 * 1024, "peak RSS {rss} KiB");

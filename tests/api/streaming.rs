@@ -33,7 +33,10 @@ async fn late_subscriber_gets_everything_in_order() {
     app.wait_finished(id).await;
     let events = app.stream_run(id, None).await;
     assert_eq!(events.first().unwrap().event, "status");
-    assert!(events.first().unwrap().id.is_none(), "status events carry no id");
+    assert!(
+        events.first().unwrap().id.is_none(),
+        "status events carry no id"
+    );
     let end = events.last().unwrap();
     assert_eq!(end.event, "end");
     assert!(end.id.is_none());
@@ -65,10 +68,21 @@ async fn resume_with_last_event_id() {
     let past = app.stream_run(id, Some(50)).await;
     assert!(line_events(&past).is_empty());
     assert_eq!(past.last().unwrap().event, "end");
-    let res = app.client.get(app.url(&format!("/runs/{id}/stream?after=9"))).send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url(&format!("/runs/{id}/stream?after=9")))
+        .send()
+        .await
+        .unwrap();
     let via_query = line_events(&read_sse(res, Duration::from_secs(10)).await);
     assert_eq!(via_query.iter().map(|l| l.0).collect::<Vec<_>>(), [10]);
-    let res = app.client.get(app.url(&format!("/runs/{id}/stream"))).header("Last-Event-ID", "x").send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url(&format!("/runs/{id}/stream")))
+        .header("Last-Event-ID", "x")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     app.stop().await;
 }
@@ -78,7 +92,9 @@ async fn resume_with_last_event_id() {
 #[tokio::test]
 async fn concurrent_subscribers_see_the_same_lines() {
     let app = spawn_app().await;
-    let res = app.post_run(json!({"module_id": "big", "parameters": {"lines": 20000, "width": 50}})).await;
+    let res = app
+        .post_run(json!({"module_id": "big", "parameters": {"lines": 20000, "width": 50}}))
+        .await;
     let run: Value = res.json().await.unwrap();
     let id = run["id"].as_str().unwrap().to_owned();
     let (a, b) = tokio::join!(app.stream_run(&id, None), app.stream_run(&id, None));
@@ -119,7 +135,12 @@ async fn bytes_are_never_fatal() {
     let run = app.start("bytes", json!({})).await;
     let id = run["id"].as_str().unwrap();
     assert_eq!(app.wait_finished(id).await["status"], "succeeded");
-    let lines: Vec<String> = app.output(id).await.iter().map(|l| l["line"].as_str().unwrap().to_owned()).collect();
+    let lines: Vec<String> = app
+        .output(id)
+        .await
+        .iter()
+        .map(|l| l["line"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(lines, ["ok \u{fffd}\u{fffd} end", "no newline at end"]);
 
     let run = app.start("longline", json!({})).await;
@@ -127,7 +148,11 @@ async fn bytes_are_never_fatal() {
     assert_eq!(app.wait_finished(id).await["status"], "succeeded");
     let lines = app.output(id).await;
     assert_eq!(lines.len(), 16 + 1, "1 MiB in 64 KiB pieces, then `after`");
-    assert!(lines[..16].iter().all(|l| l["line"].as_str().unwrap().len() == 65536));
+    assert!(
+        lines[..16]
+            .iter()
+            .all(|l| l["line"].as_str().unwrap().len() == 65536)
+    );
     assert_eq!(lines[16]["line"], "after");
     app.stop().await;
 }
@@ -157,9 +182,18 @@ async fn output_endpoint() {
     let p: Value = page("?after=99".into()).await.json().await.unwrap();
     assert_eq!(p["next_after"], 99);
     assert_eq!(p["lines"], json!([]));
-    assert_eq!(page("?limit=0".into()).await.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(page("?limit=10001".into()).await.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(page("?after=-1".into()).await.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        page("?limit=0".into()).await.status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(
+        page("?limit=10001".into()).await.status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(
+        page("?after=-1".into()).await.status(),
+        StatusCode::BAD_REQUEST
+    );
 
     let text = app
         .client
@@ -168,13 +202,27 @@ async fn output_endpoint() {
         .send()
         .await
         .unwrap();
-    assert!(text.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        text.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     assert_eq!(text.text().await.unwrap(), "line 23\nline 24\nline 25\n");
 
     let running = app.start("sleep", json!({})).await;
     let rid = running["id"].as_str().unwrap();
-    app.wait_status(rid, |s| s == "running", Duration::from_secs(5)).await;
-    let p: Value = app.client.get(app.url(&format!("/runs/{rid}/output"))).send().await.unwrap().json().await.unwrap();
+    app.wait_status(rid, |s| s == "running", Duration::from_secs(5))
+        .await;
+    let p: Value = app
+        .client
+        .get(app.url(&format!("/runs/{rid}/output")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(p["complete"], false, "a running run is never complete");
     app.cancel_run(rid).await;
     app.stop().await;
@@ -186,11 +234,17 @@ async fn keep_alive_comments() {
     let app = spawn_app().await;
     let run = app.start("sleep", json!({"s": 30})).await;
     let id = run["id"].as_str().unwrap();
-    let mut res = app.client.get(app.url(&format!("/runs/{id}/stream"))).send().await.unwrap();
+    let mut res = app
+        .client
+        .get(app.url(&format!("/runs/{id}/stream")))
+        .send()
+        .await
+        .unwrap();
     let mut seen = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !seen.contains(": keep-alive") && std::time::Instant::now() < deadline {
-        if let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(3), res.chunk()).await {
+        if let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(3), res.chunk()).await
+        {
             seen.push_str(&String::from_utf8_lossy(&chunk));
         }
     }
@@ -204,15 +258,27 @@ async fn keep_alive_comments() {
 #[tokio::test]
 async fn slow_subscriber_loses_nothing() {
     let app = spawn_app().await;
-    let res = app.post_run(json!({"module_id": "big", "parameters": {"lines": 200000, "width": 100}})).await;
+    let res = app
+        .post_run(json!({"module_id": "big", "parameters": {"lines": 200000, "width": 100}}))
+        .await;
     let run: Value = res.json().await.unwrap();
     let id = run["id"].as_str().unwrap().to_owned();
-    let res = app.client.get(app.url(&format!("/runs/{id}/stream"))).send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url(&format!("/runs/{id}/stream")))
+        .send()
+        .await
+        .unwrap();
     // Do not read until the run is over.
     let done = app.wait_finished(&id).await;
     assert_eq!(done["status"], "succeeded");
     let lines = line_events(&read_sse(res, Duration::from_secs(60)).await);
     assert_eq!(lines.len(), 200_000);
-    assert!(lines.iter().enumerate().all(|(i, l)| l.0 == i as u64 + 1 && l.2.len() == 100));
+    assert!(
+        lines
+            .iter()
+            .enumerate()
+            .all(|(i, l)| l.0 == i as u64 + 1 && l.2.len() == 100)
+    );
     app.stop().await;
 }
