@@ -3,6 +3,7 @@
 mod basics;
 mod cancel;
 mod helpers;
+mod library;
 mod limits;
 mod openapi;
 mod process;

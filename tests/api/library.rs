@@ -1,0 +1,425 @@
+//! The library API: `execute_module` (every scenario of the usage guide, plus the edge cases)
+//! and the embedded `ModuleRunner`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use modrun::run::{RunStatus, Stream};
+use modrun::runner::{ModuleRunner, RunRequest, RunnerSettings};
+use modrun::{ExecError, ModuleOutput, RunMode, execute_module};
+
+use crate::helpers::{group_members, wait_until};
+
+/// Write an executable script into `dir`.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+const SPAWNING: [RunMode; 4] = [
+    RunMode::Auto,
+    RunMode::Async,
+    RunMode::Threaded,
+    RunMode::Local,
+];
+
+/// Guide, basic usage: args are passed, cwd is honoured, stdout and stderr are separate; in every
+/// spawning mode.
+#[tokio::test]
+async fn basic_usage_in_every_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = script(
+        dir.path(),
+        "main.sh",
+        "#!/bin/sh\necho \"args: $*\"\necho \"cwd: $(pwd)\"\necho 'to stderr' >&2\n",
+    );
+    let cwd = dir.path().canonicalize().unwrap();
+    for mode in SPAWNING {
+        let out = execute_module(&s, ["--param1", "value 1"], &cwd, mode)
+            .await
+            .unwrap();
+        assert_eq!(out.exit_code, 0, "{mode}");
+        assert_eq!(
+            out.stdout,
+            format!("args: --param1 value 1\ncwd: {}\n", cwd.display()),
+            "{mode}"
+        );
+        assert_eq!(out.stderr, "to stderr\n", "{mode}");
+        let (code, stdout, stderr): (i32, String, String) = out.into();
+        assert_eq!(
+            (code, stdout.is_empty(), stderr.is_empty()),
+            (0, false, false)
+        );
+    }
+    // Paths and args of every accepted shape.
+    let args: Vec<String> = vec!["a".into()];
+    let s_str = s.to_str().unwrap();
+    execute_module(s_str, &args, cwd.as_path(), RunMode::default())
+        .await
+        .unwrap();
+    execute_module(s.clone(), args.clone(), cwd.clone(), RunMode::default())
+        .await
+        .unwrap();
+    execute_module(&s, &["x", "y"][..], "/", RunMode::default())
+        .await
+        .unwrap();
+}
+
+/// Guide, error handling: a missing script, a script without permission, and a missing
+/// interpreter are typed errors that name the path.
+#[tokio::test]
+async fn errors_are_typed_and_name_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.sh");
+    match execute_module(&missing, [] as [&str; 0], dir.path(), RunMode::Auto).await {
+        Err(e @ ExecError::NotFound { .. }) => assert!(e.to_string().contains("nope.sh"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    let plain = dir.path().join("plain.sh");
+    std::fs::write(&plain, "#!/bin/sh\necho hi\n").unwrap();
+    match execute_module(&plain, [] as [&str; 0], dir.path(), RunMode::Threaded).await {
+        Err(e @ ExecError::PermissionDenied { .. }) => {
+            assert!(e.to_string().contains("plain.sh"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let bad_interp = script(
+        dir.path(),
+        "interp.sh",
+        "#!/nonexistent/interpreter\necho hi\n",
+    );
+    for mode in SPAWNING {
+        match execute_module(&bad_interp, [] as [&str; 0], dir.path(), mode).await {
+            Err(e @ ExecError::Spawn { .. }) => assert!(e.to_string().contains("interp.sh"), "{e}"),
+            other => panic!("{mode}: {other:?}"),
+        }
+    }
+    let ok = script(dir.path(), "ok.sh", "#!/bin/sh\ntrue\n");
+    match execute_module(
+        &ok,
+        [] as [&str; 0],
+        dir.path().join("no-such-dir"),
+        RunMode::Async,
+    )
+    .await
+    {
+        Err(e @ ExecError::Spawn { .. }) => assert!(e.to_string().contains("ok.sh"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `.py` scripts run under MODRUN_PYTHON (read at each call, default python3). The only test
+/// that touches that variable, so that parallel tests cannot race on it.
+#[tokio::test]
+async fn python_scripts_use_modrun_python() {
+    let dir = tempfile::tempdir().unwrap();
+    let py = dir.path().join("main.py");
+    // Not executable: a .py script only needs to be readable.
+    std::fs::write(&py, "import sys\nprint('py', sys.argv[1:])\n").unwrap();
+    let out = execute_module(&py, ["--x", "1"], dir.path(), RunMode::Auto)
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, "py ['--x', '1']\n");
+
+    let fake = script(dir.path(), "fake-python", "#!/bin/sh\necho \"fake $*\"\n");
+    set_python(Some(fake.as_os_str()));
+    let out = execute_module(&py, ["a"], dir.path(), RunMode::Auto).await;
+    set_python(Some("/nonexistent/python9".as_ref()));
+    let missing = execute_module(&py, ["a"], dir.path(), RunMode::Threaded).await;
+    set_python(None);
+    assert_eq!(out.unwrap().stdout, format!("fake {} a\n", py.display()));
+    match missing {
+        Err(e @ ExecError::Spawn { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("main.py") && msg.contains("python9"), "{msg}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[expect(
+    unsafe_code,
+    reason = "set_var: no other test reads MODRUN_PYTHON (see the caller)"
+)]
+fn set_python(v: Option<&std::ffi::OsStr>) {
+    // SAFETY: only this test reads or writes MODRUN_PYTHON; the variable is read by
+    // execute_module on this same task.
+    unsafe {
+        match v {
+            Some(v) => std::env::set_var("MODRUN_PYTHON", v),
+            None => std::env::remove_var("MODRUN_PYTHON"),
+        }
+    }
+}
+
+/// Guide, exit codes: 0, module errors, other codes, and negative codes for death by signal.
+#[tokio::test]
+async fn exit_code_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = script(
+        dir.path(),
+        "exit.sh",
+        "#!/bin/sh\n[ \"$1\" = kill ] && kill -9 $$\n[ \"$1\" = term ] && kill -TERM $$\necho \"fail $1\" >&2\nexit \"$1\"\n",
+    );
+    for mode in SPAWNING {
+        let run = |arg: &'static str| execute_module(&s, [arg], dir.path(), mode);
+        assert_eq!(run("0").await.unwrap().exit_code, 0);
+        let one = run("1").await.unwrap();
+        assert_eq!((one.exit_code, one.stderr.as_str()), (1, "fail 1\n"));
+        assert_eq!(run("42").await.unwrap().exit_code, 42);
+        assert_eq!(run("kill").await.unwrap().exit_code, -9, "{mode}");
+        assert_eq!(run("term").await.unwrap().exit_code, -15, "{mode}");
+    }
+}
+
+/// Unicode is kept, invalid UTF-8 is replaced, empty and stderr-only outputs work.
+#[tokio::test]
+async fn output_decoding_edge_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = script(
+        dir.path(),
+        "bytes.sh",
+        "#!/bin/sh\ncase $1 in\n  uni) echo 'héllo wörld ✓ 日本';;\n  bad) printf 'a\\377b\\n';;\n  err) echo only-err >&2;;\n  none) ;;\nesac\n",
+    );
+    for mode in SPAWNING {
+        let out = |a: &'static str| execute_module(&s, [a], dir.path(), mode);
+        assert_eq!(out("uni").await.unwrap().stdout, "héllo wörld ✓ 日本\n");
+        assert_eq!(out("bad").await.unwrap().stdout, "a\u{fffd}b\n");
+        let err = out("err").await.unwrap();
+        assert_eq!(
+            (err.stdout.as_str(), err.stderr.as_str()),
+            ("", "only-err\n")
+        );
+        assert_eq!(out("none").await.unwrap(), ModuleOutput::default());
+    }
+}
+
+/// 100 MB of stdout, and a child that fills stderr while writing stdout, do not deadlock.
+#[tokio::test]
+async fn large_outputs_and_both_pipes_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = script(
+        dir.path(),
+        "big.sh",
+        "#!/bin/sh\nhead -c 104857600 /dev/zero | tr '\\0' 'x'\n",
+    );
+    for mode in [RunMode::Async, RunMode::Threaded, RunMode::Local] {
+        let out = execute_module(&big, [] as [&str; 0], dir.path(), mode)
+            .await
+            .unwrap();
+        assert_eq!(out.stdout.len(), 100 * 1024 * 1024, "{mode}");
+        assert!(out.stdout.bytes().all(|b| b == b'x'));
+    }
+    let both = script(
+        dir.path(),
+        "both.sh",
+        "#!/bin/sh\nhead -c 2000000 /dev/zero | tr '\\0' 'e' >&2\nhead -c 2000000 /dev/zero | tr '\\0' 'o'\nhead -c 2000000 /dev/zero | tr '\\0' 'e' >&2\n",
+    );
+    for mode in SPAWNING {
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            execute_module(&both, [] as [&str; 0], dir.path(), mode),
+        )
+        .await
+        .expect("no deadlock")
+        .unwrap();
+        assert_eq!(
+            (out.stdout.len(), out.stderr.len()),
+            (2_000_000, 4_000_000),
+            "{mode}"
+        );
+    }
+}
+
+/// Guide, concurrent execution: 200 calls at once, each with its own correct output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = script(
+        dir.path(),
+        "n.sh",
+        "#!/bin/sh\necho \"out $1\"\necho \"err $1\" >&2\nexit $(( $1 % 7 ))\n",
+    );
+    let modes = [
+        RunMode::Async,
+        RunMode::Threaded,
+        RunMode::Local,
+        RunMode::Auto,
+    ];
+    let calls = (0..200).map(|i| {
+        let s = s.clone();
+        let cwd = dir.path().to_owned();
+        async move {
+            (
+                i,
+                execute_module(&s, [i.to_string()], &cwd, modes[i % 4]).await,
+            )
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    for (i, r) in results {
+        let out = r.unwrap();
+        assert_eq!(out.stdout, format!("out {i}\n"));
+        assert_eq!(out.stderr, format!("err {i}\n"));
+        assert_eq!(out.exit_code, (i % 7) as i32);
+    }
+    let (a, b) = tokio::join!(
+        execute_module(&s, ["1"], dir.path(), RunMode::Async),
+        execute_module(&s, ["2"], dir.path(), RunMode::Threaded)
+    );
+    assert_eq!((a.unwrap().exit_code, b.unwrap().exit_code), (1, 2));
+}
+
+/// A script that records its pid (= its process-group id), ignores SIGTERM and has a
+/// grandchild.
+fn stubborn_tree(dir: &Path) -> (PathBuf, PathBuf) {
+    let pidfile = dir.join("pid");
+    let s = script(
+        dir,
+        "stubborn.sh",
+        &format!(
+            "#!/bin/sh\ntrap '' TERM\necho $$ > {}\nsleep 60 &\nsleep 60\n",
+            pidfile.display()
+        ),
+    );
+    (s, pidfile)
+}
+
+async fn read_pgid(pidfile: &Path) -> u64 {
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::read_to_string(pidfile)
+            .is_ok_and(|s| s.ends_with('\n')))
+        .await
+    );
+    std::fs::read_to_string(pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Guide, timeout: `tokio::time::timeout` around a child that ignores SIGTERM and forked a
+/// grandchild leaves no process of its group behind, in every spawning mode.
+#[tokio::test]
+async fn timeout_kills_the_whole_group() {
+    for mode in SPAWNING {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, pidfile) = stubborn_tree(dir.path());
+        let r = tokio::time::timeout(
+            Duration::from_millis(500),
+            execute_module(&s, [] as [&str; 0], dir.path(), mode),
+        )
+        .await;
+        assert!(r.is_err(), "timed out");
+        let pgid = read_pgid(&pidfile).await;
+        assert!(
+            wait_until(Duration::from_secs(3), || group_members(pgid).is_empty()).await,
+            "{mode}: group {pgid} still has {:?}",
+            group_members(pgid)
+        );
+    }
+}
+
+/// Guide, cancellation: aborting the task, or losing a `select!`, kills the group too.
+#[tokio::test]
+async fn abort_and_select_kill_the_group() {
+    for mode in SPAWNING {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, pidfile) = stubborn_tree(dir.path());
+        let cwd = dir.path().to_owned();
+        let task =
+            tokio::spawn(async move { execute_module(&s, [] as [&str; 0], &cwd, mode).await });
+        let pgid = read_pgid(&pidfile).await;
+        assert!(wait_until(Duration::from_secs(3), || group_members(pgid).len() >= 3).await);
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert!(
+            wait_until(Duration::from_secs(3), || group_members(pgid).is_empty()).await,
+            "{mode}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let (s, pidfile) = stubborn_tree(dir.path());
+        tokio::select! {
+            _ = execute_module(&s, [] as [&str; 0], dir.path(), mode) => panic!("cannot finish first"),
+            () = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+        let pgid = read_pgid(&pidfile).await;
+        assert!(
+            wait_until(Duration::from_secs(3), || group_members(pgid).is_empty()).await,
+            "{mode}"
+        );
+    }
+}
+
+/// Guide, dry run: nothing runs; exit 0 with the shell-quoted command line.
+#[tokio::test]
+async fn dry_run_spawns_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let s = script(
+        dir.path(),
+        "touch me.sh",
+        &format!("#!/bin/sh\ntouch {}\n", marker.display()),
+    );
+    let out = execute_module(&s, ["--test", "it's"], dir.path(), RunMode::DryRun)
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(out.stdout, format!("'{}' --test 'it'\\''s'\n", s.display()));
+    assert!(!marker.exists());
+    let py = execute_module("/nowhere/main.py", ["-v"], "/", RunMode::DryRun)
+        .await
+        .unwrap();
+    assert!(
+        py.stdout.ends_with("/nowhere/main.py -v\n"),
+        "{}",
+        py.stdout
+    );
+}
+
+/// The embedded ModuleRunner: submit, stream with replay from any seq, wait, and cancel with
+/// TERM -> grace -> KILL.
+#[tokio::test]
+async fn embedded_module_runner() {
+    let runner = ModuleRunner::new(RunnerSettings {
+        kill_grace: Duration::from_millis(300),
+        ..RunnerSettings::default()
+    });
+    let mut req = RunRequest::new("demo", ["sh", "-c", "echo one; echo two >&2; echo three"]);
+    req.timeout = Duration::from_secs(10);
+    let h = runner.submit(req).unwrap().into_handle();
+    let lines: Vec<_> = h.lines(0).collect().await;
+    let texts: Vec<(u64, Stream, &str)> =
+        lines.iter().map(|l| (l.seq, l.stream, &*l.text)).collect();
+    assert_eq!(texts.len(), 3);
+    assert_eq!(texts[0], (1, Stream::Stdout, "one"));
+    assert!(
+        texts.contains(&(2, Stream::Stderr, "two")) || texts.contains(&(3, Stream::Stderr, "two"))
+    );
+    let run = h.wait().await.unwrap();
+    assert_eq!(run.status(), RunStatus::Succeeded);
+    let replay: Vec<_> = h.lines(2).map(|l| l.seq).collect().await;
+    assert_eq!(replay, [3]);
+
+    let h = runner
+        .submit(RunRequest::new(
+            "stubborn",
+            ["sh", "-c", "trap '' TERM; echo ready; sleep 30"],
+        ))
+        .unwrap()
+        .into_handle();
+    let mut live = std::pin::pin!(h.lines(0));
+    assert_eq!(&*live.next().await.unwrap().text, "ready");
+    let pgid = h.run().unwrap().pid().unwrap() as u64;
+    h.cancel().unwrap();
+    let run = h.wait().await.unwrap();
+    assert_eq!(run.status(), RunStatus::Cancelled);
+    assert_eq!(run.signal(), Some(9), "SIGKILL after the grace period");
+    assert!(group_members(pgid).is_empty());
+    assert!(h.cancel().is_err(), "finished runs cannot be cancelled");
+}
