@@ -3,22 +3,34 @@
 //! each one in its own tracked task, and cancels them. The HTTP service is built on it, and a
 //! Rust program can embed it directly.
 //!
-//! ```no_run
+//! ```
 //! use std::time::Duration;
 //! use futures_util::StreamExt;
 //! use modrun::runner::{ModuleRunner, RunRequest, RunnerSettings};
+//! use modrun::run::RunStatus;
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let runner = ModuleRunner::new(RunnerSettings::default());
-//! let handle = runner
-//!     .submit(RunRequest::new("greet", ["sh", "-c", "echo hello; echo oops >&2"]))?
-//!     .into_handle();
-//! let mut lines = std::pin::pin!(handle.lines(0));
-//! while let Some(line) = lines.next().await {
-//!     println!("{} {}: {}", line.seq, line.stream.as_str(), line.text);
-//! }
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let runner = ModuleRunner::new(RunnerSettings {
+//!     kill_grace: Duration::from_secs(1),
+//!     ..RunnerSettings::default()
+//! });
+//! let mut request = RunRequest::new("greet", ["sh", "-c", "echo hello; echo oops >&2"]);
+//! request.timeout = Duration::from_secs(10);
+//! let handle = runner.submit(request)?.into_handle();
+//!
+//! // Every line from the start (replay), then live, until the output is complete.
+//! let lines: Vec<String> = handle.lines(0).map(|l| format!("{}:{}", l.stream.as_str(), l.text)).collect().await;
+//! assert_eq!(lines.len(), 2);
+//!
 //! let run = handle.wait().await.expect("retained");
-//! println!("{} ({:?})", run.status(), run.exit_code());
+//! assert_eq!(run.status(), RunStatus::Succeeded);
+//! assert_eq!(run.exit_code(), Some(0));
+//!
+//! // Cancel: SIGTERM to the process group, SIGKILL after kill_grace.
+//! let long = runner.submit(RunRequest::new("sleep", ["sleep", "30"]))?.into_handle();
+//! long.cancel()?;
+//! assert_eq!(long.wait().await.expect("retained").status(), RunStatus::Cancelled);
 //! # Ok(()) }
 //! ```
 
