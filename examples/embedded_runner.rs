@@ -26,7 +26,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     req.module_name = "My Module".into();
     req.timeout = Duration::from_secs(30);
-    let handle = runner.submit(req)?.into_handle();
+    let handle = runner.submit(req).await?.into_handle();
     let mut lines = std::pin::pin!(handle.lines(0));
     while let Some(line) = lines.next().await {
         println!("[{}] {:>6}: {}", line.seq, line.stream.as_str(), line.text);
@@ -41,10 +41,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Cancel a long one: SIGTERM to its process group, SIGKILL after the grace period.
     let long = runner
-        .submit(RunRequest::new("sleeper", ["sleep", "60"]))?
+        .submit(RunRequest::new("sleeper", ["sleep", "60"]))
+        .await?
         .into_handle();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    long.cancel()?;
+    long.cancel().await?;
     let run = long.wait().await.expect("still retained");
     println!(
         "{} finished: {} ({})",

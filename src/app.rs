@@ -1,5 +1,5 @@
-//! Wiring: build the state from a configuration, serve a bound listener until a shutdown future
-//! fires, then shut down in order.
+//! Wiring: open the store, recover what a previous run of modrun left, build the runner and
+//! the router, serve a bound listener until a shutdown future fires, then shut down in order.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,79 +8,244 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::output::OutputLimits;
-use crate::runner::{ModuleRunner, RunnerSettings};
+use crate::registry::Registry;
+use crate::run::{Outcome, Run, RunState};
+use crate::runner::{self, ModuleRunner, RunRequest, RunnerSettings};
+use crate::store::{Expect, MemoryStore, Retention, RunStore, SqliteStore, StoreError};
 
-/// Build the runner a configuration describes.
-pub fn runner_for(config: &Config) -> ModuleRunner {
-    ModuleRunner::new(RunnerSettings {
-        max_concurrent: config.runner.max_concurrent,
-        max_queued: config.runner.max_queued,
-        kill_grace: config.runner.kill_grace,
-        output: OutputLimits {
-            max_line_bytes: config.output.max_line_bytes.get(),
-            max_run_bytes: config.output.max_run_bytes,
-        },
-        keep_runs: config.retention.keep_runs,
-    })
+/// Why modrun cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store cannot be opened (locked, corrupt, too new, ...).
+    #[error(transparent)]
+    Store(#[from] crate::store::OpenError),
+    /// Recovery failed.
+    #[error("cannot recover the runs of the previous start: {0}")]
+    Recover(#[from] StoreError),
 }
 
-/// Serve `listener` until `shutdown` completes, then:
-/// 1. stop accepting connections; requests still arriving on open ones get 503;
-/// 2. cancel running runs (the same path as `DELETE`), leave queued runs queued, and wait for
-///    the running ones to record their final status (at most `kill_grace` + 1 s);
-/// 3. send every open SSE stream its `end` event and close it; answer pending `?wait` requests;
-/// 4. return once the connections are closed (at most about 1 s more).
+/// The parent environment variables a child may inherit.
+pub fn inherited_env(allow: &[String]) -> Vec<(String, String)> {
+    allow
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+        .collect()
+}
+
+/// A built service, ready to serve.
+pub struct App {
+    config: Arc<Config>,
+    registry: Arc<Registry>,
+    runner: ModuleRunner,
+    base_env: Arc<Vec<(String, String)>>,
+}
+
+impl App {
+    /// Open the store named by the config, recover (runs that were executing become `lost`
+    /// and their leftover processes are killed; queued runs are queued again, oldest first),
+    /// and build the runner.
+    pub async fn build(config: Config) -> Result<App, StartError> {
+        let store: Arc<dyn RunStore> = match &config.storage.path {
+            None => Arc::new(MemoryStore::new()),
+            Some(dir) => {
+                let dir = dir.clone();
+                let opened = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+                    .await
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                Arc::new(opened?)
+            }
+        };
+        let limits = OutputLimits {
+            max_line_bytes: config.output.max_line_bytes.get(),
+            max_run_bytes: config.output.max_run_bytes,
+        };
+        let registry = Arc::new(Registry::new(store.clone(), limits));
+        let runner = ModuleRunner::with_registry(
+            RunnerSettings {
+                max_concurrent: config.runner.max_concurrent,
+                max_queued: config.runner.max_queued,
+                kill_grace: config.runner.kill_grace,
+                output: limits,
+            },
+            registry.clone(),
+        );
+        let app = App {
+            base_env: Arc::new(inherited_env(&config.runner.env_allow)),
+            config: Arc::new(config),
+            registry,
+            runner,
+        };
+        let recovered = store.recover().await?;
+        for run in &recovered.lost {
+            let killed = runner::kill_leftovers(run);
+            tracing::warn!(run_id = %run.id, module = %run.module_id, killed, "run was executing when modrun stopped: marked lost");
+        }
+        for (run, stdin) in recovered.queued {
+            app.requeue(run, stdin).await?;
+        }
+        Ok(app)
+    }
+
+    async fn requeue(&self, run: Run, stdin: Option<String>) -> Result<(), StoreError> {
+        let id = run.id;
+        let problem = match self.config.module(&run.module_id) {
+            None => Some(format!(
+                "module `{}` is no longer in the configuration",
+                run.module_id
+            )),
+            Some(module) => match module.validate(&run.parameters) {
+                Err(errors) => Some(format!(
+                    "the parameters are no longer valid for module `{}`: {}",
+                    module.id,
+                    errors
+                        .iter()
+                        .map(|e| format!("{}: {}", e.field, e.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )),
+                Ok(params) => {
+                    let mut req = RunRequest::for_module(
+                        module,
+                        params,
+                        &self.base_env,
+                        run.timeout.min(self.config.module_timeout(module)),
+                        run.mode,
+                    );
+                    req.stdin = stdin;
+                    self.registry.adopt(run);
+                    self.runner.requeue(id, req);
+                    None
+                }
+            },
+        };
+        if let Some(msg) = problem {
+            tracing::warn!(run_id = %id, error = %msg, "queued run cannot start after the restart");
+            let next = RunState::Finished {
+                started_at: None,
+                pid: None,
+                finished_at: std::time::SystemTime::now(),
+                outcome: Outcome::SpawnFailed(msg),
+            };
+            self.registry
+                .store()
+                .transition(id, Expect::Queued, next)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The runner.
+    pub fn runner(&self) -> &ModuleRunner {
+        &self.runner
+    }
+
+    /// Serve `listener` until `shutdown` completes, then:
+    /// 1. stop accepting connections; requests still arriving on open ones get 503;
+    /// 2. cancel running runs (the same path as `DELETE`), leave queued runs queued, and wait
+    ///    for the running ones to record their final status (at most `kill_grace` + 1 s);
+    /// 3. send every open SSE stream its `end` event and close it; answer pending `?wait`s;
+    /// 4. persist the remaining output, and return once the connections are closed.
+    pub async fn serve<F>(self, listener: TcpListener, shutdown: F) -> std::io::Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let App {
+            config,
+            registry,
+            runner,
+            base_env,
+        } = self;
+        let state = AppState::new(config.clone(), runner.clone(), base_env);
+        let router = api::router(state.clone());
+
+        let background = TaskTracker::new();
+        let stop_background = CancellationToken::new();
+        background.spawn(
+            registry
+                .clone()
+                .flush_loop(stop_background.clone())
+                .instrument(tracing::info_span!("flusher")),
+        );
+        background.spawn(
+            registry
+                .clone()
+                .purge_loop(
+                    Retention {
+                        keep_runs: config.retention.keep_runs,
+                        keep_for: config.retention.keep_for,
+                    },
+                    stop_background.clone(),
+                )
+                .instrument(tracing::info_span!("retention")),
+        );
+        background.close();
+
+        let stop_accepting = CancellationToken::new();
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
+            .into_future();
+        tokio::pin!(server);
+
+        let mut served = None;
+        tokio::select! {
+            r = &mut server => served = Some(r),
+            () = shutdown => {}
+        }
+        if served.is_none() {
+            tracing::info!("shutting down: no new connections, cancelling running runs");
+        }
+        state.draining.store(true, Ordering::Relaxed);
+        stop_accepting.cancel();
+        runner.shutdown();
+        let grace = config.runner.kill_grace + Duration::from_secs(1);
+        // Keep serving the open connections (streams see the runs end) while runs stop.
+        let idle = {
+            let wait = runner.wait_idle(grace);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    idle = &mut wait => break idle,
+                    r = &mut server, if served.is_none() => served = Some(r),
+                }
+            }
+        };
+        if !idle {
+            tracing::warn!("some runs did not stop within kill_grace + 1s");
+        }
+        state.streams_end.cancel();
+        stop_background.cancel();
+        if served.is_none() {
+            match tokio::time::timeout(Duration::from_millis(700), &mut server).await {
+                Ok(r) => served = Some(r),
+                Err(_) => tracing::warn!("connections still open after shutdown; closing them"),
+            }
+        }
+        if tokio::time::timeout(Duration::from_millis(300), background.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the last output flush did not finish in time");
+        }
+        tracing::info!(queued = runner.queued(), "stopped");
+        served.transpose()?;
+        Ok(())
+    }
+}
+
+/// Build and serve in one step (see [`App::build`] and [`App::serve`]).
 pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> std::io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let config = Arc::new(config);
-    let runner = runner_for(&config);
-    let state = AppState::new(config.clone(), runner.clone());
-    let app = api::router(state.clone());
-
-    let stop_accepting = CancellationToken::new();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
-        .into_future();
-    tokio::pin!(server);
-
-    tokio::select! {
-        r = &mut server => return r,
-        () = shutdown => {}
-    }
-    tracing::info!("shutting down: no new connections, cancelling running runs");
-    state.draining.store(true, Ordering::Relaxed);
-    stop_accepting.cancel();
-    runner.shutdown();
-    let grace = config.runner.kill_grace + Duration::from_secs(1);
-    // Keep serving the open connections (streams see the runs end) while runs stop.
-    let mut served = None;
-    let idle = {
-        let wait = runner.wait_idle(grace);
-        tokio::pin!(wait);
-        loop {
-            tokio::select! {
-                idle = &mut wait => break idle,
-                r = &mut server, if served.is_none() => served = Some(r),
-            }
-        }
-    };
-    if !idle {
-        tracing::warn!("some runs did not stop within kill_grace + 1s");
-    }
-    state.streams_end.cancel();
-    if served.is_none() {
-        match tokio::time::timeout(Duration::from_millis(900), &mut server).await {
-            Ok(r) => served = Some(r),
-            Err(_) => tracing::warn!("connections still open after shutdown; closing them"),
-        }
-    }
-    served.transpose()?;
-    tracing::info!(queued = runner.queued(), "stopped");
-    Ok(())
+    App::build(config)
+        .await
+        .map_err(std::io::Error::other)?
+        .serve(listener, shutdown)
+        .await
 }

@@ -31,6 +31,8 @@ pub struct Config {
     pub sse: SseConfig,
     /// `[retention]`.
     pub retention: RetentionConfig,
+    /// `[storage]`.
+    pub storage: StorageConfig,
     /// `[[modules]]`, in file order.
     pub modules: Vec<Arc<Module>>,
 }
@@ -80,6 +82,15 @@ pub struct SseConfig {
 pub struct RetentionConfig {
     /// Finished runs kept; the oldest finished go first.
     pub keep_runs: usize,
+    /// Finished runs older than this go.
+    pub keep_for: Duration,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// Folder of the embedded database (absolute); `None` keeps everything in memory only.
+    pub path: Option<PathBuf>,
 }
 
 impl Default for RunnerConfig {
@@ -132,6 +143,8 @@ struct RawConfig {
     #[serde(default)]
     retention: RawRetention,
     #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
     modules: Vec<RawModule>,
 }
 
@@ -174,6 +187,14 @@ struct RawSse {
 #[serde(deny_unknown_fields)]
 struct RawRetention {
     keep_runs: Option<usize>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    keep_for: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    path: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -392,6 +413,17 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
         sse: SseConfig { keep_alive },
         retention: RetentionConfig {
             keep_runs: raw.retention.keep_runs.unwrap_or(10_000),
+            keep_for: raw
+                .retention
+                .keep_for
+                .unwrap_or(Duration::from_secs(7 * 86_400)),
+        },
+        storage: StorageConfig {
+            path: match raw.storage.path {
+                None => Some(base.join("data")),
+                Some(p) if p.as_os_str().is_empty() => None,
+                Some(p) => Some(base.join(p)),
+            },
         },
         modules,
     })
@@ -656,6 +688,10 @@ mod tests {
         assert_eq!(c.output.max_run_bytes, 64 << 20);
         assert_eq!(c.server.bind.to_string(), "127.0.0.1:8080");
         assert_eq!(c.retention.keep_runs, 10_000);
+        assert_eq!(c.retention.keep_for, Duration::from_secs(7 * 86400));
+        assert_eq!(c.storage.path, Some(std::env::temp_dir().join("data")));
+        let mem = load("[storage]\npath = \"\"\n").unwrap();
+        assert_eq!(mem.storage.path, None);
     }
 
     #[test]

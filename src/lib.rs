@@ -43,6 +43,7 @@ pub mod app;
 pub mod config;
 pub mod module;
 pub mod output;
+pub mod registry;
 pub mod run;
 pub mod runner;
 pub mod store;

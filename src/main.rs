@@ -61,6 +61,13 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let app = match modrun::app::App::build(config.clone()).await {
+            Ok(app) => app,
+            Err(e) => {
+                eprintln!("modrun: cannot start: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let listener = match tokio::net::TcpListener::bind(config.server.bind).await {
             Ok(l) => l,
             Err(e) => {
@@ -76,7 +83,7 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
             modules = config.modules.len(),
             "listening on http://{addr}"
         );
-        match modrun::app::serve(config, listener, shutdown_signal()).await {
+        match app.serve(listener, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("modrun: server error: {e}");

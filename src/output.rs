@@ -1,17 +1,27 @@
-//! The per-run output log: raw pipe bytes become seq-numbered lines, kept up to a byte budget,
-//! readable from any seq, with a change signal that wakes readers.
+//! The per-run output log: raw pipe bytes become seq-numbered lines, counted against a byte
+//! budget, held in memory until persisted (then only a recent window stays), with a change
+//! signal that wakes readers.
 //!
 //! Readers never receive pushed lines: each one keeps its own cursor (the last seq it saw) and
 //! copies the next batch out of the log when the change signal fires. So a slow reader can never
 //! slow the writer or other readers, never lags out of a buffer and never loses a line; "replay
 //! then live" is the same loop, with no gap and no duplicate by construction.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use tokio::sync::watch;
 
 use crate::run::{Line, Stream};
+
+/// Persisted lines kept in memory per live run for readers that follow closely; older ones are
+/// read back from the store.
+pub const WINDOW_BYTES: u64 = 1 << 20;
+
+/// Unpersisted bytes a run may hold before its pipe readers pause (so that a store slower than
+/// the child's output slows the child rather than growing memory).
+pub const BACKLOG_BYTES: u64 = 8 << 20;
 
 /// Limits applied to one run's output.
 #[derive(Debug, Clone, Copy)]
@@ -40,8 +50,17 @@ pub struct OutputLog {
 
 #[derive(Debug, Default)]
 struct LogInner {
-    /// Kept lines; `lines[i].seq == i + 1`. Bounded by `limits.max_run_bytes` of text.
-    lines: Vec<Line>,
+    /// Lines in memory, contiguous seqs ending at `last_seq`. Bounded: unpersisted lines (at most
+    /// [`BACKLOG_BYTES`] plus one read, since pumps pause past it) plus a window of persisted ones
+    /// ([`WINDOW_BYTES`]).
+    lines: VecDeque<Line>,
+    last_seq: u64,
+    /// Highest seq persisted by the store.
+    flushed: u64,
+    /// Text bytes in `lines`, and of those, the unpersisted ones.
+    mem_bytes: u64,
+    unflushed_bytes: u64,
+    /// Text bytes kept over the run's life (the budget).
     kept_bytes: u64,
     /// Set once a line did not fit: every later line is counted, not kept.
     truncated: bool,
@@ -49,6 +68,26 @@ struct LogInner {
     dropped_bytes: u64,
     closed: bool,
 }
+
+impl LogInner {
+    fn push(&mut self, stream: Stream, ts: SystemTime, text: Arc<str>) {
+        let len = text.len() as u64;
+        self.last_seq += 1;
+        self.mem_bytes += len;
+        self.unflushed_bytes += len;
+        self.lines.push_back(Line {
+            seq: self.last_seq,
+            stream,
+            ts,
+            text,
+        });
+    }
+}
+
+/// Some requested lines are no longer in memory: they are in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("these lines were persisted and dropped from memory")]
+pub struct Evicted;
 
 #[derive(Debug, Default)]
 struct Splitter {
@@ -148,13 +187,7 @@ impl OutputLog {
                     continue;
                 }
                 inner.kept_bytes += len;
-                let seq = inner.lines.len() as u64 + 1;
-                inner.lines.push(Line {
-                    seq,
-                    stream,
-                    ts,
-                    text,
-                });
+                inner.push(stream, ts, text);
             }
         }
         self.changes.send_modify(|v| *v += 1);
@@ -175,13 +208,7 @@ impl OutputLog {
                     self.limits.max_run_bytes, inner.dropped_lines, inner.dropped_bytes
                 )
                 .into();
-                let seq = inner.lines.len() as u64 + 1;
-                inner.lines.push(Line {
-                    seq,
-                    stream: Stream::Stderr,
-                    ts: SystemTime::now(),
-                    text,
-                });
+                inner.push(Stream::Stderr, SystemTime::now(), text);
             }
         }
         self.changes.send_modify(|v| *v += 1);
@@ -198,19 +225,68 @@ impl OutputLog {
         self.changes.subscribe()
     }
 
-    /// Up to `limit` lines with `seq > after`, in order.
-    pub fn read_after(&self, after: u64, limit: usize) -> Vec<Line> {
+    /// Up to `limit` lines with `seq > after`, in order, from memory; `Err(Evicted)` when some
+    /// of them were persisted and dropped from memory (read those from the store).
+    pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Line>, Evicted> {
         let inner = self.lock();
-        let start = usize::try_from(after)
-            .unwrap_or(usize::MAX)
-            .min(inner.lines.len());
-        let end = start.saturating_add(limit).min(inner.lines.len());
-        inner.lines[start..end].to_vec()
+        let first = inner.lines.front().map_or(inner.last_seq + 1, |l| l.seq);
+        if after >= inner.last_seq {
+            return Ok(Vec::new());
+        }
+        if after + 1 < first {
+            return Err(Evicted);
+        }
+        let start = (after + 1 - first) as usize;
+        Ok(inner.lines.range(start..).take(limit).cloned().collect())
     }
 
     /// The seq of the last kept line (0 when there is none).
     pub fn last_seq(&self) -> u64 {
-        self.lock().lines.len() as u64
+        self.lock().last_seq
+    }
+
+    /// Up to `limit` lines not persisted yet.
+    pub fn unflushed(&self, limit: usize) -> Vec<Line> {
+        let inner = self.lock();
+        let first = inner.lines.front().map_or(inner.last_seq + 1, |l| l.seq);
+        let start = inner.flushed.saturating_add(1).saturating_sub(first) as usize;
+        inner.lines.range(start..).take(limit).cloned().collect()
+    }
+
+    /// Lines up to `seq` are persisted: drop what is beyond the window and wake paused readers.
+    pub fn mark_flushed(&self, seq: u64) {
+        {
+            let mut inner = self.lock();
+            if seq <= inner.flushed {
+                return;
+            }
+            let first = inner.lines.front().map_or(inner.last_seq + 1, |l| l.seq);
+            let from = inner.flushed.saturating_add(1).max(first);
+            let to = seq.min(inner.last_seq);
+            let newly: u64 = (from..=to)
+                .filter_map(|s| inner.lines.get((s - first) as usize))
+                .map(|l| l.text.len() as u64)
+                .sum();
+            inner.unflushed_bytes = inner.unflushed_bytes.saturating_sub(newly);
+            inner.flushed = to;
+            while inner.mem_bytes > WINDOW_BYTES
+                && inner.lines.front().is_some_and(|l| l.seq <= inner.flushed)
+            {
+                if let Some(l) = inner.lines.pop_front() {
+                    inner.mem_bytes -= l.text.len() as u64;
+                }
+            }
+        }
+    }
+
+    /// Highest persisted seq.
+    pub fn flushed(&self) -> u64 {
+        self.lock().flushed
+    }
+
+    /// False while the unpersisted backlog is full: pipe readers should pause.
+    pub fn has_room(&self) -> bool {
+        self.lock().unflushed_bytes < BACKLOG_BYTES
     }
 
     /// True once [`OutputLog::close`] ran: every line is in.
@@ -222,68 +298,6 @@ impl OutputLog {
     pub fn dropped(&self) -> (u64, u64) {
         let inner = self.lock();
         (inner.dropped_lines, inner.dropped_bytes)
-    }
-}
-
-/// A reader's position in a log: replay from any seq, then live, with no gap and no duplicate.
-#[derive(Debug)]
-pub struct Cursor {
-    log: Arc<OutputLog>,
-    changes: watch::Receiver<u64>,
-    after: u64,
-}
-
-impl Cursor {
-    /// Start reading after line `after` (0 for the beginning).
-    pub fn new(log: Arc<OutputLog>, after: u64) -> Self {
-        let changes = log.subscribe();
-        Self {
-            log,
-            changes,
-            after,
-        }
-    }
-
-    /// The seq of the last line handed out.
-    pub fn position(&self) -> u64 {
-        self.after
-    }
-
-    /// Mark every change so far as seen: a following [`Cursor::changed`] fires only for newer
-    /// ones. Call it *before* looking at the log or the run's status, then wait.
-    pub fn mark_seen(&mut self) {
-        self.changes.borrow_and_update();
-    }
-
-    /// The next lines available now (at most `max`), without waiting.
-    pub fn read(&mut self, max: usize) -> Vec<Line> {
-        let lines = self.log.read_after(self.after, max);
-        if let Some(last) = lines.last() {
-            self.after = last.seq;
-        }
-        lines
-    }
-
-    /// Wait until the log (or the run's status) changes after the last [`Cursor::mark_seen`].
-    pub async fn changed(&mut self) {
-        // The sender lives in the log, which this cursor keeps alive: this cannot fail.
-        let _ = self.changes.changed().await;
-    }
-
-    /// The next batch of lines, waiting for them; `None` once the log is closed and fully read.
-    pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Line>> {
-        loop {
-            self.mark_seen();
-            let closed = self.log.is_closed();
-            let lines = self.read(max);
-            if !lines.is_empty() {
-                return Some(lines);
-            }
-            if closed {
-                return None;
-            }
-            self.changed().await;
-        }
     }
 }
 
@@ -355,6 +369,7 @@ mod tests {
 
     fn texts(log: &OutputLog) -> Vec<String> {
         log.read_after(0, usize::MAX)
+            .unwrap()
             .iter()
             .map(|l| l.text.to_string())
             .collect()
@@ -368,11 +383,11 @@ mod tests {
         l.write(Stream::Stdout, b"ld\n\nlast");
         l.finish_stream(Stream::Stdout);
         assert_eq!(texts(&l), ["hello", "world", "", "last"]);
-        let seqs: Vec<u64> = l.read_after(0, 10).iter().map(|l| l.seq).collect();
+        let seqs: Vec<u64> = l.read_after(0, 10).unwrap().iter().map(|l| l.seq).collect();
         assert_eq!(seqs, [1, 2, 3, 4]);
-        assert_eq!(l.read_after(2, 1)[0].text.as_ref(), "");
-        assert!(l.read_after(4, 10).is_empty());
-        assert!(l.read_after(u64::MAX, 10).is_empty());
+        assert_eq!(l.read_after(2, 1).unwrap()[0].text.as_ref(), "");
+        assert!(l.read_after(4, 10).unwrap().is_empty());
+        assert!(l.read_after(u64::MAX, 10).unwrap().is_empty());
     }
 
     #[test]
@@ -400,7 +415,7 @@ mod tests {
         let l = log(100, 1 << 20);
         l.write(Stream::Stderr, b"ok \xff\xfe end\n");
         assert_eq!(texts(&l), ["ok \u{fffd}\u{fffd} end"]);
-        assert_eq!(l.read_after(0, 1)[0].stream, Stream::Stderr);
+        assert_eq!(l.read_after(0, 1).unwrap()[0].stream, Stream::Stderr);
     }
 
     #[test]
@@ -410,7 +425,7 @@ mod tests {
         assert_eq!(texts(&l), ["12345", "12345"]);
         assert_eq!(l.dropped(), (2, 3));
         l.close();
-        let all = l.read_after(0, 10);
+        let all = l.read_after(0, 10).unwrap();
         assert_eq!(all.len(), 3);
         assert_eq!(all[2].seq, 3);
         assert_eq!(all[2].stream, Stream::Stderr);
@@ -430,6 +445,7 @@ mod tests {
         l.write(Stream::Stdout, b"c\n");
         let got: Vec<(u64, Stream)> = l
             .read_after(0, 10)
+            .unwrap()
             .iter()
             .map(|x| (x.seq, x.stream))
             .collect();
@@ -441,6 +457,28 @@ mod tests {
                 (3, Stream::Stdout)
             ]
         );
+    }
+
+    #[test]
+    fn persisted_lines_leave_memory_past_the_window() {
+        let l = log(1 << 20, 1 << 30);
+        let line = "x".repeat(1000);
+        for _ in 0..3000 {
+            l.push_line(Stream::Stdout, &line);
+        }
+        assert_eq!(l.unflushed(usize::MAX).len(), 3000);
+        l.mark_flushed(2000);
+        assert_eq!(l.flushed(), 2000);
+        assert_eq!(l.unflushed(10)[0].seq, 2001);
+        // About 1 MiB of persisted lines stays; older reads must go to the store.
+        assert_eq!(l.read_after(0, 10), Err(Evicted));
+        assert_eq!(l.read_after(1951, 10), Err(Evicted));
+        let window = l.read_after(1952, 10).unwrap();
+        assert_eq!(window[0].seq, 1953);
+        l.mark_flushed(3000);
+        assert!(l.unflushed(10).is_empty());
+        assert_eq!(l.read_after(2999, 10).unwrap()[0].seq, 3000);
+        assert!(l.read_after(3000, 10).unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -21,6 +21,11 @@ impl RunId {
         Self(Uuid::now_v7())
     }
 
+    /// From the 16 bytes of a UUID.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        Uuid::from_slice(bytes).ok().map(Self)
+    }
+
     /// The UUID inside.
     pub fn as_uuid(&self) -> &Uuid {
         &self.0

@@ -56,18 +56,16 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Wire a runner to a configuration.
-    pub fn new(config: Arc<Config>, runner: ModuleRunner) -> Self {
-        let base_env = config
-            .runner
-            .env_allow
-            .iter()
-            .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
-            .collect();
+    /// Wire a runner to a configuration; `base_env` is what children may inherit.
+    pub fn new(
+        config: Arc<Config>,
+        runner: ModuleRunner,
+        base_env: Arc<Vec<(String, String)>>,
+    ) -> Self {
         Self {
             config,
             runner,
-            base_env: Arc::new(base_env),
+            base_env,
             streams_end: CancellationToken::new(),
             draining: Arc::new(AtomicBool::new(false)),
         }

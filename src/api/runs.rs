@@ -17,7 +17,7 @@ use super::extract::{JsonBody, QueryPairs, RunIdPath};
 use crate::module::{FieldError, json_type};
 use crate::run::{Run, RunId, RunMode, RunStatus};
 use crate::runner::{CancelError, RunRequest, SubmitError, Submitted};
-use crate::store::{IdempotencyKey, ListQuery};
+use crate::store::{IdempotencyKey, ListQuery, StoreError};
 
 fn run_response(status: StatusCode, run: &Run) -> Response {
     let mut res = (status, Json(run_json(run))).into_response();
@@ -206,7 +206,7 @@ pub async fn create(
     run_req.stdin = req.stdin;
     run_req.idempotency = key;
 
-    let (handle, existing) = match state.runner.submit(run_req) {
+    let (handle, existing) = match state.runner.submit(run_req).await {
         Ok(Submitted::New(h)) => (h, false),
         Ok(Submitted::Existing(h)) => (h, true),
         Err(SubmitError::QueueFull(n)) => {
@@ -240,6 +240,8 @@ pub async fn create(
     let run = state
         .runner
         .get(id)
+        .await
+        .map_err(store_error)?
         .ok_or_else(|| ApiError::internal(format!("run {id} vanished")))?;
     let status = if existing {
         StatusCode::OK
@@ -282,15 +284,19 @@ pub async fn list(State(state): State<AppState>, query: QueryPairs) -> Result<Re
             Some(out)
         }
     };
-    let page = state.runner.list(&ListQuery {
-        statuses,
-        module_id: query
-            .get("module_id")
-            .filter(|m| !m.is_empty())
-            .map(String::from),
-        before,
-        limit,
-    });
+    let page = state
+        .runner
+        .list(ListQuery {
+            statuses,
+            module_id: query
+                .get("module_id")
+                .filter(|m| !m.is_empty())
+                .map(String::from),
+            before,
+            limit,
+        })
+        .await
+        .map_err(store_error)?;
     let runs: Vec<Value> = page.runs.iter().map(run_json).collect();
     Ok(Json(json!({
         "runs": runs,
@@ -303,12 +309,22 @@ fn not_found(id: RunId) -> ApiError {
     ApiError::not_found(format!("no run {id}"))
 }
 
+/// A store failure is the server's problem.
+pub(super) fn store_error(e: StoreError) -> ApiError {
+    ApiError::internal(e.to_string())
+}
+
 /// `GET /runs/{id}`.
 pub async fn get(
     State(state): State<AppState>,
     RunIdPath(id): RunIdPath,
 ) -> Result<Response, ApiError> {
-    let run = state.runner.get(id).ok_or_else(|| not_found(id))?;
+    let run = state
+        .runner
+        .get(id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| not_found(id))?;
     Ok(Json(run_json(&run)).into_response())
 }
 
@@ -317,13 +333,14 @@ pub async fn cancel(
     State(state): State<AppState>,
     RunIdPath(id): RunIdPath,
 ) -> Result<Response, ApiError> {
-    match state.runner.cancel(id) {
+    match state.runner.cancel(id).await {
         Ok(run) => Ok(run_response(StatusCode::ACCEPTED, &run)),
         Err(CancelError::NotFound(_)) => Err(not_found(id)),
         Err(CancelError::AlreadyFinished(run)) => Err(ApiError::conflict(format!(
             "run {id} already finished ({})",
             run.status()
         ))),
+        Err(e @ CancelError::Store(_)) => Err(ApiError::internal(e.to_string())),
     }
 }
 
@@ -343,29 +360,33 @@ pub async fn output(
 ) -> Result<Response, ApiError> {
     let after = query.u64("after")?.unwrap_or(0);
     let limit = query.u64_in("limit", 1..=10_000)?.unwrap_or(1000) as usize;
-    let run = state.runner.get(id).ok_or_else(|| not_found(id))?;
-    let log = state
+    let run = state
         .runner
-        .store()
-        .output(id)
+        .get(id)
+        .await
+        .map_err(store_error)?
         .ok_or_else(|| not_found(id))?;
+    let registry = state.runner.registry().clone();
     if wants_text(&headers) {
         // Stream the text in batches rather than building it whole.
         let body = futures_util::stream::unfold(Some(after), move |pos| {
-            let log = log.clone();
+            let registry = registry.clone();
             async move {
                 let pos = pos?;
-                let lines = log.read_after(pos, 4096);
+                let lines = match registry.read_output(id, pos, 4096).await {
+                    Ok(Some(lines)) => lines,
+                    Ok(None) => return None,
+                    Err(e) => {
+                        return Some((Err(std::io::Error::other(e.to_string())), None));
+                    }
+                };
                 let last = lines.last()?.seq;
                 let mut text = String::with_capacity(lines.iter().map(|l| l.text.len() + 1).sum());
                 for l in &lines {
                     text.push_str(&l.text);
                     text.push('\n');
                 }
-                Some((
-                    Ok::<_, std::convert::Infallible>(Bytes::from(text)),
-                    Some(last),
-                ))
+                Some((Ok(Bytes::from(text)), Some(last)))
             }
         });
         let mut res = Body::from_stream(body).into_response();
@@ -375,10 +396,15 @@ pub async fn output(
         );
         return Ok(res);
     }
-    let finished = run.state.is_finished();
-    let lines = log.read_after(after, limit);
+    let lines = registry
+        .read_output(id, after, limit)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| not_found(id))?;
     let next_after = lines.last().map_or(after, |l| l.seq);
-    let complete = finished && log.is_closed() && next_after >= log.last_seq();
+    // A finished run's log was closed before its final status was recorded: its line count
+    // is final.
+    let complete = run.state.is_finished() && next_after >= run.output_lines;
     let dtos: Vec<LineDto> = lines.iter().map(LineDto::from).collect();
     Ok(Json(json!({
         "lines": dtos,

@@ -17,9 +17,8 @@ use super::AppState;
 use super::dto::{LineDto, run_json};
 use super::error::ApiError;
 use super::extract::{QueryPairs, RunIdPath};
-use crate::output::Cursor;
+use crate::registry::{Cursor, Registry};
 use crate::run::{Run, RunId, RunStatus};
-use crate::store::RunStore;
 
 /// Lines copied out of the log per read.
 const BATCH: usize = 512;
@@ -46,14 +45,19 @@ pub async fn stream(
         Some(n) => n,
         None => query.u64("after")?.unwrap_or(0),
     };
-    let store = state.runner.store().clone();
-    let log = store
-        .output(id)
+    let registry = state.runner.registry().clone();
+    // Make the cursor before looking the run up, so that a run that finishes in between is
+    // read from the store, not missed.
+    let cursor = Cursor::new(registry.clone(), id, after);
+    registry
+        .get(id)
+        .await
+        .map_err(super::runs::store_error)?
         .ok_or_else(|| ApiError::not_found(format!("no run {id}")))?;
     let events = Follow {
-        store,
+        registry,
         id,
-        cursor: Cursor::new(log, after),
+        cursor,
         last_status: None,
         pending: VecDeque::new(),
         done: false,
@@ -67,7 +71,7 @@ pub async fn stream(
 }
 
 struct Follow {
-    store: Arc<dyn RunStore>,
+    registry: Arc<Registry>,
     id: RunId,
     cursor: Cursor,
     /// The status last sent; `None` before the first event.
@@ -109,7 +113,14 @@ impl Follow {
             // Mark changes seen *before* reading status and lines: anything after this point
             // wakes the wait below.
             self.cursor.mark_seen();
-            let run = self.store.get(self.id)?;
+            let run = match self.registry.get(self.id).await {
+                Ok(Some(run)) => run,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(run_id = %self.id, error = %e, "stream ends: store failed");
+                    return None;
+                }
+            };
             let status = run.status();
             if self.last_status.is_none() {
                 self.last_status = Some(status);
@@ -120,7 +131,13 @@ impl Follow {
                 self.last_status = Some(status);
                 self.pending.push_back(status_event("status", &run));
             }
-            let lines = self.cursor.read(BATCH);
+            let lines = match self.cursor.read(BATCH).await {
+                Ok(lines) => lines,
+                Err(e) => {
+                    tracing::warn!(run_id = %self.id, error = %e, "stream ends: store failed");
+                    return None;
+                }
+            };
             if !lines.is_empty() {
                 self.pending.extend(lines.iter().map(|l| {
                     Event::default()
@@ -144,7 +161,7 @@ impl Follow {
             tokio::select! {
                 () = self.cursor.changed() => {}
                 () = self.shutdown.cancelled() => {
-                    let run = self.store.get(self.id).unwrap_or(run);
+                    let run = self.registry.get(self.id).await.ok().flatten().unwrap_or(run);
                     self.finish(&run);
                 }
             }

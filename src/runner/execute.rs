@@ -129,8 +129,9 @@ impl Collect {
 
 struct LogPid;
 impl ProcEvents for LogPid {
-    fn spawned(&self, pid: u32) {
+    fn spawned(&self, pid: u32) -> process::EventFuture<'_> {
         tracing::debug!(target: TARGET, pid, "process started");
+        Box::pin(async {})
     }
 }
 

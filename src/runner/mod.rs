@@ -17,7 +17,7 @@
 //! });
 //! let mut request = RunRequest::new("greet", ["sh", "-c", "echo hello; echo oops >&2"]);
 //! request.timeout = Duration::from_secs(10);
-//! let handle = runner.submit(request)?.into_handle();
+//! let handle = runner.submit(request).await?.into_handle();
 //!
 //! // Every line from the start (replay), then live, until the output is complete.
 //! let lines: Vec<String> = handle.lines(0).map(|l| format!("{}:{}", l.stream.as_str(), l.text)).collect().await;
@@ -28,8 +28,8 @@
 //! assert_eq!(run.exit_code(), Some(0));
 //!
 //! // Cancel: SIGTERM to the process group, SIGKILL after kill_grace.
-//! let long = runner.submit(RunRequest::new("sleep", ["sleep", "30"]))?.into_handle();
-//! long.cancel()?;
+//! let long = runner.submit(RunRequest::new("sleep", ["sleep", "30"])).await?.into_handle();
+//! long.cancel().await?;
 //! assert_eq!(long.wait().await.expect("retained").status(), RunStatus::Cancelled);
 //! # Ok(()) }
 //! ```
@@ -53,10 +53,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::module::{Module, ValidParams};
-use crate::output::{Cursor, OutputLimits, OutputLog};
+use crate::output::{OutputLimits, OutputLog};
+use crate::registry::{Cursor, Registry};
 use crate::run::{CancelReason, Line, Outcome, Run, RunId, RunMode, RunState, Stream};
 use crate::store::{
-    Created, Expect, IdempotencyKey, ListQuery, MemoryStore, Page, RunStore, StoreError,
+    Created, Expect, IdempotencyKey, ListQuery, MemoryStore, NewRun, Page, StoreError,
 };
 use process::{ProcEvents, ProcSpec, Stopped, Supervision};
 
@@ -71,8 +72,6 @@ pub struct RunnerSettings {
     pub kill_grace: Duration,
     /// Per-run output limits.
     pub output: OutputLimits,
-    /// Finished runs kept by the default in-memory store.
-    pub keep_runs: usize,
 }
 
 impl Default for RunnerSettings {
@@ -85,7 +84,6 @@ impl Default for RunnerSettings {
                 max_line_bytes: 65536,
                 max_run_bytes: 64 << 20,
             },
-            keep_runs: 10_000,
         }
     }
 }
@@ -204,6 +202,9 @@ pub enum CancelError {
     /// It already finished.
     #[error("run {} already finished ({})", .0.id, .0.status())]
     AlreadyFinished(Box<Run>),
+    /// The store failed.
+    #[error("the run store failed: {0}")]
+    Store(String),
 }
 
 /// What [`ModuleRunner::submit`] did.
@@ -240,9 +241,9 @@ impl std::fmt::Debug for ModuleRunner {
 
 struct Inner {
     settings: RunnerSettings,
-    store: Arc<dyn RunStore>,
+    registry: Arc<Registry>,
     /// Queue, slots and cancel tokens. A std mutex: sections are queue and map operations only
-    /// (the store is never called while it is held), never across `.await`.
+    /// (the registry is never called while it is held), never across `.await`.
     sched: Mutex<Sched>,
     /// Owns every run task, so that shutdown can wait for them.
     tasks: TaskTracker,
@@ -276,17 +277,19 @@ struct Control {
 }
 
 impl ModuleRunner {
-    /// A runner with an in-memory store.
+    /// A runner with an in-memory store (nothing survives the process).
     pub fn new(settings: RunnerSettings) -> Self {
-        Self::with_store(settings, Arc::new(MemoryStore::new(settings.keep_runs)))
+        let registry = Registry::new(Arc::new(MemoryStore::new()), settings.output);
+        Self::with_registry(settings, Arc::new(registry))
     }
 
-    /// A runner over the given store.
-    pub fn with_store(settings: RunnerSettings, store: Arc<dyn RunStore>) -> Self {
+    /// A runner over the given registry (and through it, its store). Output is persisted by the
+    /// registry's flusher (see [`Registry::flush_loop`]) and at the end of each run.
+    pub fn with_registry(settings: RunnerSettings, registry: Arc<Registry>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 settings,
-                store,
+                registry,
                 sched: Mutex::new(Sched {
                     queue: VecDeque::new(),
                     reserved: 0,
@@ -304,26 +307,23 @@ impl ModuleRunner {
         &self.inner.settings
     }
 
-    /// The store holding its runs.
-    pub fn store(&self) -> &Arc<dyn RunStore> {
-        &self.inner.store
+    /// The registry holding its runs.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.inner.registry
     }
 
-    /// Queue a run; it starts as soon as its limits allow. Must be called inside a Tokio
-    /// runtime.
-    pub fn submit(&self, req: RunRequest) -> Result<Submitted, SubmitError> {
+    /// Record a run (durably) and queue it; it starts as soon as its limits allow. Must be
+    /// called inside a Tokio runtime.
+    pub async fn submit(&self, req: RunRequest) -> Result<Submitted, SubmitError> {
         if req.argv.is_empty() {
             return Err(SubmitError::EmptyArgv);
         }
-        let store = &self.inner.store;
+        let registry = &self.inner.registry;
         if let Some(key) = &req.idempotency {
-            match store.find_idempotent(key) {
+            match registry.find_idempotent(key).await {
                 Ok(Some(run)) => return Ok(Submitted::Existing(self.handle(run.id))),
                 Ok(None) => {}
-                Err(StoreError::IdempotencyConflict) => {
-                    return Err(SubmitError::IdempotencyConflict);
-                }
-                Err(e) => return Err(SubmitError::Store(e.to_string())),
+                Err(e) => return Err(submit_error(e)),
             }
         }
         {
@@ -336,6 +336,8 @@ impl ModuleRunner {
             }
             s.reserved += 1;
         }
+        // Give the reservation back however this future ends (it may be dropped mid-way).
+        let reservation = Reservation(&self.inner);
         let run = Run {
             id: RunId::new(),
             module_id: req.module_id.clone(),
@@ -349,22 +351,34 @@ impl ModuleRunner {
             output_lines: 0,
         };
         let id = run.id;
-        let log = Arc::new(OutputLog::new(self.inner.settings.output));
-        let created = store.create(run, log, req.idempotency.clone());
-        let mut s = self.inner.lock();
-        s.reserved -= 1;
+        let created = registry
+            .create(NewRun {
+                run,
+                key: req.idempotency.clone(),
+                stdin: req.stdin.clone(),
+            })
+            .await;
+        drop(reservation);
         match created {
             Ok(Created::New(_)) => {
-                s.queue.push_back(Pending { id, req });
-                drop(s);
-                tracing::debug!(run_id = %id, "run queued");
-                self.inner.dispatch(&self.inner);
+                self.enqueue(id, req);
                 Ok(Submitted::New(self.handle(id)))
             }
             Ok(Created::Existing(run)) => Ok(Submitted::Existing(self.handle(run.id))),
-            Err(StoreError::IdempotencyConflict) => Err(SubmitError::IdempotencyConflict),
-            Err(e) => Err(SubmitError::Store(e.to_string())),
+            Err(e) => Err(submit_error(e)),
         }
+    }
+
+    /// Queue a run that is already recorded (and live in the registry) as `queued`: the runs
+    /// found queued at start-up, in their creation order.
+    pub fn requeue(&self, id: RunId, req: RunRequest) {
+        self.enqueue(id, req);
+    }
+
+    fn enqueue(&self, id: RunId, req: RunRequest) {
+        self.inner.lock().queue.push_back(Pending { id, req });
+        tracing::debug!(run_id = %id, "run queued");
+        self.inner.dispatch(&self.inner);
     }
 
     /// A handle on a run by id (whether or not it exists).
@@ -376,13 +390,13 @@ impl ModuleRunner {
     }
 
     /// A run's current record.
-    pub fn get(&self, id: RunId) -> Option<Run> {
-        self.inner.store.get(id)
+    pub async fn get(&self, id: RunId) -> Result<Option<Run>, StoreError> {
+        self.inner.registry.get(id).await
     }
 
     /// A page of runs, newest first.
-    pub fn list(&self, query: &ListQuery) -> Page {
-        self.inner.store.list(query)
+    pub async fn list(&self, query: ListQuery) -> Result<Page, StoreError> {
+        self.inner.registry.list(query).await
     }
 
     /// Runs waiting for a slot now.
@@ -393,12 +407,8 @@ impl ModuleRunner {
     /// Cancel a run: a queued run becomes `cancelled` at once; a running one gets SIGTERM on
     /// its process group, then SIGKILL after `kill_grace`. Returns the run as it is now (it may
     /// still be `running` while its processes stop).
-    pub fn cancel(&self, id: RunId) -> Result<Run, CancelError> {
-        self.cancel_with(id, CancelReason::Request)
-    }
-
-    fn cancel_with(&self, id: RunId, reason: CancelReason) -> Result<Run, CancelError> {
-        let store = &self.inner.store;
+    pub async fn cancel(&self, id: RunId) -> Result<Run, CancelError> {
+        let registry = &self.inner.registry;
         let was_queued = {
             let mut s = self.inner.lock();
             if let Some(pos) = s.queue.iter().position(|p| p.id == id) {
@@ -406,49 +416,59 @@ impl ModuleRunner {
                 true
             } else {
                 if let Some(ctl) = s.active.get(&id) {
-                    let _ = ctl.reason.set(reason);
+                    let _ = ctl.reason.set(CancelReason::Request);
                     ctl.cancel.cancel();
                 }
                 false
             }
         };
         if was_queued {
-            if let Some(log) = store.output(id) {
-                log.close();
-            }
             let next = RunState::Finished {
                 started_at: None,
                 pid: None,
                 finished_at: SystemTime::now(),
-                outcome: Outcome::Cancelled { reason, exit: None },
+                outcome: Outcome::Cancelled {
+                    reason: CancelReason::Request,
+                    exit: None,
+                },
             };
-            return match store.transition(id, Expect::Queued, next) {
+            if let Some(log) = registry.live_log(id) {
+                log.close();
+            }
+            let result = registry.transition(id, Expect::Queued, next).await;
+            registry.retire(id);
+            return match result {
                 Ok(run) => Ok(run),
                 Err(StoreError::WrongState(run)) => Ok(*run),
-                Err(_) => Err(CancelError::NotFound(id)),
+                Err(StoreError::NotFound(_)) => Err(CancelError::NotFound(id)),
+                Err(e) => Err(CancelError::Store(e.to_string())),
             };
         }
-        match store.get(id) {
-            None => Err(CancelError::NotFound(id)),
-            Some(run) if run.state.is_finished() => {
+        match registry.get(id).await {
+            Ok(None) => Err(CancelError::NotFound(id)),
+            Ok(Some(run)) if run.state.is_finished() => {
                 Err(CancelError::AlreadyFinished(Box::new(run)))
             }
-            Some(run) => Ok(run),
+            Ok(Some(run)) => Ok(run),
+            Err(e) => Err(CancelError::Store(e.to_string())),
         }
     }
 
     /// Wait until a run has finished; `None` if there is no such run.
-    pub async fn wait(&self, id: RunId) -> Option<Run> {
-        let log = self.inner.store.output(id)?;
+    pub async fn wait(&self, id: RunId) -> Result<Option<Run>, StoreError> {
+        let registry = &self.inner.registry;
+        let Some(log) = registry.live_log(id) else {
+            return registry.get(id).await;
+        };
         let mut changes = log.subscribe();
         loop {
             changes.borrow_and_update();
-            let run = self.inner.store.get(id)?;
-            if run.state.is_finished() {
-                return Some(run);
+            match registry.get(id).await? {
+                Some(run) if !run.state.is_finished() => {}
+                other => return Ok(other),
             }
             if changes.changed().await.is_err() {
-                return self.inner.store.get(id);
+                return registry.get(id).await;
             }
         }
     }
@@ -470,6 +490,31 @@ impl ModuleRunner {
         tokio::time::timeout(limit, self.inner.tasks.wait())
             .await
             .is_ok()
+    }
+}
+
+/// After a crash: kill what is left of a lost run's process group (only processes that carry
+/// the run's marker; see the module docs of `process`). Returns how many were killed.
+pub fn kill_leftovers(run: &Run) -> usize {
+    match run.pid() {
+        Some(pgid) => process::kill_leftovers(&run.id.to_string(), pgid),
+        None => 0,
+    }
+}
+
+fn submit_error(e: StoreError) -> SubmitError {
+    match e {
+        StoreError::IdempotencyConflict => SubmitError::IdempotencyConflict,
+        other => SubmitError::Store(other.to_string()),
+    }
+}
+
+/// A queue place taken by a submission that is being recorded.
+struct Reservation<'a>(&'a Inner);
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.0.lock().reserved -= 1;
     }
 }
 
@@ -530,7 +575,7 @@ impl Inner {
 
 /// Records the run's progress as the process starts and stops.
 struct RunEvents {
-    store: Arc<dyn RunStore>,
+    registry: Arc<Registry>,
     id: RunId,
     started: Mutex<Option<(SystemTime, Option<u32>)>>,
 }
@@ -540,7 +585,7 @@ impl RunEvents {
         *self.started.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn mark_running(&self, pid: Option<u32>) {
+    async fn mark_running(&self, pid: Option<u32>) {
         let started_at = SystemTime::now();
         *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some((started_at, pid));
         let next = RunState::Running {
@@ -548,7 +593,11 @@ impl RunEvents {
             pid,
             stopping: false,
         };
-        if let Err(e) = self.store.transition(self.id, Expect::Queued, next) {
+        if let Err(e) = self
+            .registry
+            .transition(self.id, Expect::Queued, next)
+            .await
+        {
             tracing::warn!(error = %e, "cannot record the run as running");
         }
         tracing::info!(pid, "run started");
@@ -556,33 +605,39 @@ impl RunEvents {
 }
 
 impl ProcEvents for RunEvents {
-    fn spawned(&self, pid: u32) {
-        self.mark_running(Some(pid));
+    fn spawned(&self, pid: u32) -> process::EventFuture<'_> {
+        Box::pin(self.mark_running(Some(pid)))
     }
 
-    fn stopping(&self) {
-        if let Some((started_at, pid)) = self.started() {
-            let next = RunState::Running {
-                started_at,
-                pid,
-                stopping: true,
-            };
-            let _ = self.store.transition(self.id, Expect::Running, next);
-        }
+    fn stopping(&self) -> process::EventFuture<'_> {
+        Box::pin(async move {
+            if let Some((started_at, pid)) = self.started() {
+                let next = RunState::Running {
+                    started_at,
+                    pid,
+                    stopping: true,
+                };
+                let _ = self
+                    .registry
+                    .transition(self.id, Expect::Running, next)
+                    .await;
+            }
+        })
     }
 }
 
-/// One run's task: spawn, supervise, record the final status, release the slot.
+/// One run's task: spawn, supervise, persist the output and the final status, release the slot.
 async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control) {
     let Pending { id, req } = p;
-    let store = inner.store.clone();
-    let log = store.output(id).unwrap_or_else(|| {
-        // Active runs are never evicted, so this cannot happen; keep going with a detached log
-        // rather than leave the slot held.
+    let registry = inner.registry.clone();
+    let log = registry.live_log(id).unwrap_or_else(|| {
+        // A run holding a slot is live until this task retires it; keep going with a detached
+        // log rather than leave the slot held.
+        tracing::error!("run is not live in the registry");
         Arc::new(OutputLog::new(inner.settings.output))
     });
     let events = RunEvents {
-        store: store.clone(),
+        registry: registry.clone(),
         id,
         started: Mutex::new(None),
     };
@@ -594,18 +649,21 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control) {
     } else {
         let mode = req.mode.resolve();
         if mode == RunMode::DryRun {
-            events.mark_running(None);
+            events.mark_running(None).await;
         }
+        let mut env: Vec<(OsString, OsString)> = req
+            .env
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect();
+        // Marks every process of the run (inherited by grandchildren): what proves, after a
+        // crash, that a leftover process belongs to this run.
+        env.push(("MODRUN_RUN_ID".into(), id.to_string().into()));
         let spec = ProcSpec {
             program: OsString::from(&req.argv[0]),
             args: req.argv[1..].iter().map(OsString::from).collect(),
             cwd: req.cwd.clone(),
-            env: Some(
-                req.env
-                    .iter()
-                    .map(|(k, v)| (OsString::from(k), OsString::from(v)))
-                    .collect(),
-            ),
+            env: Some(env),
             stdin: req.stdin.clone().map(String::into_bytes),
         };
         let sup = Supervision {
@@ -634,6 +692,9 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control) {
         }
     };
     log.close();
+    if let Err(e) = registry.flush(id).await {
+        tracing::error!(error = %e, "cannot persist the run's output");
+    }
     let (started_at, pid) = match events.started() {
         Some((t, pid)) => (Some(t), pid),
         None => (None, None),
@@ -644,12 +705,13 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control) {
         finished_at: SystemTime::now(),
         outcome,
     };
-    match store.transition(id, Expect::Active, next) {
+    match registry.transition(id, Expect::Active, next).await {
         Ok(run) => {
-            tracing::info!(status = %run.status(), exit_code = run.exit_code(), "run finished")
+            tracing::info!(status = %run.status(), exit_code = run.exit_code(), "run finished");
         }
         Err(e) => tracing::error!(error = %e, "cannot record the run's final status"),
     }
+    registry.retire(id);
     inner.release(&inner, id, &req.module_id);
 }
 
@@ -666,45 +728,34 @@ impl RunHandle {
         self.id
     }
 
-    /// The run as it is now (`None` once evicted by retention).
-    pub fn run(&self) -> Option<Run> {
-        self.runner.get(self.id)
-    }
-
-    /// Its current status.
-    pub fn status(&self) -> Option<crate::run::RunStatus> {
-        self.run().map(|r| r.status())
-    }
-
-    /// Its output log.
-    pub fn output(&self) -> Option<Arc<OutputLog>> {
-        self.runner.store().output(self.id)
+    /// The run as it is now (`None` once purged by retention).
+    pub async fn run(&self) -> Option<Run> {
+        self.runner.get(self.id).await.ok().flatten()
     }
 
     /// Every output line with `seq > after`: the retained ones first, then live ones as they
     /// arrive; the stream ends when the run's output is complete.
     pub fn lines(&self, after: u64) -> impl FuturesStream<Item = Line> + Send + 'static {
-        let cursor = self.output().map(|log| Cursor::new(log, after));
+        let cursor = Cursor::new(self.runner.registry().clone(), self.id, after);
         futures_util::stream::unfold(
             (cursor, VecDeque::<Line>::new()),
-            |(cursor, mut buf)| async move {
-                let mut cursor = cursor?;
+            |(mut cursor, mut buf)| async move {
                 if buf.is_empty() {
                     buf.extend(cursor.next_batch(1024).await?);
                 }
                 let line = buf.pop_front()?;
-                Some((line, (Some(cursor), buf)))
+                Some((line, (cursor, buf)))
             },
         )
     }
 
     /// Cancel it (see [`ModuleRunner::cancel`]).
-    pub fn cancel(&self) -> Result<Run, CancelError> {
-        self.runner.cancel(self.id)
+    pub async fn cancel(&self) -> Result<Run, CancelError> {
+        self.runner.cancel(self.id).await
     }
 
-    /// Wait for its final status.
+    /// Wait for its final status (`None` if there is no such run).
     pub async fn wait(&self) -> Option<Run> {
-        self.runner.wait(self.id).await
+        self.runner.wait(self.id).await.ok().flatten()
     }
 }

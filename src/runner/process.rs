@@ -31,6 +31,11 @@ pub(crate) trait Sink: Send + Sync + 'static {
     fn write(&self, stream: Stream, data: &[u8]);
     /// The pipe reached EOF.
     fn eof(&self, stream: Stream);
+    /// False while the sink cannot take more for now: pipe readers pause (and so does the
+    /// child, once the pipe buffer is full) until it can.
+    fn has_room(&self) -> bool {
+        true
+    }
 }
 
 impl Sink for crate::output::OutputLog {
@@ -40,14 +45,26 @@ impl Sink for crate::output::OutputLog {
     fn eof(&self, stream: Stream) {
         self.finish_stream(stream);
     }
+    fn has_room(&self) -> bool {
+        crate::output::OutputLog::has_room(self)
+    }
 }
+
+/// How often a paused pipe reader checks for room again.
+const ROOM_POLL: Duration = Duration::from_millis(2);
+
+/// What [`ProcEvents`] hooks return.
+pub(crate) type EventFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 /// Hooks called while a process runs.
 pub(crate) trait ProcEvents: Send + Sync {
     /// The process started with this pid (also its process-group id).
-    fn spawned(&self, pid: u32);
+    fn spawned(&self, pid: u32) -> EventFuture<'_>;
     /// A stop (cancel or timeout) has begun: SIGTERM was sent.
-    fn stopping(&self) {}
+    fn stopping(&self) -> EventFuture<'_> {
+        Box::pin(async {})
+    }
 }
 
 /// What to run.
@@ -310,6 +327,46 @@ pub(crate) fn signal_group(pgid: u32, sig: Signal) {
     }
 }
 
+/// After a crash: SIGKILL what is left of a lost run's process group, but only the processes
+/// that prove they belong to the run: same process group *and* the run's `MODRUN_RUN_ID` in
+/// their environment (PIDs are reused; a marker is not). Returns how many were signalled.
+pub(crate) fn kill_leftovers(run_id: &str, pgid: u32) -> usize {
+    let marker = format!("MODRUN_RUN_ID={run_id}");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // After the ")" that closes the command name: state ppid pgrp ...
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        if fields.len() < 3 || fields[0] == "Z" || fields[2].parse::<u32>().ok() != Some(pgid) {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|b| *b == 0).any(|v| v == marker.as_bytes())
+            && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
+        {
+            killed += 1;
+        }
+    }
+    killed
+}
+
 /// SIGKILLs the group when dropped while armed: the safety net that makes dropping a running
 /// [`run_process`] future leave no process behind.
 struct GroupGuard {
@@ -387,8 +444,8 @@ where
         () = sup.cancel.cancelled() => Stopped::Cancelled,
         () = sleep_or_forever(sup.timeout) => Stopped::TimedOut,
     };
-    events.stopping();
     signal_group(pgid, Signal::SIGTERM);
+    events.stopping().await;
     tokio::select! {
         status = &mut exit => return status.map(|s| (s, Some(stopped))),
         () = tokio::time::sleep(sup.kill_grace) => {}
@@ -414,6 +471,9 @@ async fn pump<R: AsyncRead + Unpin>(mut r: R, stream: Stream, sink: &dyn Sink) {
     // Reused read buffer; a read never returns more than its size.
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        while !sink.has_room() {
+            tokio::time::sleep(ROOM_POLL).await;
+        }
         match r.read(&mut buf).await {
             Ok(0) => break,
             Ok(n) => sink.write(stream, &buf[..n]),
@@ -439,7 +499,7 @@ async fn run_async(
     let mut child = cmd.spawn().map_err(|e| spawn_error(program, &e))?;
     let pid = child.id().expect("a freshly spawned child has a pid");
     let mut guard = GroupGuard::new(pid);
-    events.spawned(pid);
+    events.spawned(pid).await;
 
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
@@ -493,6 +553,9 @@ fn blocking_pump(r: impl Read + Send + 'static, stream: Stream, sink: Arc<dyn Si
     let mut r = r;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        while !sink.has_room() {
+            std::thread::sleep(ROOM_POLL);
+        }
         match r.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => sink.write(stream, &buf[..n]),
@@ -515,7 +578,7 @@ async fn run_threaded(
         .map_err(|e| spawn_error(program, &e))?;
     let pid = child.id();
     let mut guard = GroupGuard::new(pid);
-    events.spawned(pid);
+    events.spawned(pid).await;
 
     let mut pumps = Vec::new();
     if let Some(o) = child.stdout.take() {
@@ -596,7 +659,7 @@ async fn run_local(
         return Err(spawn_error(program, &err));
     };
     let mut guard = GroupGuard::new(pid);
-    events.spawned(pid);
+    events.spawned(pid).await;
     let (out_tx, out_rx) = std::sync::mpsc::sync_channel(1);
     let exit = async {
         match work.await {

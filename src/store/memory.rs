@@ -1,53 +1,50 @@
-//! The in-memory store: records in an ordered map (UUID v7 ids sort by creation), output logs
-//! beside them, and retention by count of finished runs.
+//! The in-memory store (`storage.path = ""`): records in an ordered map (UUID v7 ids sort by
+//! creation), output beside them, retention by count and age. Nothing survives a restart.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
 
-use super::{Created, Expect, IdempotencyKey, ListQuery, Page, RunStore, StoreError};
-use crate::output::OutputLog;
-use crate::run::{Run, RunId, RunState};
+use super::{
+    Created, Expect, IdempotencyKey, ListQuery, NewRun, Page, Recovered, Retention, RunStore,
+    StoreError, StoreFuture,
+};
+use crate::run::{Line, Run, RunId, RunState};
 
-/// Everything in memory; nothing survives a restart.
-#[derive(Debug)]
+/// Everything in memory.
+#[derive(Debug, Default)]
 pub struct MemoryStore {
-    /// One lock for records, finish order and keys, so that check-and-transition and eviction
-    /// are atomic. A std mutex: critical sections are map operations and clones, never I/O or
-    /// `.await`.
+    /// Records, output and keys under one lock, so that check-and-transition is atomic. A std
+    /// mutex: critical sections are map operations and clones, never I/O or `.await`.
     inner: Mutex<Inner>,
-    keep_runs: usize,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     runs: BTreeMap<RunId, Entry>,
-    /// Finished runs, oldest finish first. Bounded: trimmed to `keep_runs` on every finish.
-    finished: VecDeque<RunId>,
     keys: HashMap<String, (u64, RunId)>,
 }
 
 #[derive(Debug)]
 struct Entry {
     run: Run,
-    output: Arc<OutputLog>,
+    /// Bounded by the run's output budget (`output.max_run_bytes`), enforced upstream.
+    lines: Vec<Line>,
     key: Option<String>,
 }
 
 impl Entry {
     fn snapshot(&self) -> Run {
         let mut run = self.run.clone();
-        run.output_lines = self.output.last_seq();
+        run.output_lines = self.lines.len() as u64;
         run
     }
 }
 
 impl MemoryStore {
-    /// An empty store keeping at most `keep_runs` finished runs.
-    pub fn new(keep_runs: usize) -> Self {
-        Self {
-            inner: Mutex::default(),
-            keep_runs,
-        }
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -56,19 +53,6 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn evict(&mut self, keep: usize) {
-        while self.finished.len() > keep {
-            let Some(id) = self.finished.pop_front() else {
-                break;
-            };
-            if let Some(entry) = self.runs.remove(&id)
-                && let Some(key) = entry.key
-            {
-                self.keys.remove(&key);
-            }
-        }
-    }
-
     fn by_key(&self, key: &IdempotencyKey) -> Result<Option<Run>, StoreError> {
         match self.keys.get(&key.key) {
             None => Ok(None),
@@ -76,75 +60,90 @@ impl Inner {
             Some((_, id)) => Ok(self.runs.get(id).map(Entry::snapshot)),
         }
     }
+
+    fn remove(&mut self, id: RunId) {
+        if let Some(entry) = self.runs.remove(&id)
+            && let Some(key) = entry.key
+        {
+            self.keys.remove(&key);
+        }
+    }
+}
+
+fn ready<T: Send + 'static>(r: Result<T, StoreError>) -> StoreFuture<'static, T> {
+    Box::pin(std::future::ready(r))
 }
 
 impl RunStore for MemoryStore {
-    fn create(
-        &self,
-        run: Run,
-        output: Arc<OutputLog>,
-        key: Option<IdempotencyKey>,
-    ) -> Result<Created, StoreError> {
+    fn create(&self, new: NewRun) -> StoreFuture<'_, Created> {
         let mut inner = self.lock();
-        if let Some(k) = &key {
-            if let Some(existing) = inner.by_key(k)? {
-                return Ok(Created::Existing(existing));
+        if let Some(k) = &new.key {
+            match inner.by_key(k) {
+                Err(e) => return ready(Err(e)),
+                Ok(Some(existing)) => return ready(Ok(Created::Existing(existing))),
+                Ok(None) => {
+                    inner
+                        .keys
+                        .insert(k.key.clone(), (k.fingerprint, new.run.id));
+                }
             }
-            inner.keys.insert(k.key.clone(), (k.fingerprint, run.id));
         }
-        let finished = run.state.is_finished();
-        let id = run.id;
+        let id = new.run.id;
         let entry = Entry {
-            run,
-            output,
-            key: key.map(|k| k.key),
+            run: new.run,
+            lines: Vec::new(),
+            key: new.key.map(|k| k.key),
         };
         let snapshot = entry.snapshot();
         inner.runs.insert(id, entry);
-        if finished {
-            inner.finished.push_back(id);
-            inner.evict(self.keep_runs);
-        }
-        Ok(Created::New(snapshot))
+        ready(Ok(Created::New(snapshot)))
     }
 
-    fn find_idempotent(&self, key: &IdempotencyKey) -> Result<Option<Run>, StoreError> {
-        self.lock().by_key(key)
+    fn find_idempotent(&self, key: &IdempotencyKey) -> StoreFuture<'_, Option<Run>> {
+        ready(self.lock().by_key(key))
     }
 
-    fn get(&self, id: RunId) -> Option<Run> {
-        self.lock().runs.get(&id).map(Entry::snapshot)
+    fn get(&self, id: RunId) -> StoreFuture<'_, Option<Run>> {
+        ready(Ok(self.lock().runs.get(&id).map(Entry::snapshot)))
     }
 
-    fn output(&self, id: RunId) -> Option<Arc<OutputLog>> {
-        self.lock().runs.get(&id).map(|e| e.output.clone())
-    }
-
-    fn transition(&self, id: RunId, expect: Expect, next: RunState) -> Result<Run, StoreError> {
-        let (snapshot, output) = {
-            let mut inner = self.lock();
-            let entry = inner.runs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
-            if !expect.allows(&entry.run.state) {
-                return Err(StoreError::WrongState(Box::new(entry.snapshot())));
-            }
-            let finished = next.is_finished();
-            entry.run.state = next;
-            if finished {
-                entry.run.output_lines = entry.output.last_seq();
-            }
-            let snapshot = entry.snapshot();
-            let output = entry.output.clone();
-            if finished {
-                inner.finished.push_back(id);
-                inner.evict(self.keep_runs);
-            }
-            (snapshot, output)
+    fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, Run> {
+        let mut inner = self.lock();
+        let Some(entry) = inner.runs.get_mut(&id) else {
+            return ready(Err(StoreError::NotFound(id)));
         };
-        output.touch();
-        Ok(snapshot)
+        if !expect.allows(&entry.run.state) {
+            return ready(Err(StoreError::WrongState(Box::new(entry.snapshot()))));
+        }
+        entry.run.state = next;
+        ready(Ok(entry.snapshot()))
     }
 
-    fn list(&self, query: &ListQuery) -> Page {
+    fn append_output(&self, id: RunId, lines: Vec<Line>) -> StoreFuture<'_, ()> {
+        let mut inner = self.lock();
+        let Some(entry) = inner.runs.get_mut(&id) else {
+            return ready(Err(StoreError::NotFound(id)));
+        };
+        let have = entry.lines.len() as u64;
+        entry
+            .lines
+            .extend(lines.into_iter().filter(|l| l.seq > have));
+        ready(Ok(()))
+    }
+
+    fn read_output(&self, id: RunId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Line>> {
+        let inner = self.lock();
+        let Some(entry) = inner.runs.get(&id) else {
+            return ready(Err(StoreError::NotFound(id)));
+        };
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(entry.lines.len());
+        let end = start.saturating_add(limit).min(entry.lines.len());
+        ready(Ok(entry.lines[start..end].to_vec()))
+    }
+
+    fn list(&self, query: ListQuery) -> StoreFuture<'_, Page> {
         let inner = self.lock();
         let upper = match query.before {
             Some(c) => std::ops::Bound::Excluded(c),
@@ -162,13 +161,10 @@ impl RunStore for MemoryStore {
                 .module_id
                 .as_ref()
                 .is_some_and(|m| *m != entry.run.module_id)
-            {
-                continue;
-            }
-            if query
-                .statuses
-                .as_ref()
-                .is_some_and(|s| !s.contains(&entry.run.status()))
+                || query
+                    .statuses
+                    .as_ref()
+                    .is_some_and(|s| !s.contains(&entry.run.status()))
             {
                 continue;
             }
@@ -183,16 +179,42 @@ impl RunStore for MemoryStore {
         } else {
             None
         };
-        Page { runs, next_cursor }
+        ready(Ok(Page { runs, next_cursor }))
+    }
+
+    fn purge(&self, policy: Retention, now: SystemTime) -> StoreFuture<'_, usize> {
+        let mut inner = self.lock();
+        let mut finished: Vec<(SystemTime, RunId)> = inner
+            .runs
+            .values()
+            .filter_map(|e| e.run.finished_at().map(|t| (t, e.run.id)))
+            .collect();
+        finished.sort_unstable();
+        let over = finished.len().saturating_sub(policy.keep_runs);
+        let cutoff = now.checked_sub(policy.keep_for);
+        let doomed: Vec<RunId> = finished
+            .iter()
+            .enumerate()
+            .filter(|(i, (t, _))| *i < over || cutoff.is_some_and(|c| *t < c))
+            .map(|(_, (_, id))| *id)
+            .collect();
+        for id in &doomed {
+            inner.remove(*id);
+        }
+        ready(Ok(doomed.len()))
+    }
+
+    fn recover(&self) -> StoreFuture<'_, Recovered> {
+        ready(Ok(Recovered::default()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::output::OutputLimits;
-    use crate::run::{Outcome, RunMode, RunStatus};
-    use std::time::{Duration, SystemTime};
+    use crate::run::{Outcome, RunMode, RunStatus, Stream};
+    use std::sync::Arc;
+    use std::time::Duration;
 
     fn run(module: &str) -> Run {
         Run {
@@ -209,97 +231,135 @@ mod tests {
         }
     }
 
-    fn log() -> Arc<OutputLog> {
-        Arc::new(OutputLog::new(OutputLimits {
-            max_line_bytes: 100,
-            max_run_bytes: 100,
-        }))
+    fn new(run: Run, key: Option<&str>) -> NewRun {
+        NewRun {
+            run,
+            key: key.map(|k| IdempotencyKey {
+                key: k.into(),
+                fingerprint: 1,
+            }),
+            stdin: None,
+        }
     }
 
-    fn finished() -> RunState {
+    fn finished_at(t: SystemTime) -> RunState {
         RunState::Finished {
             started_at: None,
             pid: None,
-            finished_at: SystemTime::now(),
+            finished_at: t,
             outcome: Outcome::Lost,
         }
     }
 
-    #[test]
-    fn transitions_check_the_current_state() {
-        let s = MemoryStore::new(10);
+    #[tokio::test]
+    async fn transitions_check_the_current_state() {
+        let s = MemoryStore::new();
         let r = run("a");
         let id = r.id;
-        s.create(r, log(), None).unwrap();
-        let err = s.transition(id, Expect::Running, finished()).unwrap_err();
+        s.create(new(r, None)).await.unwrap();
+        let err = s
+            .transition(id, Expect::Running, finished_at(SystemTime::now()))
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::WrongState(_)));
-        s.transition(id, Expect::Active, finished()).unwrap();
-        let err = s.transition(id, Expect::Active, finished()).unwrap_err();
+        s.transition(id, Expect::Active, finished_at(SystemTime::now()))
+            .await
+            .unwrap();
+        let err = s
+            .transition(id, Expect::Active, finished_at(SystemTime::now()))
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::WrongState(r) if r.status() == RunStatus::Lost));
     }
 
-    #[test]
-    fn oldest_finished_runs_are_evicted_with_their_keys() {
-        let s = MemoryStore::new(2);
-        let mut ids = vec![];
-        for i in 0..4 {
-            let r = run("a");
-            ids.push(r.id);
-            let key = IdempotencyKey {
-                key: format!("k{i}"),
-                fingerprint: 1,
-            };
-            s.create(r, log(), Some(key)).unwrap();
-        }
-        let queued = ids[0];
-        for id in &ids[1..] {
-            s.transition(*id, Expect::Active, finished()).unwrap();
-        }
-        assert!(s.get(queued).is_some(), "active runs are never evicted");
-        assert!(s.get(ids[1]).is_none());
-        assert!(s.get(ids[2]).is_some() && s.get(ids[3]).is_some());
-        let k1 = IdempotencyKey {
-            key: "k1".into(),
-            fingerprint: 2,
+    #[tokio::test]
+    async fn output_appends_are_idempotent() {
+        let s = MemoryStore::new();
+        let r = run("a");
+        let id = r.id;
+        s.create(new(r, None)).await.unwrap();
+        let line = |seq| Line {
+            seq,
+            stream: Stream::Stdout,
+            ts: SystemTime::now(),
+            text: Arc::from(format!("l{seq}")),
         };
-        assert!(s.find_idempotent(&k1).unwrap().is_none());
+        s.append_output(id, vec![line(1), line(2)]).await.unwrap();
+        s.append_output(id, vec![line(2), line(3)]).await.unwrap();
+        let got: Vec<u64> = s
+            .read_output(id, 1, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| l.seq)
+            .collect();
+        assert_eq!(got, [2, 3]);
+        assert_eq!(s.get(id).await.unwrap().unwrap().output_lines, 3);
     }
 
-    #[test]
-    fn listing_pages_newest_first_with_filters() {
-        let s = MemoryStore::new(100);
+    #[tokio::test]
+    async fn purge_by_count_and_age_keeps_active_runs() {
+        let s = MemoryStore::new();
+        let now = SystemTime::now();
+        let mut ids = vec![];
+        for _ in 0..5 {
+            let r = run("a");
+            ids.push(r.id);
+            s.create(new(r, Some(&format!("k{}", ids.len()))))
+                .await
+                .unwrap();
+        }
+        // ids[0] stays queued; the others finished 40, 30, 20, 10 s ago.
+        for (i, id) in ids[1..].iter().enumerate() {
+            let t = now - Duration::from_secs(40 - 10 * i as u64);
+            s.transition(*id, Expect::Active, finished_at(t))
+                .await
+                .unwrap();
+        }
+        let policy = Retention {
+            keep_runs: 3,
+            keep_for: Duration::from_secs(25),
+        };
+        assert_eq!(s.purge(policy, now).await.unwrap(), 2);
+        assert!(s.get(ids[0]).await.unwrap().is_some(), "active runs stay");
+        assert!(s.get(ids[1]).await.unwrap().is_none());
+        assert!(s.get(ids[2]).await.unwrap().is_none());
+        assert!(s.get(ids[3]).await.unwrap().is_some());
+        let k2 = IdempotencyKey {
+            key: "k2".into(),
+            fingerprint: 9,
+        };
+        assert!(
+            s.find_idempotent(&k2).await.unwrap().is_none(),
+            "keys go too"
+        );
+    }
+
+    #[tokio::test]
+    async fn listing_pages_newest_first_with_filters() {
+        let s = MemoryStore::new();
         let mut ids = vec![];
         for i in 0..7 {
             let r = run(if i % 2 == 0 { "even" } else { "odd" });
             ids.push(r.id);
-            s.create(r, log(), None).unwrap();
+            s.create(new(r, None)).await.unwrap();
         }
-        let q = |before, module: Option<&str>| ListQuery {
+        let q = |before, module: Option<&str>, limit| ListQuery {
             statuses: None,
             module_id: module.map(String::from),
             before,
-            limit: 2,
+            limit,
         };
-        let p1 = s.list(&q(None, None));
-        assert_eq!(
-            p1.runs.iter().map(|r| r.id).collect::<Vec<_>>(),
-            [ids[6], ids[5]]
-        );
-        let p2 = s.list(&q(p1.next_cursor, None));
-        assert_eq!(
-            p2.runs.iter().map(|r| r.id).collect::<Vec<_>>(),
-            [ids[4], ids[3]]
-        );
-        let odd = s.list(&ListQuery {
-            limit: 10,
-            ..q(None, Some("odd"))
-        });
+        let p1 = s.list(q(None, None, 2)).await.unwrap();
+        let p1_ids: Vec<RunId> = p1.runs.iter().map(|r| r.id).collect();
+        assert_eq!(p1_ids, [ids[6], ids[5]]);
+        let p2 = s.list(q(p1.next_cursor, None, 2)).await.unwrap();
+        let p2_ids: Vec<RunId> = p2.runs.iter().map(|r| r.id).collect();
+        assert_eq!(p2_ids, [ids[4], ids[3]]);
+        let odd = s.list(q(None, Some("odd"), 10)).await.unwrap();
         assert_eq!(odd.runs.len(), 3);
         assert!(odd.next_cursor.is_none());
-        let last = s.list(&ListQuery {
-            limit: 1,
-            ..q(Some(ids[1]), None)
-        });
+        let last = s.list(q(Some(ids[1]), None, 1)).await.unwrap();
         assert_eq!(last.runs[0].id, ids[0]);
         assert!(last.next_cursor.is_none());
     }

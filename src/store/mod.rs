@@ -1,19 +1,25 @@
-//! Run records behind a trait, so that the engine can change (memory today; an embedded
-//! database and a shared PostgreSQL later) without touching the runner or the HTTP layer.
+//! Persistence of run records and their output, behind a trait, so that the engine can change
+//! (memory, embedded SQLite, a shared PostgreSQL later) without touching the runner or HTTP.
 //!
 //! The operations are the ones a *shared* store also needs: create (with an idempotency key),
-//! get, check-and-transition, list with filters and a cursor, and retention. Implementations
-//! must be quick (no network round trip per call on the hot path) or do their slow work off the
-//! async threads; methods never block on one another for long.
+//! transition with a check of the expected current state, append an output batch, read output
+//! after a seq, list with filters and a cursor, purge, and recovery at start-up. They are async
+//! so that an implementation may do I/O; none of them may block an async thread.
 
 mod memory;
+mod sqlite;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
 
 pub use memory::MemoryStore;
+pub use sqlite::{OpenError, SCHEMA_VERSION, SqliteStore};
 
-use crate::output::OutputLog;
-use crate::run::{Run, RunId, RunState, RunStatus};
+use crate::run::{Line, Run, RunId, RunState, RunStatus};
+
+/// What store methods return.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// A client's idempotency key with a fingerprint of the request body it came with.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -22,6 +28,18 @@ pub struct IdempotencyKey {
     pub key: String,
     /// A hash of the canonical JSON of the request body.
     pub fingerprint: u64,
+}
+
+/// A run to record.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// The record (state `queued`).
+    pub run: Run,
+    /// Its idempotency key, if the client sent one.
+    pub key: Option<IdempotencyKey>,
+    /// Text for the child's stdin, kept until the run starts (so a queued run survives a
+    /// restart).
+    pub stdin: Option<String>,
 }
 
 /// What [`RunStore::create`] did.
@@ -45,7 +63,8 @@ pub enum Expect {
 }
 
 impl Expect {
-    fn allows(self, state: &RunState) -> bool {
+    /// True if `state` may be left by such a transition.
+    pub fn allows(self, state: &RunState) -> bool {
         matches!(
             (self, state),
             (Expect::Queued | Expect::Active, RunState::Queued)
@@ -76,10 +95,28 @@ pub struct Page {
     pub next_cursor: Option<RunId>,
 }
 
+/// How long finished runs are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// At most this many finished runs; the oldest finished go first.
+    pub keep_runs: usize,
+    /// Finished runs older than this go.
+    pub keep_for: Duration,
+}
+
+/// What a store held for runs that were active when modrun last stopped.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    /// Runs that were `running`: now `lost` (with their pid, for cleaning up their group).
+    pub lost: Vec<Run>,
+    /// Runs still `queued`, oldest first, with their stdin.
+    pub queued: Vec<(Run, Option<String>)>,
+}
+
 /// Store failures.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// No such run (never existed, or evicted by retention).
+    /// No such run (never existed, or purged by retention).
     #[error("run {0} not found")]
     NotFound(RunId),
     /// The run is not in a state the transition may start from.
@@ -88,32 +125,45 @@ pub enum StoreError {
     /// The idempotency key was used with a different request body.
     #[error("the idempotency key was already used with a different request")]
     IdempotencyConflict,
+    /// The engine failed (I/O, corruption, ...).
+    #[error("run store: {0}")]
+    Backend(String),
 }
 
 /// Persistence of run records and their output.
 pub trait RunStore: Send + Sync + 'static {
-    /// Record a new run with its output log. With a key already known for an equal body, return
-    /// that run instead; with a different body, [`StoreError::IdempotencyConflict`].
-    fn create(
-        &self,
-        run: Run,
-        output: Arc<OutputLog>,
-        key: Option<IdempotencyKey>,
-    ) -> Result<Created, StoreError>;
+    /// Record a new run. With a key already known for an equal body, return that run instead;
+    /// with a different body, [`StoreError::IdempotencyConflict`]. Durable when it returns.
+    fn create(&self, new: NewRun) -> StoreFuture<'_, Created>;
 
     /// The run a key was used for, if it is still retained.
-    fn find_idempotent(&self, key: &IdempotencyKey) -> Result<Option<Run>, StoreError>;
+    fn find_idempotent(&self, key: &IdempotencyKey) -> StoreFuture<'_, Option<Run>>;
 
     /// A run by id.
-    fn get(&self, id: RunId) -> Option<Run>;
+    fn get(&self, id: RunId) -> StoreFuture<'_, Option<Run>>;
 
-    /// A run's output log.
-    fn output(&self, id: RunId) -> Option<Arc<OutputLog>>;
+    /// Move a run to `next` if its state is one `expect` allows, atomically. Durable when it
+    /// returns.
+    fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, Run>;
 
-    /// Move a run to `next` if its state is one `expect` allows, in one step; wakes the run's
-    /// readers. Finishing a run may evict the oldest finished runs past the retention limit.
-    fn transition(&self, id: RunId, expect: Expect, next: RunState) -> Result<Run, StoreError>;
+    /// Append output lines (in seq order). Lines at or below a seq already stored are ignored,
+    /// so a batch can be retried safely.
+    fn append_output(&self, id: RunId, lines: Vec<Line>) -> StoreFuture<'_, ()>;
+
+    /// Up to `limit` stored lines with `seq > after`, in order.
+    fn read_output(&self, id: RunId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Line>>;
 
     /// A page of runs, newest first.
-    fn list(&self, query: &ListQuery) -> Page;
+    fn list(&self, query: ListQuery) -> StoreFuture<'_, Page>;
+
+    /// Delete finished runs (with their output) past the policy, oldest finished first, in
+    /// batches; returns how many went.
+    fn purge(&self, policy: Retention, now: SystemTime) -> StoreFuture<'_, usize>;
+
+    /// At start-up: mark runs that were `running` as `lost`, and return them with the runs that
+    /// are still `queued`.
+    fn recover(&self) -> StoreFuture<'_, Recovered>;
 }
+
+/// The error sentence of a lost run.
+pub const LOST_MESSAGE: &str = "modrun stopped while the run was executing";

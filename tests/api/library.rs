@@ -392,7 +392,7 @@ async fn embedded_module_runner() {
     });
     let mut req = RunRequest::new("demo", ["sh", "-c", "echo one; echo two >&2; echo three"]);
     req.timeout = Duration::from_secs(10);
-    let h = runner.submit(req).unwrap().into_handle();
+    let h = runner.submit(req).await.unwrap().into_handle();
     let lines: Vec<_> = h.lines(0).collect().await;
     let texts: Vec<(u64, Stream, &str)> =
         lines.iter().map(|l| (l.seq, l.stream, &*l.text)).collect();
@@ -411,15 +411,19 @@ async fn embedded_module_runner() {
             "stubborn",
             ["sh", "-c", "trap '' TERM; echo ready; sleep 30"],
         ))
+        .await
         .unwrap()
         .into_handle();
     let mut live = std::pin::pin!(h.lines(0));
     assert_eq!(&*live.next().await.unwrap().text, "ready");
-    let pgid = h.run().unwrap().pid().unwrap() as u64;
-    h.cancel().unwrap();
+    let pgid = h.run().await.unwrap().pid().unwrap() as u64;
+    h.cancel().await.unwrap();
     let run = h.wait().await.unwrap();
     assert_eq!(run.status(), RunStatus::Cancelled);
     assert_eq!(run.signal(), Some(9), "SIGKILL after the grace period");
     assert!(group_members(pgid).is_empty());
-    assert!(h.cancel().is_err(), "finished runs cannot be cancelled");
+    assert!(
+        h.cancel().await.is_err(),
+        "finished runs cannot be cancelled"
+    );
 }

@@ -1,0 +1,355 @@
+//! The registry: live runs in memory in front of the store.
+//!
+//! A run is *live* from creation until its final status and all its output are persisted: its
+//! record and its [`OutputLog`] sit in a map here, so that the hot path (pipe readers, SSE
+//! readers, status reads) never waits on the store. Everything else comes from the store.
+//!
+//! - Record changes go to the store first and are applied here once durable, so whatever a
+//!   client is shown survives a crash.
+//! - Output is persisted by a flusher task every [`FLUSH_EVERY`] (and at the end of each run),
+//!   in batches; a log then keeps only a window of persisted lines, and readers that fall
+//!   behind it read from the store. A crash loses at most the last flush interval of output.
+//! - A purger task applies retention in batches.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::output::{Evicted, OutputLimits, OutputLog};
+use crate::run::{Line, Run, RunId, RunState};
+use crate::store::{
+    Created, Expect, IdempotencyKey, ListQuery, NewRun, Page, Retention, RunStore, StoreError,
+};
+
+/// How often live output is persisted.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// Lines per append batch.
+const FLUSH_BATCH: usize = 8192;
+/// How often retention runs.
+const PURGE_EVERY: Duration = Duration::from_secs(1);
+
+/// Live runs in front of a store.
+pub struct Registry {
+    store: Arc<dyn RunStore>,
+    /// Live runs. A std mutex: sections are map operations and clones, never I/O or `.await`.
+    /// Bounded: queued runs (at most `max_queued`) plus runs holding a slot.
+    live: Mutex<HashMap<RunId, Live>>,
+    limits: OutputLimits,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+struct Live {
+    run: Run,
+    log: Arc<OutputLog>,
+}
+
+impl Live {
+    fn snapshot(&self) -> Run {
+        let mut run = self.run.clone();
+        run.output_lines = self.log.last_seq();
+        run
+    }
+}
+
+impl Registry {
+    /// A registry over `store`, with output `limits` for new runs.
+    pub fn new(store: Arc<dyn RunStore>, limits: OutputLimits) -> Self {
+        Self {
+            store,
+            live: Mutex::new(HashMap::new()),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<RunId, Live>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The store behind it.
+    pub fn store(&self) -> &Arc<dyn RunStore> {
+        &self.store
+    }
+
+    /// Record a new run (durably) and make it live.
+    pub async fn create(&self, new: NewRun) -> Result<Created, StoreError> {
+        let created = self.store.create(new).await?;
+        if let Created::New(run) = &created {
+            self.adopt(run.clone());
+        }
+        Ok(created)
+    }
+
+    /// Make a stored run live again (a queued run found at start-up).
+    pub fn adopt(&self, run: Run) {
+        let log = Arc::new(OutputLog::new(self.limits));
+        self.lock().insert(run.id, Live { run, log });
+    }
+
+    /// The run a key was used for.
+    pub async fn find_idempotent(&self, key: &IdempotencyKey) -> Result<Option<Run>, StoreError> {
+        self.store.find_idempotent(key).await
+    }
+
+    /// A run as it is now.
+    pub async fn get(&self, id: RunId) -> Result<Option<Run>, StoreError> {
+        if let Some(live) = self.lock().get(&id) {
+            return Ok(Some(live.snapshot()));
+        }
+        self.store.get(id).await
+    }
+
+    /// The output log of a live run.
+    pub fn live_log(&self, id: RunId) -> Option<Arc<OutputLog>> {
+        self.lock().get(&id).map(|l| l.log.clone())
+    }
+
+    /// Move a run to `next` if its state is one `expect` allows: checked here, then in the
+    /// store; applied here once durable. Wakes the run's readers.
+    pub async fn transition(
+        &self,
+        id: RunId,
+        expect: Expect,
+        next: RunState,
+    ) -> Result<Run, StoreError> {
+        if let Some(live) = self.lock().get(&id)
+            && !expect.allows(&live.run.state)
+        {
+            return Err(StoreError::WrongState(Box::new(live.snapshot())));
+        }
+        let stored = self.store.transition(id, expect, next.clone()).await?;
+        let (run, log) = {
+            let mut map = self.lock();
+            match map.get_mut(&id) {
+                Some(live) => {
+                    live.run.state = next;
+                    (live.snapshot(), Some(live.log.clone()))
+                }
+                None => (stored, None),
+            }
+        };
+        if let Some(log) = log {
+            log.touch();
+        }
+        Ok(run)
+    }
+
+    /// A run is finished and its output persisted: serve it from the store from now on.
+    /// (Readers holding its log keep it.)
+    pub fn retire(&self, id: RunId) {
+        self.lock().remove(&id);
+    }
+
+    /// Up to `limit` lines of a run with `seq > after`; `None` if there is no such run.
+    pub async fn read_output(
+        &self,
+        id: RunId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Option<Vec<Line>>, StoreError> {
+        if let Some(log) = self.live_log(id) {
+            return match log.read_after(after, limit) {
+                Ok(lines) => Ok(Some(lines)),
+                Err(Evicted) => self.store.read_output(id, after, limit).await.map(Some),
+            };
+        }
+        if self.store.get(id).await?.is_none() {
+            return Ok(None);
+        }
+        self.store.read_output(id, after, limit).await.map(Some)
+    }
+
+    /// A page of runs, newest first (live runs show their current line count).
+    pub async fn list(&self, query: ListQuery) -> Result<Page, StoreError> {
+        let mut page = self.store.list(query).await?;
+        let map = self.lock();
+        for run in &mut page.runs {
+            if let Some(live) = map.get(&run.id) {
+                *run = live.snapshot();
+            }
+        }
+        Ok(page)
+    }
+
+    /// Persist the output a live run has not persisted yet.
+    pub async fn flush(&self, id: RunId) -> Result<(), StoreError> {
+        let Some(log) = self.live_log(id) else {
+            return Ok(());
+        };
+        flush_log(&*self.store, id, &log).await
+    }
+
+    /// Persist every live run's pending output, once.
+    pub async fn flush_all(&self) {
+        let logs: Vec<(RunId, Arc<OutputLog>)> = self
+            .lock()
+            .iter()
+            .map(|(id, l)| (*id, l.log.clone()))
+            .collect();
+        for (id, log) in logs {
+            if let Err(e) = flush_log(&*self.store, id, &log).await {
+                tracing::warn!(run_id = %id, error = %e, "cannot persist output; will retry");
+            }
+        }
+    }
+
+    /// Flush every [`FLUSH_EVERY`] until `stop` fires, then once more.
+    pub async fn flush_loop(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(FLUSH_EVERY) => self.flush_all().await,
+                () = stop.cancelled() => break,
+            }
+        }
+        self.flush_all().await;
+    }
+
+    /// Apply retention every [`PURGE_EVERY`] until `stop` fires.
+    pub async fn purge_loop(self: Arc<Self>, policy: Retention, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(PURGE_EVERY) => {}
+                () = stop.cancelled() => return,
+            }
+            loop {
+                match self.store.purge(policy, SystemTime::now()).await {
+                    Ok(0) => break,
+                    Ok(n) => tracing::debug!(removed = n, "retention purge"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention purge failed");
+                        break;
+                    }
+                }
+                if stop.is_cancelled() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn flush_log(store: &dyn RunStore, id: RunId, log: &OutputLog) -> Result<(), StoreError> {
+    loop {
+        let batch = log.unflushed(FLUSH_BATCH);
+        let Some(last) = batch.last().map(|l| l.seq) else {
+            return Ok(());
+        };
+        let full = batch.len() == FLUSH_BATCH;
+        store.append_output(id, batch).await?;
+        log.mark_flushed(last);
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// A reader's position in a run's output: replay from any seq (from memory or the store),
+/// then live, with no gap and no duplicate.
+pub struct Cursor {
+    registry: Arc<Registry>,
+    id: RunId,
+    log: Option<Arc<OutputLog>>,
+    changes: Option<watch::Receiver<u64>>,
+    after: u64,
+}
+
+impl Cursor {
+    /// Start reading a run's output after line `after` (0 for the beginning).
+    pub fn new(registry: Arc<Registry>, id: RunId, after: u64) -> Self {
+        let log = registry.live_log(id);
+        let changes = log.as_ref().map(|l| l.subscribe());
+        Self {
+            registry,
+            id,
+            log,
+            changes,
+            after,
+        }
+    }
+
+    /// The seq of the last line handed out.
+    pub fn position(&self) -> u64 {
+        self.after
+    }
+
+    /// The run's live log, if it was live when the cursor was made.
+    pub fn log(&self) -> Option<&Arc<OutputLog>> {
+        self.log.as_ref()
+    }
+
+    /// Mark every change so far as seen: a following [`Cursor::changed`] fires only for newer
+    /// ones. Call it *before* looking at the run's status or lines, then wait.
+    pub fn mark_seen(&mut self) {
+        if let Some(c) = &mut self.changes {
+            c.borrow_and_update();
+        }
+    }
+
+    /// The next lines available now (at most `max`), without waiting for new ones.
+    pub async fn read(&mut self, max: usize) -> Result<Vec<Line>, StoreError> {
+        let lines = match &self.log {
+            Some(log) => match log.read_after(self.after, max) {
+                Ok(lines) => lines,
+                Err(Evicted) => {
+                    self.registry
+                        .store
+                        .read_output(self.id, self.after, max)
+                        .await?
+                }
+            },
+            None => {
+                self.registry
+                    .store
+                    .read_output(self.id, self.after, max)
+                    .await?
+            }
+        };
+        if let Some(last) = lines.last() {
+            self.after = last.seq;
+        }
+        Ok(lines)
+    }
+
+    /// Wait for a change after the last [`Cursor::mark_seen`] (never, for a run that was not
+    /// live: it will not change).
+    pub async fn changed(&mut self) {
+        match &mut self.changes {
+            // The sender lives in the log, which this cursor keeps alive: this cannot fail.
+            Some(c) => {
+                let _ = c.changed().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The next batch of lines, waiting for them; `None` once all output has been read (or the
+    /// store failed).
+    pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Line>> {
+        loop {
+            self.mark_seen();
+            let closed = self.log.as_ref().is_none_or(|l| l.is_closed());
+            let lines = match self.read(max).await {
+                Ok(lines) => lines,
+                Err(e) => {
+                    tracing::warn!(run_id = %self.id, error = %e, "cannot read output");
+                    return None;
+                }
+            };
+            if !lines.is_empty() {
+                return Some(lines);
+            }
+            if closed {
+                return None;
+            }
+            self.changed().await;
+        }
+    }
+}

@@ -1,0 +1,785 @@
+//! The embedded store (the default): SQLite in WAL mode under `storage.path`, with versioned
+//! migrations. One writer thread owns the write connection and group-commits whatever commands
+//! have queued up while the previous commit ran; reads run on blocking threads with a small pool
+//! of read-only connections. `synchronous = NORMAL`: a commit reaches the WAL file (and so
+//! survives a crash of the process) without waiting for an fsync.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, params};
+use tokio::sync::oneshot;
+
+use super::{
+    Created, Expect, IdempotencyKey, ListQuery, NewRun, Page, Recovered, Retention, RunStore,
+    StoreError, StoreFuture,
+};
+use crate::run::{CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, Stream};
+
+/// The schema version this binary writes; [`MIGRATIONS`]`[i]` upgrades from version `i`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1
+    "CREATE TABLE runs (
+        id BLOB PRIMARY KEY,            -- UUID v7, 16 bytes big-endian: sorts by creation
+        module_id TEXT NOT NULL,
+        module_name TEXT NOT NULL,
+        parameters TEXT NOT NULL,       -- JSON object
+        argv TEXT NOT NULL,             -- JSON array
+        mode TEXT NOT NULL,
+        timeout_ms INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,    -- microseconds since the Unix epoch
+        status TEXT NOT NULL,
+        started_at INTEGER,
+        finished_at INTEGER,
+        pid INTEGER,
+        stopping INTEGER NOT NULL DEFAULT 0,
+        outcome TEXT,                   -- exited | spawn_failed | cancelled | timed_out | lost
+        exit_code INTEGER,
+        signal INTEGER,
+        cancel_reason TEXT,             -- request | shutdown
+        message TEXT,                   -- spawn error
+        output_lines INTEGER NOT NULL DEFAULT 0,
+        idem_key TEXT UNIQUE,
+        idem_fp INTEGER,
+        stdin TEXT                      -- kept while queued
+    ) WITHOUT ROWID;
+    CREATE INDEX runs_by_status ON runs (status, id);
+    CREATE INDEX runs_by_module ON runs (module_id, id);
+    CREATE INDEX runs_by_finish ON runs (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE TABLE lines (
+        run_id BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        stream INTEGER NOT NULL,        -- 0 stdout, 1 stderr
+        ts INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    ) WITHOUT ROWID;",
+];
+
+/// Commands group-committed per transaction, at most.
+const MAX_BATCH: usize = 512;
+/// Read connections kept for reuse.
+const READ_POOL: usize = 4;
+/// Output lines deleted per purge call (so that a purge never holds the writer for long).
+const PURGE_LINES: i64 = 50_000;
+
+const RUN_COLUMNS: &str = "id, module_id, module_name, parameters, argv, mode, timeout_ms, \
+    created_at, status, started_at, finished_at, pid, stopping, outcome, exit_code, signal, \
+    cancel_reason, message, output_lines";
+
+/// Why the store could not be opened. modrun refuses to start; it never replaces or resets a
+/// store it cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Another modrun holds the lock.
+    #[error(
+        "another modrun is already using the store at {} (the lock {} is held{}); stop it or use another storage.path",
+        path.display(), lock.display(), holder.as_deref().map(|p| format!(" by pid {p}")).unwrap_or_default()
+    )]
+    Locked {
+        /// The storage folder.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// The pid written in the lock file, if readable.
+        holder: Option<String>,
+    },
+    /// The database file was written by a newer modrun.
+    #[error(
+        "the store {} has schema version {found}, newer than this modrun knows ({known}); upgrade modrun or point storage.path elsewhere",
+        file.display()
+    )]
+    TooNew {
+        /// The database file.
+        file: PathBuf,
+        /// Its version.
+        found: i64,
+        /// The newest this binary knows.
+        known: i64,
+    },
+    /// Anything else: I/O, a corrupt file, ...
+    #[error("cannot open the store {}: {detail}", file.display())]
+    Other {
+        /// The database file (or folder).
+        file: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// Work for the writer thread.
+enum Cmd {
+    Create(Box<NewRun>, Reply<Created>),
+    Transition(RunId, Expect, Box<RunState>, Reply<Run>),
+    Append(RunId, Vec<Line>, Reply<()>),
+    Purge(Retention, SystemTime, Reply<usize>),
+    Recover(Reply<Recovered>),
+}
+
+/// SQLite under a folder.
+pub struct SqliteStore {
+    file: PathBuf,
+    /// Commands for the writer thread. Unbounded by type but bounded by construction: every
+    /// sender awaits its reply, and the senders are bounded (submissions by `max_queued`,
+    /// transitions and output flushes by the runs holding a slot, one at a time each).
+    writer: mpsc::Sender<Cmd>,
+    /// Idle read-only connections, at most [`READ_POOL`].
+    readers: Arc<Mutex<Vec<Connection>>>,
+    /// Held for the store's life: a second modrun on the same folder is refused.
+    _lock: File,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+fn from_micros(us: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn id_bytes(id: RunId) -> [u8; 16] {
+    *id.as_uuid().as_bytes()
+}
+
+impl SqliteStore {
+    /// Open (or create) the store in `dir`: take the lock, check the schema version, migrate.
+    pub fn open(dir: &Path) -> Result<Self, OpenError> {
+        let other = |file: &Path, detail: String| OpenError::Other {
+            file: file.to_owned(),
+            detail,
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| other(dir, format!("cannot create the folder: {e}")))?;
+        let lock_path = dir.join("modrun.lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| other(&lock_path, e.to_string()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&lock_path)
+                    .ok()
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty());
+                return Err(OpenError::Locked {
+                    path: dir.to_owned(),
+                    lock: lock_path,
+                    holder,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(other(&lock_path, e.to_string())),
+        }
+        let _ = std::fs::write(&lock_path, format!("{}\n", std::process::id()));
+
+        let file = dir.join("modrun.db");
+        let conn = Connection::open(&file).map_err(|e| other(&file, e.to_string()))?;
+        migrate(&conn, &file)?;
+        let (tx, rx) = mpsc::channel();
+        let store = Self {
+            file: file.clone(),
+            writer: tx,
+            readers: Arc::new(Mutex::new(Vec::new())),
+            _lock: lock,
+        };
+        std::thread::Builder::new()
+            .name("modrun-store".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| other(&file, format!("cannot start the writer thread: {e}")))?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    fn send<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> StoreFuture<'_, T> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.writer.send(make(tx));
+        Box::pin(async move {
+            sent.map_err(|_| backend("the store's writer has stopped"))?;
+            rx.await
+                .map_err(|_| backend("the store's writer has stopped"))?
+        })
+    }
+
+    fn read<T, F>(&self, f: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = self.readers.clone();
+        let file = self.file.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let conn = match conn {
+                    Some(c) => c,
+                    None => open_reader(&file)?,
+                };
+                let out = f(&conn);
+                let mut idle = pool.lock().unwrap_or_else(|e| e.into_inner());
+                if idle.len() < READ_POOL {
+                    idle.push(conn);
+                }
+                out
+            })
+            .await
+            .map_err(backend)?
+        })
+    }
+}
+
+fn open_reader(file: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(backend)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(backend)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection, file: &Path) -> Result<(), OpenError> {
+    let other = |detail: String| OpenError::Other {
+        file: file.to_owned(),
+        detail,
+    };
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| other(e.to_string()))?;
+    // Touch the schema so that a file that is not a database fails here, not later.
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(|e| other(e.to_string()))?;
+    if version > SCHEMA_VERSION {
+        return Err(OpenError::TooNew {
+            file: file.to_owned(),
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    if version == 0 {
+        // Only takes effect before the first table exists.
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")
+            .map_err(|e| other(e.to_string()))?;
+    }
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF;",
+    )
+    .map_err(|e| other(e.to_string()))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| other(e.to_string()))?;
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let to = from as i64 + 1;
+        conn.execute_batch(&format!(
+            "BEGIN; {sql}; PRAGMA user_version = {to}; COMMIT;"
+        ))
+        .map_err(|e| other(format!("migration to schema version {to} failed: {e}")))?;
+    }
+    Ok(())
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut replies: Vec<Box<dyn FnOnce(Option<StoreError>) + Send>> = Vec::new();
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for cmd in batch {
+                replies.push(apply(&tx, cmd));
+            }
+            tx.commit()
+        })();
+        let failure = result.err().map(backend);
+        if let Some(e) = &failure {
+            tracing::error!(error = %e, "store commit failed");
+        }
+        for reply in replies {
+            reply(failure.clone());
+        }
+    }
+}
+
+/// Run one command inside the batch's transaction (in a savepoint, so that a failed command
+/// leaves no partial write); the returned closure sends its reply once the batch committed.
+fn apply(tx: &Transaction<'_>, cmd: Cmd) -> Box<dyn FnOnce(Option<StoreError>) + Send> {
+    fn reply<T: Send + 'static>(
+        to: Reply<T>,
+        r: Result<T, StoreError>,
+    ) -> Box<dyn FnOnce(Option<StoreError>) + Send> {
+        Box::new(move |commit_error| {
+            let _ = to.send(match commit_error {
+                Some(e) => Err(e),
+                None => r,
+            });
+        })
+    }
+    fn in_savepoint<T>(
+        tx: &Transaction<'_>,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        tx.execute_batch("SAVEPOINT cmd").map_err(backend)?;
+        match f(tx) {
+            Ok(v) => {
+                tx.execute_batch("RELEASE cmd").map_err(backend)?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd");
+                Err(e)
+            }
+        }
+    }
+    match cmd {
+        Cmd::Create(new, to) => reply(to, in_savepoint(tx, |c| create(c, *new))),
+        Cmd::Transition(id, expect, next, to) => {
+            reply(to, in_savepoint(tx, |c| transition(c, id, expect, *next)))
+        }
+        Cmd::Append(id, lines, to) => reply(to, in_savepoint(tx, |c| append(c, id, &lines))),
+        Cmd::Purge(policy, now, to) => reply(to, in_savepoint(tx, |c| purge(c, policy, now))),
+        Cmd::Recover(to) => reply(to, in_savepoint(tx, recover)),
+    }
+}
+
+fn get_run(c: &Connection, id: RunId) -> Result<Option<Run>, StoreError> {
+    c.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))
+        .map_err(backend)?
+        .query_row([&id_bytes(id)[..]], run_from_row)
+        .optional()
+        .map_err(backend)
+}
+
+fn create(c: &Connection, new: NewRun) -> Result<Created, StoreError> {
+    if let Some(k) = &new.key
+        && let Some(existing) = by_key(c, k)?
+    {
+        return Ok(Created::Existing(existing));
+    }
+    let r = &new.run;
+    let (key, fp) = match &new.key {
+        Some(k) => (Some(k.key.as_str()), Some(k.fingerprint as i64)),
+        None => (None, None),
+    };
+    c.prepare_cached(
+        "INSERT INTO runs (id, module_id, module_name, parameters, argv, mode, timeout_ms,
+             created_at, status, idem_key, idem_fp, stdin)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )
+    .map_err(backend)?
+    .execute(params![
+        &id_bytes(r.id)[..],
+        r.module_id,
+        r.module_name,
+        serde_json::Value::Object(r.parameters.clone()).to_string(),
+        serde_json::to_string(&r.argv).map_err(backend)?,
+        r.mode.as_str(),
+        i64::try_from(r.timeout.as_millis()).unwrap_or(i64::MAX),
+        micros(r.created_at),
+        r.status().as_str(),
+        key,
+        fp,
+        new.stdin,
+    ])
+    .map_err(backend)?;
+    let mut run = new.run;
+    write_state(c, run.id, &run.state)?;
+    run.output_lines = 0;
+    Ok(Created::New(run))
+}
+
+fn by_key(c: &Connection, k: &IdempotencyKey) -> Result<Option<Run>, StoreError> {
+    let found: Option<(Vec<u8>, i64)> = c
+        .prepare_cached("SELECT id, idem_fp FROM runs WHERE idem_key = ?1")
+        .map_err(backend)?
+        .query_row([&k.key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(backend)?;
+    match found {
+        None => Ok(None),
+        Some((_, fp)) if fp != k.fingerprint as i64 => Err(StoreError::IdempotencyConflict),
+        Some((id, _)) => {
+            let id = RunId::from_bytes(&id).ok_or_else(|| backend("bad run id in the store"))?;
+            get_run(c, id)
+        }
+    }
+}
+
+fn write_state(c: &Connection, id: RunId, state: &RunState) -> Result<(), StoreError> {
+    let (started, finished, pid, stopping, outcome) = match state {
+        RunState::Queued => (None, None, None, false, None),
+        RunState::Running {
+            started_at,
+            pid,
+            stopping,
+        } => (Some(*started_at), None, *pid, *stopping, None),
+        RunState::Finished {
+            started_at,
+            pid,
+            finished_at,
+            outcome,
+        } => (*started_at, Some(*finished_at), *pid, false, Some(outcome)),
+    };
+    let (kind, exit, reason, message) = match outcome {
+        None => (None, None, None, None),
+        Some(Outcome::Exited(e)) => (Some("exited"), Some(*e), None, None),
+        Some(Outcome::SpawnFailed(m)) => (Some("spawn_failed"), None, None, Some(m.as_str())),
+        Some(Outcome::Cancelled { reason, exit }) => (
+            Some("cancelled"),
+            *exit,
+            Some(match reason {
+                CancelReason::Request => "request",
+                CancelReason::Shutdown => "shutdown",
+            }),
+            None,
+        ),
+        Some(Outcome::TimedOut { exit }) => (Some("timed_out"), *exit, None, None),
+        Some(Outcome::Lost) => (Some("lost"), None, None, None),
+    };
+    let (code, signal) = match exit {
+        Some(Exit::Code(c)) => (Some(c), None),
+        Some(Exit::Signal(s)) => (None, Some(s)),
+        None => (None, None),
+    };
+    c.prepare_cached(
+        "UPDATE runs SET status = ?2, started_at = ?3, finished_at = ?4, pid = ?5, stopping = ?6,
+             outcome = ?7, exit_code = ?8, signal = ?9, cancel_reason = ?10, message = ?11,
+             stdin = CASE WHEN ?2 = 'queued' THEN stdin ELSE NULL END
+         WHERE id = ?1",
+    )
+    .map_err(backend)?
+    .execute(params![
+        &id_bytes(id)[..],
+        state.status().as_str(),
+        started.map(micros),
+        finished.map(micros),
+        pid,
+        stopping,
+        kind,
+        code,
+        signal,
+        reason,
+        message,
+    ])
+    .map_err(backend)?;
+    Ok(())
+}
+
+fn transition(
+    c: &Connection,
+    id: RunId,
+    expect: Expect,
+    next: RunState,
+) -> Result<Run, StoreError> {
+    let run = get_run(c, id)?.ok_or(StoreError::NotFound(id))?;
+    if !expect.allows(&run.state) {
+        return Err(StoreError::WrongState(Box::new(run)));
+    }
+    write_state(c, id, &next)?;
+    Ok(Run { state: next, ..run })
+}
+
+fn append(c: &Connection, id: RunId, lines: &[Line]) -> Result<(), StoreError> {
+    let Some(last) = lines.last() else {
+        return Ok(());
+    };
+    let key = id_bytes(id);
+    let mut stmt = c
+        .prepare_cached(
+            "INSERT OR IGNORE INTO lines (run_id, seq, stream, ts, text) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(backend)?;
+    for l in lines {
+        stmt.execute(params![
+            &key[..],
+            l.seq as i64,
+            matches!(l.stream, Stream::Stderr) as i64,
+            micros(l.ts),
+            &*l.text,
+        ])
+        .map_err(backend)?;
+    }
+    c.prepare_cached("UPDATE runs SET output_lines = max(output_lines, ?2) WHERE id = ?1")
+        .map_err(backend)?
+        .execute(params![&key[..], last.seq as i64])
+        .map_err(backend)?;
+    Ok(())
+}
+
+fn purge(c: &Connection, policy: Retention, now: SystemTime) -> Result<usize, StoreError> {
+    let cutoff = now.checked_sub(policy.keep_for).map_or(i64::MIN, micros);
+    let doomed: Vec<Vec<u8>> = c
+        .prepare_cached(
+            "SELECT id FROM (
+                 SELECT id, finished_at FROM runs WHERE finished_at IS NOT NULL
+                 ORDER BY finished_at DESC LIMIT -1 OFFSET ?1)
+             UNION
+             SELECT id FROM runs WHERE finished_at < ?2
+             LIMIT 1000",
+        )
+        .and_then(|mut s| {
+            s.query_map(params![policy.keep_runs as i64, cutoff], |r| r.get(0))?
+                .collect()
+        })
+        .map_err(backend)?;
+    let mut removed = 0usize;
+    let mut budget = PURGE_LINES;
+    for id in doomed {
+        let deleted = c
+            .prepare_cached(
+                "DELETE FROM lines WHERE run_id = ?1 AND seq <= (SELECT min(seq) FROM lines WHERE run_id = ?1) + ?2",
+            )
+            .and_then(|mut s| s.execute(params![&id[..], budget - 1]))
+            .map_err(backend)? as i64;
+        removed += deleted as usize;
+        budget -= deleted;
+        if budget <= 0 {
+            break;
+        }
+        removed += c
+            .prepare_cached("DELETE FROM runs WHERE id = ?1")
+            .and_then(|mut s| s.execute([&id[..]]))
+            .map_err(backend)?;
+    }
+    if removed > 0 {
+        c.execute_batch("PRAGMA incremental_vacuum(2000);")
+            .map_err(backend)?;
+    }
+    Ok(removed)
+}
+
+fn recover(c: &Connection) -> Result<Recovered, StoreError> {
+    let select = |status: &str| -> Result<Vec<(Run, Option<String>)>, StoreError> {
+        c.prepare(&format!(
+            "SELECT {RUN_COLUMNS}, stdin FROM runs WHERE status = ?1 ORDER BY id"
+        ))
+        .and_then(|mut s| {
+            s.query_map([status], |r| Ok((run_from_row(r)?, r.get(19)?)))?
+                .collect()
+        })
+        .map_err(backend)
+    };
+    let now = SystemTime::now();
+    let mut lost = Vec::new();
+    for (run, _) in select("running")? {
+        let next = RunState::Finished {
+            started_at: run.started_at(),
+            pid: run.pid(),
+            finished_at: now,
+            outcome: Outcome::Lost,
+        };
+        write_state(c, run.id, &next)?;
+        lost.push(Run { state: next, ..run });
+    }
+    Ok(Recovered {
+        lost,
+        queued: select("queued")?,
+    })
+}
+
+fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
+    let bad = |i: usize, what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("bad {what} in the store").into(),
+        )
+    };
+    let id: Vec<u8> = r.get(0)?;
+    let id = RunId::from_bytes(&id).ok_or_else(|| bad(0, "run id"))?;
+    let parameters: String = r.get(3)?;
+    let parameters = match serde_json::from_str(&parameters) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => return Err(bad(3, "parameters")),
+    };
+    let argv: String = r.get(4)?;
+    let argv = serde_json::from_str(&argv).map_err(|_| bad(4, "argv"))?;
+    let mode: String = r.get(5)?;
+    let mode: RunMode = mode.parse().map_err(|_| bad(5, "mode"))?;
+    let status: String = r.get(8)?;
+    let started_at = r.get::<_, Option<i64>>(9)?.map(from_micros);
+    let finished_at = r.get::<_, Option<i64>>(10)?.map(from_micros);
+    let pid: Option<u32> = r.get(11)?;
+    let exit = match (r.get::<_, Option<i32>>(14)?, r.get::<_, Option<i32>>(15)?) {
+        (Some(c), _) => Some(Exit::Code(c)),
+        (None, Some(s)) => Some(Exit::Signal(s)),
+        (None, None) => None,
+    };
+    let state = match status.as_str() {
+        "queued" => RunState::Queued,
+        "running" => RunState::Running {
+            started_at: started_at.unwrap_or(UNIX_EPOCH),
+            pid,
+            stopping: r.get(12)?,
+        },
+        _ => {
+            let outcome: Option<String> = r.get(13)?;
+            let reason: Option<String> = r.get(16)?;
+            let outcome = match outcome.as_deref() {
+                Some("exited") => Outcome::Exited(exit.ok_or_else(|| bad(14, "exit"))?),
+                Some("spawn_failed") => {
+                    Outcome::SpawnFailed(r.get::<_, Option<String>>(17)?.unwrap_or_default())
+                }
+                Some("cancelled") => Outcome::Cancelled {
+                    reason: if reason.as_deref() == Some("shutdown") {
+                        CancelReason::Shutdown
+                    } else {
+                        CancelReason::Request
+                    },
+                    exit,
+                },
+                Some("timed_out") => Outcome::TimedOut { exit },
+                Some("lost") => Outcome::Lost,
+                _ => return Err(bad(13, "outcome")),
+            };
+            RunState::Finished {
+                started_at,
+                pid,
+                finished_at: finished_at.unwrap_or(UNIX_EPOCH),
+                outcome,
+            }
+        }
+    };
+    Ok(Run {
+        id,
+        module_id: r.get(1)?,
+        module_name: r.get(2)?,
+        parameters,
+        argv,
+        mode,
+        timeout: Duration::from_millis(r.get::<_, i64>(6)?.max(0) as u64),
+        created_at: from_micros(r.get(7)?),
+        state,
+        output_lines: r.get::<_, i64>(18)?.max(0) as u64,
+    })
+}
+
+fn line_from_row(r: &Row<'_>) -> rusqlite::Result<Line> {
+    Ok(Line {
+        seq: r.get::<_, i64>(0)? as u64,
+        stream: if r.get::<_, i64>(1)? == 1 {
+            Stream::Stderr
+        } else {
+            Stream::Stdout
+        },
+        ts: from_micros(r.get(2)?),
+        text: Arc::from(r.get::<_, String>(3)?),
+    })
+}
+
+impl RunStore for SqliteStore {
+    fn create(&self, new: NewRun) -> StoreFuture<'_, Created> {
+        self.send(|to| Cmd::Create(Box::new(new), to))
+    }
+
+    fn find_idempotent(&self, key: &IdempotencyKey) -> StoreFuture<'_, Option<Run>> {
+        let key = key.clone();
+        self.read(move |c| by_key(c, &key))
+    }
+
+    fn get(&self, id: RunId) -> StoreFuture<'_, Option<Run>> {
+        self.read(move |c| get_run(c, id))
+    }
+
+    fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, Run> {
+        self.send(|to| Cmd::Transition(id, expect, Box::new(next), to))
+    }
+
+    fn append_output(&self, id: RunId, lines: Vec<Line>) -> StoreFuture<'_, ()> {
+        if lines.is_empty() {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        self.send(|to| Cmd::Append(id, lines, to))
+    }
+
+    fn read_output(&self, id: RunId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Line>> {
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT seq, stream, ts, text FROM lines WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )
+            .and_then(|mut s| {
+                s.query_map(
+                    params![&id_bytes(id)[..], after.min(i64::MAX as u64) as i64, limit as i64],
+                    line_from_row,
+                )?
+                .collect()
+            })
+            .map_err(backend)
+        })
+    }
+
+    fn list(&self, query: ListQuery) -> StoreFuture<'_, Page> {
+        self.read(move |c| {
+            let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1");
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            if let Some(before) = query.before {
+                sql.push_str(" AND id < ?");
+                args.push(id_bytes(before).to_vec().into());
+            }
+            if let Some(m) = &query.module_id {
+                sql.push_str(" AND module_id = ?");
+                args.push(m.clone().into());
+            }
+            if let Some(statuses) = &query.statuses {
+                let marks = vec!["?"; statuses.len()].join(", ");
+                sql.push_str(&format!(" AND status IN ({marks})"));
+                args.extend(statuses.iter().map(|s| s.as_str().to_owned().into()));
+            }
+            sql.push_str(" ORDER BY id DESC LIMIT ?");
+            args.push((query.limit as i64 + 1).into());
+            let mut runs: Vec<Run> = c
+                .prepare_cached(&sql)
+                .and_then(|mut s| {
+                    s.query_map(rusqlite::params_from_iter(args), run_from_row)?
+                        .collect()
+                })
+                .map_err(backend)?;
+            let next_cursor = if runs.len() > query.limit {
+                runs.truncate(query.limit);
+                runs.last().map(|r| r.id)
+            } else {
+                None
+            };
+            Ok(Page { runs, next_cursor })
+        })
+    }
+
+    fn purge(&self, policy: Retention, now: SystemTime) -> StoreFuture<'_, usize> {
+        self.send(|to| Cmd::Purge(policy, now, to))
+    }
+
+    fn recover(&self) -> StoreFuture<'_, Recovered> {
+        self.send(Cmd::Recover)
+    }
+}
