@@ -28,6 +28,9 @@ use crate::store::{
 pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// Lines per append batch.
 const FLUSH_BATCH: usize = 8192;
+/// A flush round that moved this much text is followed by another at once: output is arriving
+/// faster than [`FLUSH_EVERY`] (and pipe readers may be paused on a full backlog).
+const BUSY_BYTES: usize = 256 * 1024;
 /// How often retention runs.
 const PURGE_EVERY: Duration = Duration::from_secs(1);
 
@@ -184,28 +187,36 @@ impl Registry {
         let Some(log) = self.live_log(id) else {
             return Ok(());
         };
-        flush_log(&*self.store, id, &log).await
+        flush_log(&*self.store, id, &log).await.map(drop)
     }
 
-    /// Persist every live run's pending output, once.
-    pub async fn flush_all(&self) {
+    /// Persist every live run's pending output, once; returns how many bytes of text went.
+    pub async fn flush_all(&self) -> usize {
         let logs: Vec<(RunId, Arc<OutputLog>)> = self
             .lock()
             .iter()
             .map(|(id, l)| (*id, l.log.clone()))
             .collect();
+        let mut flushed = 0;
         for (id, log) in logs {
-            if let Err(e) = flush_log(&*self.store, id, &log).await {
-                tracing::warn!(run_id = %id, error = %e, "cannot persist output; will retry");
+            match flush_log(&*self.store, id, &log).await {
+                Ok(n) => flushed += n,
+                Err(e) => {
+                    tracing::warn!(run_id = %id, error = %e, "cannot persist output; will retry")
+                }
             }
         }
+        flushed
     }
 
-    /// Flush every [`FLUSH_EVERY`] until `stop` fires, then once more.
+    /// Flush every [`FLUSH_EVERY`] until `stop` fires, then once more. While output arrives
+    /// faster than that, flush again at once (pipe readers may be paused on a full backlog).
     pub async fn flush_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut busy = false;
         loop {
+            let pause = if busy { Duration::ZERO } else { FLUSH_EVERY };
             tokio::select! {
-                () = tokio::time::sleep(FLUSH_EVERY) => self.flush_all().await,
+                () = tokio::time::sleep(pause) => busy = self.flush_all().await >= BUSY_BYTES,
                 () = stop.cancelled() => break,
             }
         }
@@ -236,17 +247,21 @@ impl Registry {
     }
 }
 
-async fn flush_log(store: &dyn RunStore, id: RunId, log: &OutputLog) -> Result<(), StoreError> {
+/// Persist a log's pending lines; returns how many bytes of text went.
+async fn flush_log(store: &dyn RunStore, id: RunId, log: &OutputLog) -> Result<usize, StoreError> {
+    let mut flushed = 0;
     loop {
         let batch = log.unflushed(FLUSH_BATCH);
         let Some(last) = batch.last().map(|l| l.seq) else {
-            return Ok(());
+            return Ok(flushed);
         };
-        let full = batch.len() == FLUSH_BATCH;
+        let n = batch.len();
+        let bytes: usize = batch.iter().map(|l| l.text.len()).sum();
         store.append_output(id, batch).await?;
         log.mark_flushed(last);
-        if !full {
-            return Ok(());
+        flushed += bytes;
+        if n < FLUSH_BATCH {
+            return Ok(flushed);
         }
     }
 }

@@ -51,22 +51,26 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_by_status ON runs (status, id);
     CREATE INDEX runs_by_module ON runs (module_id, id);
     CREATE INDEX runs_by_finish ON runs (finished_at) WHERE finished_at IS NOT NULL;
-    CREATE TABLE lines (
+    -- Output in chunks of consecutive lines (one row per flushed batch piece, not per line):
+    -- a few rows per MiB keep inserts cheap and the file close to the size of the text.
+    CREATE TABLE chunks (
         run_id BLOB NOT NULL,
-        seq INTEGER NOT NULL,
-        stream INTEGER NOT NULL,        -- 0 stdout, 1 stderr
-        ts INTEGER NOT NULL,
-        text TEXT NOT NULL,
-        PRIMARY KEY (run_id, seq)
-    ) WITHOUT ROWID;",
+        last_seq INTEGER NOT NULL,
+        first_seq INTEGER NOT NULL,
+        data BLOB NOT NULL,             -- per line: stream u8, ts i64 LE (µs), len u32 LE, text
+        PRIMARY KEY (run_id, last_seq)
+    );",
 ];
 
 /// Commands group-committed per transaction, at most.
 const MAX_BATCH: usize = 512;
 /// Read connections kept for reuse.
 const READ_POOL: usize = 4;
-/// Output lines deleted per purge call (so that a purge never holds the writer for long).
-const PURGE_LINES: i64 = 50_000;
+/// Output chunks deleted per purge call (so that a purge never holds the writer for long).
+const PURGE_CHUNKS: i64 = 512;
+/// A stored chunk holds at most this much text (or [`CHUNK_LINES`] lines).
+const CHUNK_BYTES: usize = 256 * 1024;
+const CHUNK_LINES: usize = 4096;
 
 const RUN_COLUMNS: &str = "id, module_id, module_name, parameters, argv, mode, timeout_ms, \
     created_at, status, started_at, finished_at, pid, stopping, outcome, exit_code, signal, \
@@ -511,30 +515,123 @@ fn transition(
 }
 
 fn append(c: &Connection, id: RunId, lines: &[Line]) -> Result<(), StoreError> {
-    let Some(last) = lines.last() else {
+    let key = id_bytes(id);
+    let stored: i64 = c
+        .prepare_cached("SELECT coalesce(max(last_seq), 0) FROM chunks WHERE run_id = ?1")
+        .and_then(|mut s| s.query_row([&key[..]], |r| r.get(0)))
+        .map_err(backend)?;
+    // Lines already stored (a retried batch) are skipped.
+    let fresh: Vec<&Line> = lines.iter().filter(|l| l.seq as i64 > stored).collect();
+    let Some(last) = fresh.last().map(|l| l.seq) else {
         return Ok(());
     };
-    let key = id_bytes(id);
-    let mut stmt = c
+    let mut insert = c
         .prepare_cached(
-            "INSERT OR IGNORE INTO lines (run_id, seq, stream, ts, text) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO chunks (run_id, last_seq, first_seq, data) VALUES (?1, ?2, ?3, ?4)",
         )
         .map_err(backend)?;
-    for l in lines {
-        stmt.execute(params![
-            &key[..],
-            l.seq as i64,
-            matches!(l.stream, Stream::Stderr) as i64,
-            micros(l.ts),
-            &*l.text,
-        ])
-        .map_err(backend)?;
+    let mut data = Vec::with_capacity(CHUNK_BYTES + 1024);
+    let mut first = None;
+    for (i, l) in fresh.iter().enumerate() {
+        first.get_or_insert(l.seq);
+        encode_line(&mut data, l);
+        let end_of_chunk = data.len() >= CHUNK_BYTES
+            || (l.seq - first.unwrap_or(l.seq)) as usize + 1 >= CHUNK_LINES
+            || i + 1 == fresh.len();
+        if end_of_chunk {
+            insert
+                .execute(params![
+                    &key[..],
+                    l.seq as i64,
+                    first.take().unwrap_or(l.seq) as i64,
+                    &data
+                ])
+                .map_err(backend)?;
+            data.clear();
+        }
     }
     c.prepare_cached("UPDATE runs SET output_lines = max(output_lines, ?2) WHERE id = ?1")
         .map_err(backend)?
-        .execute(params![&key[..], last.seq as i64])
+        .execute(params![&key[..], last as i64])
         .map_err(backend)?;
     Ok(())
+}
+
+fn encode_line(out: &mut Vec<u8>, l: &Line) {
+    out.push(matches!(l.stream, Stream::Stderr) as u8);
+    out.extend_from_slice(&micros(l.ts).to_le_bytes());
+    out.extend_from_slice(&(l.text.len() as u32).to_le_bytes());
+    out.extend_from_slice(l.text.as_bytes());
+}
+
+/// Decode the lines of a chunk with `seq > after`, at most `limit` of them, into `out`.
+fn decode_chunk(
+    first_seq: u64,
+    data: &[u8],
+    after: u64,
+    limit: usize,
+    out: &mut Vec<Line>,
+) -> Result<(), StoreError> {
+    let corrupt = || backend("a stored output chunk is corrupt");
+    let mut pos = 0;
+    let mut seq = first_seq;
+    while pos < data.len() && out.len() < limit {
+        let header = data.get(pos..pos + 13).ok_or_else(corrupt)?;
+        let stream = if header[0] == 1 {
+            Stream::Stderr
+        } else {
+            Stream::Stdout
+        };
+        let ts = i64::from_le_bytes(header[1..9].try_into().map_err(|_| corrupt())?);
+        let len = u32::from_le_bytes(header[9..13].try_into().map_err(|_| corrupt())?) as usize;
+        let text = data.get(pos + 13..pos + 13 + len).ok_or_else(corrupt)?;
+        pos += 13 + len;
+        if seq > after {
+            out.push(Line {
+                seq,
+                stream,
+                ts: from_micros(ts),
+                text: Arc::from(std::str::from_utf8(text).map_err(|_| corrupt())?),
+            });
+        }
+        seq += 1;
+    }
+    Ok(())
+}
+
+fn read_output(
+    c: &Connection,
+    id: RunId,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<Line>, StoreError> {
+    let mut out = Vec::with_capacity(limit.min(4096));
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT first_seq, data FROM chunks WHERE run_id = ?1 AND last_seq > ?2 ORDER BY last_seq LIMIT 64",
+        )
+        .map_err(backend)?;
+    let mut cursor = after;
+    while out.len() < limit {
+        let chunks: Vec<(i64, Vec<u8>)> = stmt
+            .query_map(
+                params![&id_bytes(id)[..], cursor.min(i64::MAX as u64) as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .and_then(|rows| rows.collect())
+            .map_err(backend)?;
+        if chunks.is_empty() {
+            break;
+        }
+        for (first, data) in &chunks {
+            decode_chunk(*first as u64, data, after, limit, &mut out)?;
+        }
+        match out.last() {
+            Some(l) if l.seq > cursor => cursor = l.seq,
+            _ => break,
+        }
+    }
+    Ok(out)
 }
 
 fn purge(c: &Connection, policy: Retention, now: SystemTime) -> Result<usize, StoreError> {
@@ -554,13 +651,14 @@ fn purge(c: &Connection, policy: Retention, now: SystemTime) -> Result<usize, St
         })
         .map_err(backend)?;
     let mut removed = 0usize;
-    let mut budget = PURGE_LINES;
+    let mut budget = PURGE_CHUNKS;
     for id in doomed {
         let deleted = c
             .prepare_cached(
-                "DELETE FROM lines WHERE run_id = ?1 AND seq <= (SELECT min(seq) FROM lines WHERE run_id = ?1) + ?2",
+                "DELETE FROM chunks WHERE run_id = ?1 AND last_seq IN (
+                     SELECT last_seq FROM chunks WHERE run_id = ?1 ORDER BY last_seq LIMIT ?2)",
             )
-            .and_then(|mut s| s.execute(params![&id[..], budget - 1]))
+            .and_then(|mut s| s.execute(params![&id[..], budget]))
             .map_err(backend)? as i64;
         removed += deleted as usize;
         budget -= deleted;
@@ -685,19 +783,6 @@ fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
     })
 }
 
-fn line_from_row(r: &Row<'_>) -> rusqlite::Result<Line> {
-    Ok(Line {
-        seq: r.get::<_, i64>(0)? as u64,
-        stream: if r.get::<_, i64>(1)? == 1 {
-            Stream::Stderr
-        } else {
-            Stream::Stdout
-        },
-        ts: from_micros(r.get(2)?),
-        text: Arc::from(r.get::<_, String>(3)?),
-    })
-}
-
 impl RunStore for SqliteStore {
     fn create(&self, new: NewRun) -> StoreFuture<'_, Created> {
         self.send(|to| Cmd::Create(Box::new(new), to))
@@ -724,19 +809,7 @@ impl RunStore for SqliteStore {
     }
 
     fn read_output(&self, id: RunId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Line>> {
-        self.read(move |c| {
-            c.prepare_cached(
-                "SELECT seq, stream, ts, text FROM lines WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            )
-            .and_then(|mut s| {
-                s.query_map(
-                    params![&id_bytes(id)[..], after.min(i64::MAX as u64) as i64, limit as i64],
-                    line_from_row,
-                )?
-                .collect()
-            })
-            .map_err(backend)
-        })
+        self.read(move |c| read_output(c, id, after, limit))
     }
 
     fn list(&self, query: ListQuery) -> StoreFuture<'_, Page> {

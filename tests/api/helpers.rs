@@ -439,3 +439,89 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
 pub fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_modrun"))
 }
+
+/// A `modrun serve` process on port 0, with the address it logged.
+pub struct Server {
+    /// The process.
+    pub child: tokio::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+/// Start the binary with a config written to a fresh folder.
+pub async fn start_server(toml: &str) -> (Server, TempDir) {
+    let (dir, path) = write_config(toml);
+    (start_server_at(&path).await, dir)
+}
+
+/// Start the binary on an existing config file (a restart keeps its storage folder).
+pub async fn start_server_at(config: &Path) -> Server {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(binary())
+        .args(["serve", "--bind", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn modrun");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.expect("read stderr") {
+            if std::env::var_os("TEST_LOG").is_some() {
+                eprintln!("server: {line}");
+            }
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                return rest.split_whitespace().next().expect("addr").to_owned();
+            }
+        }
+        panic!("the server exited before listening");
+    })
+    .await
+    .expect("listening line");
+    // Keep draining stderr so the server never blocks on a full pipe.
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if std::env::var_os("TEST_LOG").is_some() {
+                eprintln!("server: {line}");
+            }
+        }
+    });
+    assert!(!addr.ends_with(":0"), "the real port is shown: {addr}");
+    Server {
+        child,
+        base: format!("http://{addr}"),
+    }
+}
+
+impl Server {
+    /// Absolute URL of a path.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+/// Send a signal to a process.
+pub fn signal(child: &tokio::process::Child, sig: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("running") as i32);
+    nix::sys::signal::kill(pid, sig).expect("kill");
+}
+
+/// Peak resident memory of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// Resident memory of a process now, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("field")
+}

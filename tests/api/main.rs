@@ -6,5 +6,6 @@ mod helpers;
 mod library;
 mod limits;
 mod openapi;
+mod persistence;
 mod process;
 mod streaming;

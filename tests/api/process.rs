@@ -1,13 +1,16 @@
 //! The `modrun` binary itself: start-up errors, the listening line, graceful shutdown, memory.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-use crate::helpers::{base_config, binary, group_members, read_sse_with, write_config};
+use nix::sys::signal::Signal;
+
+use crate::helpers::{
+    base_config, binary, group_members, peak_rss_kib, read_sse_with, signal, start_server,
+    write_config,
+};
 
 /// A bad config file stops start-up with a non-zero exit and a message naming the file and
 /// the dotted key.
@@ -48,55 +51,12 @@ async fn bad_config_fails_at_start() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/modrun.toml"));
 }
 
-/// A server process on port 0, with the address it logged.
-struct Server {
-    child: Child,
-    base: String,
-    _dir: tempfile::TempDir,
-}
-
-async fn start_server(toml: &str) -> Server {
-    let (dir, path) = write_config(toml);
-    let mut child = Command::new(binary())
-        .args(["serve", "--bind", "127.0.0.1:0", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                return rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-        panic!("the server exited before listening");
-    })
-    .await
-    .expect("listening line");
-    // Keep draining stderr so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    assert!(!addr.ends_with(":0"), "the real port is shown: {addr}");
-    Server {
-        child,
-        base: format!("http://{addr}"),
-        _dir: dir,
-    }
-}
-
-fn sigterm(child: &Child) {
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-}
-
 /// SIGTERM: running runs are cancelled, an open SSE stream gets `end` and closes, queued runs
 /// stay queued, new requests are refused, and the process exits 0 within kill_grace + 2 s.
 #[tokio::test]
 async fn graceful_shutdown_with_an_open_stream() {
     let toml = base_config("").replace("max_concurrent = 4", "max_concurrent = 1");
-    let mut server = start_server(&toml).await;
+    let (mut server, _dir) = start_server(&toml).await;
     let client = reqwest::Client::new();
     let running: Value = client
         .post(format!("{}/runs", server.base))
@@ -150,7 +110,7 @@ async fn graceful_shutdown_with_an_open_stream() {
     first_rx.await.unwrap();
 
     let t = Instant::now();
-    sigterm(&server.child);
+    signal(&server.child, Signal::SIGTERM);
     let events = reader.await.unwrap();
     let end = events.last().unwrap();
     assert_eq!(end.event, "end");
@@ -183,19 +143,10 @@ async fn graceful_shutdown_with_an_open_stream() {
     );
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 /// A 100 MB output streams to a subscriber while the server's peak RSS stays under 100 MiB.
 #[tokio::test]
 async fn large_output_streams_in_bounded_memory() {
-    let mut server = start_server(&base_config("")).await;
+    let (mut server, _dir) = start_server(&base_config("")).await;
     let client = reqwest::Client::new();
     let run: Value = client
         .post(format!("{}/runs", server.base))
@@ -245,6 +196,6 @@ async fn large_output_streams_in_bounded_memory() {
     let rss = peak_rss_kib(server.child.id().unwrap());
     eprintln!("peak RSS while streaming 100 MB: {} MiB", rss / 1024);
     assert!(rss < 100 * 1024, "peak RSS {rss} KiB");
-    sigterm(&server.child);
+    signal(&server.child, Signal::SIGTERM);
     server.child.wait().await.unwrap();
 }
