@@ -9,34 +9,44 @@
 //!                   ▼
 //!                runner::ModuleRunner ── queue (FIFO, bounded) + slots (global + per module)
 //!                   │  one tracked task per run: spawn -> pump pipes -> wait/timeout/cancel
-//!                   ▼                                        -> record final status
+//!                   ▼                          -> flush output -> record final status
 //!                runner::process (the only code that spawns or signals a process)
-//!                   │ raw pipe bytes
+//!                   │ raw pipe bytes (readers pause while the unpersisted backlog is full)
 //!                   ▼
-//!                output::OutputLog (seq-numbered lines, byte budget, change signal)
-//!                   ▲ readers keep their own cursor: replay + live, no gap, no duplicate
-//!                store::RunStore (run records + output logs; MemoryStore today)
+//!                output::OutputLog (seq-numbered lines, byte budget, window, change signal)
+//!                   │ flusher task: batches every 50 ms
+//!                   ▼
+//!                registry::Registry (live runs in memory; everything else from the store)
+//!                   │ readers: registry::Cursor (memory window, else the store): replay + live
+//!                   ▼
+//!                store::RunStore (async trait): SqliteStore (default) | MemoryStore
 //! ```
 //!
 //! - [`config`]: the TOML file, validated once into typed settings and the module catalog.
 //! - [`module`]: the catalog's types, request-parameter validation, argv/env building.
 //! - [`run`]: domain types without I/O: ids, run modes, the run state machine, outcomes.
-//! - [`output`]: the per-run output log and reader cursors.
-//! - [`store`]: the run-record boundary ([`store::RunStore`]); [`store::MemoryStore`].
-//! - [`runner`]: [`runner::ModuleRunner`] (scheduling, supervision, cancel) and
-//!   [`execute_module`] (one-shot runs), both on the same process code.
+//! - [`output`]: the per-run output log (line splitting, budget, persisted window).
+//! - [`registry`]: live runs in front of the store; the output flusher, retention purger and
+//!   reader cursors.
+//! - [`store`]: the persistence boundary ([`store::RunStore`]): the embedded SQLite store
+//!   (writer thread with group commit, read pool, migrations, lock file) and the memory store.
+//! - [`runner`]: [`runner::ModuleRunner`] (scheduling, supervision, cancel, crash leftovers)
+//!   and [`execute_module`] (one-shot runs), both on the same process code.
 //! - [`api`]: the only code that knows HTTP.
-//! - [`app`]: wiring: build the state, serve a bound listener until a shutdown future fires,
-//!   then shut down in order (stop accepting, cancel runs, end streams).
+//! - [`app`]: wiring: open the store, recover (running -> lost, queued -> queued again), serve
+//!   a bound listener until a shutdown future fires, then shut down in order (stop accepting,
+//!   cancel runs, end streams, last flush).
 //!
-//! # Locks and tasks
+//! # Locks, tasks and bounds
 //!
-//! Three kinds of std mutex, each with short critical sections and never held across
-//! `.await`: the runner's scheduler state, the store's records, and each output log. The
-//! scheduler lock is never held while calling the store. Every run task is spawned on the
-//! runner's `TaskTracker` with a `run` span; shutdown waits for them with a deadline.
-//! Readers of output never get pushed data: they copy from the log when its `watch` signal
-//! fires, so no queue exists that could grow or lag.
+//! Four kinds of std mutex, each with short critical sections and never held across `.await`:
+//! the runner's scheduler state, the registry's live map, each output log, and the SQLite read
+//! pool. The scheduler lock is never held while calling the registry. Every run task is spawned
+//! on the runner's `TaskTracker` with a `run` span; the flusher and the purger on the app's;
+//! shutdown waits for them with deadlines. Readers of output never get pushed data: they copy
+//! from the log (or the store) when its `watch` signal fires, so no queue exists that could
+//! grow or lag. The store's writer channel is bounded by construction (every sender awaits its
+//! reply; senders are bounded by `max_queued` and the runs holding a slot).
 
 pub mod api;
 pub mod app;
