@@ -223,7 +223,7 @@ impl Registry {
         self.flush_all().await;
     }
 
-    /// Apply retention every [`PURGE_EVERY`] until `stop` fires.
+    /// Apply retention every second until `stop` fires.
     pub async fn purge_loop(self: Arc<Self>, policy: Retention, stop: CancellationToken) {
         loop {
             tokio::select! {

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::run::{CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, Stream};
 
-/// The schema version this binary writes; [`MIGRATIONS`]`[i]` upgrades from version `i`.
+/// The schema version this binary writes (migration `i` upgrades from version `i`).
 pub const SCHEMA_VERSION: i64 = 1;
 
 const MIGRATIONS: &[&str] = &[
