@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -187,6 +188,13 @@ impl App {
         background.close();
 
         let stop_accepting = CancellationToken::new();
+        // No Nagle: SSE writes are small and latency-bound (the last chunk of a stream was
+        // held ~40 ms waiting for a delayed ACK).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let server = axum::serve(listener, router)
             .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
             .into_future();

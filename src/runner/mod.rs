@@ -552,7 +552,8 @@ impl Inner {
             }
         }
         for (p, ctl) in starts {
-            let span = tracing::info_span!("run", run_id = %p.id, module = %p.req.module_id);
+            let span =
+                tracing::info_span!(parent: None, "run", run_id = %p.id, module = %p.req.module_id);
             let inner = this.clone();
             self.tasks.spawn(drive(inner, p, ctl).instrument(span));
         }

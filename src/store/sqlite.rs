@@ -608,7 +608,7 @@ fn read_output(
     let mut out = Vec::with_capacity(limit.min(4096));
     let mut stmt = c
         .prepare_cached(
-            "SELECT first_seq, data FROM chunks WHERE run_id = ?1 AND last_seq > ?2 ORDER BY last_seq LIMIT 64",
+            "SELECT first_seq, data FROM chunks WHERE run_id = ?1 AND last_seq > ?2 ORDER BY last_seq LIMIT 2",
         )
         .map_err(backend)?;
     let mut cursor = after;

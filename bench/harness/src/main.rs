@@ -159,7 +159,9 @@ fn fmt_row(r: &Row) -> String {
         r.unit,
         r.reference.as_deref().unwrap_or("-"),
         r.reference_value.map(num).unwrap_or_else(|| "-".into()),
-        r.ratio.map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into()),
+        r.ratio
+            .map(|x| format!("{x:.2}x"))
+            .unwrap_or_else(|| "-".into()),
         r.target.as_deref().unwrap_or("-"),
         match r.met {
             Some(true) => "yes",
@@ -242,11 +244,7 @@ struct Ctx {
 
 impl Ctx {
     async fn start(&self, store: &str) -> Server {
-        procs::modrun(
-            &self.modrun,
-            &base_config(store, &modules(&self.true_path)),
-        )
-        .await
+        procs::modrun(&self.modrun, &base_config(store, &modules(&self.true_path))).await
     }
 }
 
@@ -403,7 +401,10 @@ async fn scenario_throughput(ctx: &Ctx, t: &mut Table) {
             )
             .await;
             if m.errors > 0 || m.ok == 0 {
-                t.fail(format!("modrun ({store:?}): {} errors, {} ok", m.errors, m.ok));
+                t.fail(format!(
+                    "modrun ({store:?}): {} errors, {} ok",
+                    m.errors, m.ok
+                ));
             }
             out.push(m.per_s);
             lat.push((m.p50_ms, m.p99_ms));
@@ -418,16 +419,75 @@ async fn scenario_throughput(ctx: &Ctx, t: &mut Table) {
     let s = "1 run throughput";
     let c = p.clients;
     let ratio = |a: &[f64], b: &[f64]| median(a) / median(b).max(1e-9);
-    t.add(s, &format!("runs/s, {c} clients, SQLite"), "/s", sqlite.clone(), Some(("webhook", hook.clone())), Some((">= 1.0x webhook", ratio(&sqlite, &hook) >= 1.0)));
-    t.add(s, &format!("runs/s, {c} clients, SQLite"), "/s", sqlite.clone(), Some(("raw tokio spawn", raw.clone())), Some((">= 0.8x raw", ratio(&sqlite, &raw) >= 0.8)));
-    t.add(s, &format!("runs/s, {c} clients, memory"), "/s", memory.clone(), Some(("webhook", hook.clone())), Some((">= 1.0x webhook", ratio(&memory, &hook) >= 1.0)));
-    t.add(s, &format!("runs/s, {c} clients, memory"), "/s", memory.clone(), Some(("raw tokio spawn", raw.clone())), Some((">= 0.8x raw", ratio(&memory, &raw) >= 0.8)));
-    t.add(s, "runs/s, SQLite vs memory", "/s", sqlite.clone(), Some(("modrun memory", memory.clone())), Some((">= 0.8x (persistence <= 20%)", ratio(&sqlite, &memory) >= 0.8)));
+    t.add(
+        s,
+        &format!("runs/s, {c} clients, SQLite"),
+        "/s",
+        sqlite.clone(),
+        Some(("webhook", hook.clone())),
+        Some((">= 1.0x webhook", ratio(&sqlite, &hook) >= 1.0)),
+    );
+    t.add(
+        s,
+        &format!("runs/s, {c} clients, SQLite"),
+        "/s",
+        sqlite.clone(),
+        Some(("raw tokio spawn", raw.clone())),
+        Some((">= 0.8x raw", ratio(&sqlite, &raw) >= 0.8)),
+    );
+    t.add(
+        s,
+        &format!("runs/s, {c} clients, memory"),
+        "/s",
+        memory.clone(),
+        Some(("webhook", hook.clone())),
+        Some((">= 1.0x webhook", ratio(&memory, &hook) >= 1.0)),
+    );
+    t.add(
+        s,
+        &format!("runs/s, {c} clients, memory"),
+        "/s",
+        memory.clone(),
+        Some(("raw tokio spawn", raw.clone())),
+        Some((">= 0.8x raw", ratio(&memory, &raw) >= 0.8)),
+    );
+    t.add(
+        s,
+        "runs/s, SQLite vs memory",
+        "/s",
+        sqlite.clone(),
+        Some(("modrun memory", memory.clone())),
+        Some((
+            ">= 0.8x (persistence <= 20%)",
+            ratio(&sqlite, &memory) >= 0.8,
+        )),
+    );
     let p50 = |v: &[(f64, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
     let p99 = |v: &[(f64, f64)]| v.iter().map(|x| x.1).collect::<Vec<_>>();
-    t.add(s, "latency p50, SQLite", "ms", p50(&sqlite_lat), Some(("webhook", p50(&hook_lat))), None);
-    t.add(s, "latency p99, SQLite", "ms", p99(&sqlite_lat), Some(("webhook", p99(&hook_lat))), None);
-    t.add(s, "latency p99, memory", "ms", p99(&memory_lat), Some(("webhook", p99(&hook_lat))), None);
+    t.add(
+        s,
+        "latency p50, SQLite",
+        "ms",
+        p50(&sqlite_lat),
+        Some(("webhook", p50(&hook_lat))),
+        None,
+    );
+    t.add(
+        s,
+        "latency p99, SQLite",
+        "ms",
+        p99(&sqlite_lat),
+        Some(("webhook", p99(&hook_lat))),
+        None,
+    );
+    t.add(
+        s,
+        "latency p99, memory",
+        "ms",
+        p99(&memory_lat),
+        Some(("webhook", p99(&hook_lat))),
+        None,
+    );
 }
 
 async fn post_run(ctx: &Ctx, server: &Server, body: serde_json::Value) -> String {
@@ -502,11 +562,15 @@ async fn consume(
 async fn raw_pipe(lines: u64, width: usize) -> Duration {
     let t = Instant::now();
     let mut child = tokio::process::Command::new("sh")
-        .args(["-c", &format!("yes \"$(printf \"%0{width}d\" 0)\" | head -n {lines}")])
+        .args([
+            "-c",
+            &format!("yes \"$(printf \"%0{width}d\" 0)\" | head -n {lines}"),
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("sh");
-    let mut out = tokio::io::BufReader::with_capacity(64 * 1024, child.stdout.take().expect("pipe"));
+    let mut out =
+        tokio::io::BufReader::with_capacity(64 * 1024, child.stdout.take().expect("pipe"));
     let mut buf = Vec::with_capacity(256);
     let mut n = 0u64;
     loop {
@@ -530,7 +594,12 @@ async fn scenario_output(ctx: &Ctx, t: &mut Table) {
         raw_lps.push(n as f64 / raw.as_secs_f64());
         let server = ctx.start("data").await;
         let t0 = Instant::now();
-        let id = post_run(ctx, &server, json!({"module_id": "lines", "parameters": {"n": n}})).await;
+        let id = post_run(
+            ctx,
+            &server,
+            json!({"module_id": "lines", "parameters": {"n": n}}),
+        )
+        .await;
         match consume(ctx, &server, &id, Some(79)).await {
             Ok((lines, bytes, status)) => {
                 let secs = t0.elapsed().as_secs_f64();
@@ -547,10 +616,24 @@ async fn scenario_output(ctx: &Ctx, t: &mut Table) {
     }
     let s = "2 output throughput";
     let lines_target = median(&lps) >= 1e6;
-    t.add(s, &format!("lines/s, {n} x 80 B, POST to end, 1 SSE client"), "/s", lps.clone(), Some(("raw pipe reader", raw_lps.clone())), Some((">= 1M lines/s", lines_target)));
+    t.add(
+        s,
+        &format!("lines/s, {n} x 80 B, POST to end, 1 SSE client"),
+        "/s",
+        lps.clone(),
+        Some(("raw pipe reader", raw_lps.clone())),
+        Some((">= 1M lines/s", lines_target)),
+    );
     t.add(s, "MB/s delivered", "MB/s", mbps, None, None);
     let peak = median(&rss);
-    t.add(s, "server peak RSS", "MiB", rss, None, Some(("< 100 MiB", peak < 100.0)));
+    t.add(
+        s,
+        "server peak RSS",
+        "MiB",
+        rss,
+        None,
+        Some(("< 100 MiB", peak < 100.0)),
+    );
 }
 
 async fn scenario_fanout(ctx: &Ctx, t: &mut Table) {
@@ -559,7 +642,12 @@ async fn scenario_fanout(ctx: &Ctx, t: &mut Table) {
     let mut rates = vec![];
     for _ in 0..p.rounds {
         let server = Arc::new(ctx.start("data").await);
-        let id = post_run(ctx, &server, json!({"module_id": "delayed_lines", "parameters": {"n": n}})).await;
+        let id = post_run(
+            ctx,
+            &server,
+            json!({"module_id": "delayed_lines", "parameters": {"n": n}}),
+        )
+        .await;
         let first_line = Arc::new(AtomicU64::new(u64::MAX));
         let epoch = Instant::now();
         let mut tasks = Vec::new();
@@ -580,7 +668,8 @@ async fn scenario_fanout(ctx: &Ctx, t: &mut Table) {
                 sse::follow(res, Duration::from_secs(600), |ev| match ev.kind {
                     "stdout" => {
                         if next == 1 {
-                            first_line.fetch_min(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            first_line
+                                .fetch_min(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
                         }
                         match serde_json::from_slice::<sse::LineData>(ev.data) {
                             Ok(l) if l.seq == next => next += 1,
@@ -625,7 +714,14 @@ async fn scenario_fanout(ctx: &Ctx, t: &mut Table) {
         }
     }
     let ok = median(&rates) >= 1e6;
-    t.add("3 fan-out", &format!("events/s, {subs} subscribers x {n} lines, all in order"), "/s", rates, None, Some((">= 1M events/s", ok)));
+    t.add(
+        "3 fan-out",
+        &format!("events/s, {subs} subscribers x {n} lines, all in order"),
+        "/s",
+        rates,
+        None,
+        Some((">= 1M events/s", ok)),
+    );
 }
 
 fn monotonic_ns() -> u64 {
@@ -639,7 +735,12 @@ async fn scenario_latency(ctx: &Ctx, t: &mut Table) {
     let (mut p50s, mut p99s) = (vec![], vec![]);
     for _ in 0..p.rounds {
         let server = ctx.start("data").await;
-        let id = post_run(ctx, &server, json!({"module_id": "ticks", "parameters": {"n": n}})).await;
+        let id = post_run(
+            ctx,
+            &server,
+            json!({"module_id": "ticks", "parameters": {"n": n}}),
+        )
+        .await;
         let res = ctx
             .client
             .get(server.url(&format!("/runs/{id}/stream")))
@@ -665,8 +766,22 @@ async fn scenario_latency(ctx: &Ctx, t: &mut Table) {
         server.stop().await;
     }
     let ok = median(&p99s) < 5.0;
-    t.add("4 latency", "line to SSE client, p50", "ms", p50s, None, None);
-    t.add("4 latency", "line to SSE client, p99", "ms", p99s, None, Some(("p99 < 5 ms", ok)));
+    t.add(
+        "4 latency",
+        "line to SSE client, p50",
+        "ms",
+        p50s,
+        None,
+        None,
+    );
+    t.add(
+        "4 latency",
+        "line to SSE client, p99",
+        "ms",
+        p99s,
+        None,
+        Some(("p99 < 5 ms", ok)),
+    );
 }
 
 async fn scenario_cancel(ctx: &Ctx, t: &mut Table) {
@@ -676,7 +791,10 @@ async fn scenario_cancel(ctx: &Ctx, t: &mut Table) {
     let mut raw = Vec::new();
     for _ in 0..p.cancels {
         // Reference: the same child killed with SIGTERM and reaped by a minimal tokio program.
-        let mut child = tokio::process::Command::new("sleep").arg("60").spawn().expect("sleep");
+        let mut child = tokio::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep");
         tokio::time::sleep(Duration::from_millis(5)).await;
         let t0 = Instant::now();
         let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
@@ -719,7 +837,9 @@ async fn scenario_cancel(ctx: &Ctx, t: &mut Table) {
                     }
                 }
                 if ev.kind == "end" {
-                    end = serde_json::from_slice::<sse::RunData>(ev.data).ok().map(|r| r.status);
+                    end = serde_json::from_slice::<sse::RunData>(ev.data)
+                        .ok()
+                        .map(|r| r.status);
                 }
             })
             .await;
@@ -749,8 +869,22 @@ async fn scenario_cancel(ctx: &Ctx, t: &mut Table) {
     times.sort_by(f64::total_cmp);
     raw.sort_by(f64::total_cmp);
     let p99 = percentile(&times, 0.99);
-    t.add("5 cancel", "DELETE to `cancelled` + group gone, p50", "ms", vec![percentile(&times, 0.5)], Some(("raw SIGTERM + reap", vec![percentile(&raw, 0.5)])), None);
-    t.add("5 cancel", "DELETE to `cancelled` + group gone, p99", "ms", vec![p99], Some(("raw SIGTERM + reap", vec![percentile(&raw, 0.99)])), Some(("p99 < 20 ms", p99 < 20.0)));
+    t.add(
+        "5 cancel",
+        "DELETE to `cancelled` + group gone, p50",
+        "ms",
+        vec![percentile(&times, 0.5)],
+        Some(("raw SIGTERM + reap", vec![percentile(&raw, 0.5)])),
+        None,
+    );
+    t.add(
+        "5 cancel",
+        "DELETE to `cancelled` + group gone, p99",
+        "ms",
+        vec![p99],
+        Some(("raw SIGTERM + reap", vec![percentile(&raw, 0.99)])),
+        Some(("p99 < 20 ms", p99 < 20.0)),
+    );
 }
 
 async fn scenario_memory(ctx: &Ctx, t: &mut Table) {
@@ -794,10 +928,35 @@ async fn scenario_memory(ctx: &Ctx, t: &mut Table) {
         let after = procs::rss_kib(server.pid()) as f64;
         let per_run = ((after - idle).max(0.0) * 1024.0) / made.max(1) as f64;
         if store == "data" {
-            t.add("6 memory", "RSS idle", "MiB", vec![idle / 1024.0], None, Some(("< 20 MiB", idle / 1024.0 < 20.0)));
+            t.add(
+                "6 memory",
+                "RSS idle",
+                "MiB",
+                vec![idle / 1024.0],
+                None,
+                Some(("< 20 MiB", idle / 1024.0 < 20.0)),
+            );
         }
-        t.add("6 memory", &format!("RSS with {made} finished runs, {label}"), "MiB", vec![after / 1024.0], None, if store == "data" { Some(("< 100 MiB", after / 1024.0 < 100.0)) } else { None });
-        t.add("6 memory", &format!("bytes per finished run, {label}"), "B", vec![per_run], None, Some(("< 2 KiB", per_run < 2048.0)));
+        t.add(
+            "6 memory",
+            &format!("RSS with {made} finished runs, {label}"),
+            "MiB",
+            vec![after / 1024.0],
+            None,
+            if store == "data" {
+                Some(("< 100 MiB", after / 1024.0 < 100.0))
+            } else {
+                None
+            },
+        );
+        t.add(
+            "6 memory",
+            &format!("bytes per finished run, {label}"),
+            "B",
+            vec![per_run],
+            None,
+            Some(("< 2 KiB", per_run < 2048.0)),
+        );
         server.stop().await;
     }
 }
@@ -806,18 +965,27 @@ fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned()))
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
         .and_then(|k| k.parse::<u64>().ok())
         .map_or(0, |k| k / 1024 / 1024);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores ({cpu}), {mem} GiB RAM, Linux {}", kernel.trim())
+    format!(
+        "{cores} cores ({cpu}), {mem} GiB RAM, Linux {}",
+        kernel.trim()
+    )
 }
 
 #[tokio::main]
@@ -833,7 +1001,11 @@ async fn main() {
     };
     let modrun = value("--modrun").unwrap_or_else(|| PathBuf::from("target/release/modrun"));
     let out = value("--out").unwrap_or_else(|| PathBuf::from("bench/results"));
-    let only: Option<String> = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let only: Option<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let ctx = Ctx {
         plan,
         modrun,
@@ -845,7 +1017,10 @@ async fn main() {
     };
     let started = Instant::now();
     let machine = machine();
-    println!("modrun benchmark ({}), {machine}", if plan.quick { "quick" } else { "full" });
+    println!(
+        "modrun benchmark ({}), {machine}",
+        if plan.quick { "quick" } else { "full" }
+    );
     println!("{HEADER}");
     let mut table = Table {
         rows: vec![],
@@ -881,16 +1056,26 @@ async fn main() {
         "rows": table.rows,
         "failures": table.failures,
     });
-    std::fs::write(out.join(format!("{name}.json")), serde_json::to_vec_pretty(&json).expect("json"))
-        .expect("write json");
+    std::fs::write(
+        out.join(format!("{name}.json")),
+        serde_json::to_vec_pretty(&json).expect("json"),
+    )
+    .expect("write json");
     let mut md = String::new();
-    let _ = writeln!(md, "Machine: {machine}. Medians over {} round(s); ratios against references measured in the same run. Took {took} s.\n", plan.rounds);
+    let _ = writeln!(
+        md,
+        "Machine: {machine}. Medians over {} round(s); ratios against references measured in the same run. Took {took} s.\n",
+        plan.rounds
+    );
     let _ = writeln!(md, "{HEADER}");
     for r in &table.rows {
         let _ = writeln!(md, "{}", fmt_row(r));
     }
     std::fs::write(out.join(format!("{name}.md")), md).expect("write md");
-    println!("\nresults: {}/{name}.json and {name}.md ({took} s)", out.display());
+    println!(
+        "\nresults: {}/{name}.json and {name}.md ({took} s)",
+        out.display()
+    );
     if !table.failures.is_empty() {
         eprintln!("\n{} correctness check(s) failed:", table.failures.len());
         for f in &table.failures {

@@ -107,8 +107,14 @@ pub async fn webhook(hooks: &[(&str, &str)]) -> Server {
         .spawn()
         .expect("cannot start webhook (bench/run installs it)");
     let start = Instant::now();
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "webhook did not start");
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "webhook did not start"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Server {
