@@ -22,18 +22,18 @@
 //!                store::RunStore (async trait): SqliteStore (default) | MemoryStore
 //! ```
 //!
-//! - [`config`]: the TOML file, validated once into typed settings and the module catalog.
-//! - [`module`]: the catalog's types, request-parameter validation, argv/env building.
-//! - [`run`]: domain types without I/O: ids, run modes, the run state machine, outcomes.
-//! - [`output`]: the per-run output log (line splitting, budget, persisted window).
-//! - [`registry`]: live runs in front of the store; the output flusher, retention purger and
+//! - [`config`] — the TOML file, validated once into typed settings and the module catalog.
+//! - [`module`] — the catalog's types, request-parameter validation, argv/env building.
+//! - [`run`] — domain types without I/O: ids, run modes, the run state machine, outcomes.
+//! - [`output`] — the per-run output log (line splitting, budget, persisted window).
+//! - [`registry`] — live runs in front of the store; the output flusher, retention purger and
 //!   reader cursors.
-//! - [`store`]: the persistence boundary ([`store::RunStore`]): the embedded SQLite store
+//! - [`store`] — the persistence boundary ([`store::RunStore`]): the embedded SQLite store
 //!   (writer thread with group commit, read pool, migrations, lock file) and the memory store.
-//! - [`runner`]: [`runner::ModuleRunner`] (scheduling, supervision, cancel, crash leftovers)
+//! - [`runner`] — [`runner::ModuleRunner`] (scheduling, supervision, cancel, crash leftovers)
 //!   and [`execute_module`] (one-shot runs), both on the same process code.
-//! - [`api`]: the only code that knows HTTP.
-//! - [`app`]: wiring: open the store, recover (running -> lost, queued -> queued again), serve
+//! - [`api`] — the only code that knows HTTP.
+//! - [`app`] — wiring: open the store, recover (running -> lost, queued -> queued again), serve
 //!   a bound listener until a shutdown future fires, then shut down in order (stop accepting,
 //!   cancel runs, end streams, last flush).
 //!

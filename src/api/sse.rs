@@ -147,10 +147,10 @@ impl Follow {
                 }
             };
             let status = run.status();
-            if self.last_status.is_none() {
-                self.last_status = Some(status);
-                push_run_event(&mut buf, "status", &run);
-            } else if self.last_status != Some(status) && !status.is_finished() {
+            // The first event is always the run as it is; later ones on each change (a final
+            // status comes with `end`, below, once every line is out).
+            let first = self.last_status.is_none();
+            if first || (self.last_status != Some(status) && !status.is_finished()) {
                 self.last_status = Some(status);
                 push_run_event(&mut buf, "status", &run);
             }

@@ -36,6 +36,7 @@
 
 mod execute;
 pub(crate) mod process;
+mod spawn;
 
 pub use execute::{ExecError, ModuleOutput, execute_module};
 

@@ -1,5 +1,6 @@
-//! Spawning and supervising one child process: the only code in modrun that starts or signals a
-//! process. One path for every caller (the service's runs and `execute_module`) and every mode.
+//! Supervising one child process: the only code in modrun that starts (through [`spawn`]) or
+//! signals a process. One path for every caller (the service's runs and `execute_module`) and
+//! every mode.
 //!
 //! Every child gets its own process group (so that the group can be signalled as a whole,
 //! grandchildren included) and a parent-death signal (so that it never outlives a crashed
@@ -7,22 +8,22 @@
 //! SIGTERM to the group, waits `kill_grace`, then SIGKILL. When the leader has exited, whatever
 //! is left of its group is killed so that no process outlives its run. Dropping the future of
 //! [`run_process`] kills the whole group at once (SIGKILL) and leaves the reaping to a
-//! background waiter: tokio's orphan reaper for async children, the blocking wait thread for
-//! the threaded and local modes.
+//! background waiter (the spawner's reaper thread, or the blocking thread that waits in the
+//! threaded and local modes).
 
 use std::ffi::OsString;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe::{Receiver as PipeReader, Sender as PipeWriter};
 use tokio_util::sync::CancellationToken;
 
+use super::spawn;
 use crate::run::{Exit, RunMode, Stream};
 
 /// Where a process's output goes, as raw byte chunks per pipe.
@@ -273,48 +274,6 @@ pub(crate) fn command_line(spec: &ProcSpec) -> String {
         .join(" ")
 }
 
-fn std_command(program: &Path, spec: &ProcSpec) -> std::process::Command {
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(&spec.args)
-        .current_dir(&spec.cwd)
-        .stdin(if spec.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    if let Some(env) = &spec.env {
-        cmd.env_clear();
-        cmd.envs(env.iter().map(|(k, v)| (k, v)));
-    }
-    set_parent_death_signal(&mut cmd);
-    cmd
-}
-
-/// Ask the kernel to SIGKILL the child when the thread that spawned it dies, so that a crashed
-/// server never leaves its children behind.
-#[expect(
-    unsafe_code,
-    reason = "pre_exec is unsafe; the closure only makes async-signal-safe syscalls (prctl, getppid)"
-)]
-fn set_parent_death_signal(cmd: &mut std::process::Command) {
-    let parent = std::process::id();
-    // SAFETY: the closure runs between fork and exec; it allocates nothing and only calls
-    // prctl(2) and getppid(2), which are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-            // The parent may have died before prctl took effect: then stop here.
-            if nix::unistd::getppid().as_raw() as u32 != parent {
-                return Err(std::io::Error::other("parent exited during spawn"));
-            }
-            Ok(())
-        });
-    }
-}
-
 /// Signal a whole process group; a group that is already gone is not an error.
 pub(crate) fn signal_group(pgid: u32, sig: Signal) {
     let Ok(raw) = i32::try_from(pgid) else { return };
@@ -494,16 +453,21 @@ async fn run_async(
     sup: Supervision<'_>,
     events: &dyn ProcEvents,
 ) -> Result<ProcEnd, SpawnError> {
-    let mut cmd = tokio::process::Command::from(std_command(program, spec));
-    cmd.kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| spawn_error(program, &e))?;
-    let pid = child.id().expect("a freshly spawned child has a pid");
+    let mut child = spawn::spawn(program, spec).map_err(|e| spawn_error(program, &e))?;
+    let pid = child.pid;
+    // Declared after `child`, so dropped before it: the group is killed, then the child is
+    // handed to the reaper.
     let mut guard = GroupGuard::new(pid);
     events.spawned(pid).await;
 
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let stdin = child.stdin.take();
+    let open =
+        |fd: Option<std::os::fd::OwnedFd>| fd.and_then(|fd| PipeReader::from_owned_fd(fd).ok());
+    let stdout = open(child.stdout.take());
+    let stderr = open(child.stderr.take());
+    let stdin = child
+        .stdin
+        .take()
+        .and_then(|fd| PipeWriter::from_owned_fd(fd).ok());
     let input = spec.stdin.clone();
     let s1 = sink.clone();
     let s2 = sink.clone();
@@ -566,6 +530,12 @@ fn blocking_pump(r: impl Read + Send + 'static, stream: Stream, sink: Arc<dyn Si
     sink.eof(stream);
 }
 
+fn write_all_blocking(fd: std::os::fd::OwnedFd, data: &[u8]) {
+    use std::io::Write;
+    // A child that exits without reading its stdin gives EPIPE: not an error here.
+    let _ = std::fs::File::from(fd).write_all(data);
+}
+
 async fn run_threaded(
     program: &Path,
     spec: &ProcSpec,
@@ -573,35 +543,31 @@ async fn run_threaded(
     sup: Supervision<'_>,
     events: &dyn ProcEvents,
 ) -> Result<ProcEnd, SpawnError> {
-    let mut child = std_command(program, spec)
-        .spawn()
-        .map_err(|e| spawn_error(program, &e))?;
-    let pid = child.id();
+    let mut child = spawn::spawn(program, spec).map_err(|e| spawn_error(program, &e))?;
+    let pid = child.pid;
     let mut guard = GroupGuard::new(pid);
     events.spawned(pid).await;
 
     let mut pumps = Vec::new();
-    if let Some(o) = child.stdout.take() {
-        let s = sink.clone();
-        pumps.push(tokio::task::spawn_blocking(move || {
-            blocking_pump(o, Stream::Stdout, s)
-        }));
+    for (fd, stream) in [
+        (child.stdout.take(), Stream::Stdout),
+        (child.stderr.take(), Stream::Stderr),
+    ] {
+        if let Some(fd) = fd {
+            let s = sink.clone();
+            pumps.push(tokio::task::spawn_blocking(move || {
+                blocking_pump(std::fs::File::from(fd), stream, s)
+            }));
+        }
     }
-    if let Some(e) = child.stderr.take() {
-        let s = sink.clone();
+    if let (Some(fd), Some(data)) = (child.stdin.take(), spec.stdin.clone()) {
         pumps.push(tokio::task::spawn_blocking(move || {
-            blocking_pump(e, Stream::Stderr, s)
-        }));
-    }
-    if let (Some(mut w), Some(data)) = (child.stdin.take(), spec.stdin.clone()) {
-        pumps.push(tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            let _ = w.write_all(&data);
+            write_all_blocking(fd, &data)
         }));
     }
     // The blocking wait owns the child: if this future is dropped, the guard kills the group and
-    // this thread still reaps the child.
-    let wait = tokio::task::spawn_blocking(move || child.wait());
+    // that thread still reaps the child.
+    let wait = tokio::task::spawn_blocking(move || child.wait_blocking());
     let exit = async {
         match wait.await {
             Ok(r) => r,
@@ -623,6 +589,13 @@ async fn run_threaded(
     })
 }
 
+/// Everything a local-mode child printed.
+struct Collected {
+    status: std::io::Result<std::process::ExitStatus>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
 async fn run_local(
     program: &Path,
     spec: &ProcSpec,
@@ -630,54 +603,54 @@ async fn run_local(
     sup: Supervision<'_>,
     events: &dyn ProcEvents,
 ) -> Result<ProcEnd, SpawnError> {
-    let mut cmd = std_command(program, spec);
-    let input = spec.stdin.clone();
-    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
-    // Spawn, wait and collect on one blocking thread (which also keeps the parent-death signal
-    // bound to a live thread for the child's whole life).
-    let work = tokio::task::spawn_blocking(move || {
-        let mut child = cmd.spawn()?;
-        let _ = pid_tx.send(child.id());
-        let stdin = child.stdin.take();
-        std::thread::scope(|s| {
-            if let (Some(mut w), Some(data)) = (stdin, input) {
-                s.spawn(move || {
-                    use std::io::Write;
-                    let _ = w.write_all(&data);
-                });
-            }
-            child.wait_with_output()
-        })
-    });
-    let Ok(pid) = pid_rx.await else {
-        // The sender was dropped: the spawn failed.
-        let err = match work.await {
-            Ok(Err(e)) => e,
-            Ok(Ok(_)) => std::io::Error::other("the child vanished"),
-            Err(e) => std::io::Error::other(e),
-        };
-        return Err(spawn_error(program, &err));
-    };
+    let mut child = spawn::spawn(program, spec).map_err(|e| spawn_error(program, &e))?;
+    let pid = child.pid;
     let mut guard = GroupGuard::new(pid);
     events.spawned(pid).await;
+    let input = spec.stdin.clone();
+    // Collect both pipes and wait on one blocking thread (plus scoped helpers for stderr and
+    // stdin); the output is delivered when the process ends.
+    let work = tokio::task::spawn_blocking(move || {
+        let read_all = |fd: Option<std::os::fd::OwnedFd>| {
+            let mut buf = Vec::new();
+            if let Some(fd) = fd {
+                let _ = std::fs::File::from(fd).read_to_end(&mut buf);
+            }
+            buf
+        };
+        let (stdout_fd, stderr_fd, stdin_fd) =
+            (child.stdout.take(), child.stderr.take(), child.stdin.take());
+        let (stdout, stderr) = std::thread::scope(|s| {
+            if let (Some(fd), Some(data)) = (stdin_fd, input) {
+                s.spawn(move || write_all_blocking(fd, &data));
+            }
+            let err = s.spawn(move || read_all(stderr_fd));
+            let out = read_all(stdout_fd);
+            (out, err.join().unwrap_or_default())
+        });
+        Collected {
+            status: child.wait_blocking(),
+            stdout,
+            stderr,
+        }
+    });
     let (out_tx, out_rx) = std::sync::mpsc::sync_channel(1);
     let exit = async {
         match work.await {
-            Ok(Ok(output)) => {
-                let status = output.status;
-                let _ = out_tx.send(output);
-                Ok(status)
+            Ok(c) => {
+                let status = c.status;
+                let _ = out_tx.send((c.stdout, c.stderr));
+                status
             }
-            Ok(Err(e)) => Err(e),
             Err(e) => Err(std::io::Error::other(e)),
         }
     };
     let result = supervise(pid, exit, &sup, events).await;
     signal_group(pid, Signal::SIGKILL);
     guard.disarm();
-    if let Ok(output) = out_rx.try_recv() {
-        sink.write(Stream::Stdout, &output.stdout);
-        sink.write(Stream::Stderr, &output.stderr);
+    if let Ok((stdout, stderr)) = out_rx.try_recv() {
+        sink.write(Stream::Stdout, &stdout);
+        sink.write(Stream::Stderr, &stderr);
     }
     sink.eof(Stream::Stdout);
     sink.eof(Stream::Stderr);
