@@ -379,21 +379,31 @@ pub(crate) async fn run_process(
         });
     }
     let program = resolve_program(spec)?;
-    match mode.resolve() {
-        RunMode::Threaded => run_threaded(&program, spec, sink, sup, events).await,
-        RunMode::Local => run_local(&program, spec, sink, sup, events).await,
-        _ => run_async(&program, spec, sink, sup, events).await,
-    }
+    let child = spawn::spawn(&program, spec).map_err(|e| spawn_error(&program, &e))?;
+    let pid = child.pid;
+    // Kills the group if this future is dropped before the run is over (the child itself
+    // does the same when dropped unreaped; the threaded mode's wait thread holds it, though).
+    let mut guard = GroupGuard::new(pid);
+    events.spawned(pid).await;
+    let result = match mode.resolve() {
+        RunMode::Threaded => drive_threaded(child, spec, &sink, &sup, events).await,
+        RunMode::Local => drive_local(child, spec, &sink, &sup, events).await,
+        _ => drive_async(child, spec, &sink, &sup, events).await,
+    };
+    guard.disarm();
+    let (status, stopped) = result.map_err(|e| spawn_error(&program, &e))?;
+    Ok(ProcEnd {
+        exit: Exit::from_status(status),
+        stopped,
+    })
 }
+
+/// How a driver's wait ended: the OS status, and whether modrun stopped the process.
+type Waited = std::io::Result<(std::process::ExitStatus, Option<Stopped>)>;
 
 /// Wait for `exit` while honouring cancel and timeout; on a stop, TERM the group, wait the grace,
 /// KILL it, and wait for `exit` again.
-async fn supervise<F>(
-    pgid: u32,
-    exit: F,
-    sup: &Supervision<'_>,
-    events: &dyn ProcEvents,
-) -> std::io::Result<(std::process::ExitStatus, Option<Stopped>)>
+async fn supervise<F>(pgid: u32, exit: F, sup: &Supervision<'_>, events: &dyn ProcEvents) -> Waited
 where
     F: std::future::Future<Output = std::io::Result<std::process::ExitStatus>>,
 {
@@ -446,20 +456,15 @@ async fn pump<R: AsyncRead + Unpin>(mut r: R, stream: Stream, sink: &dyn Sink) {
     sink.eof(stream);
 }
 
-async fn run_async(
-    program: &Path,
+/// Pipes pumped by async tasks of this future; exit awaited through a pidfd.
+async fn drive_async(
+    mut child: spawn::Child,
     spec: &ProcSpec,
-    sink: Arc<dyn Sink>,
-    sup: Supervision<'_>,
+    sink: &Arc<dyn Sink>,
+    sup: &Supervision<'_>,
     events: &dyn ProcEvents,
-) -> Result<ProcEnd, SpawnError> {
-    let mut child = spawn::spawn(program, spec).map_err(|e| spawn_error(program, &e))?;
+) -> Waited {
     let pid = child.pid;
-    // Declared after `child`, so dropped before it: the group is killed, then the child is
-    // handed to the reaper.
-    let mut guard = GroupGuard::new(pid);
-    events.spawned(pid).await;
-
     let open =
         |fd: Option<std::os::fd::OwnedFd>| fd.and_then(|fd| PipeReader::from_owned_fd(fd).ok());
     let stdout = open(child.stdout.take());
@@ -469,9 +474,7 @@ async fn run_async(
         .take()
         .and_then(|fd| PipeWriter::from_owned_fd(fd).ok());
     let input = spec.stdin.clone();
-    let s1 = sink.clone();
-    let s2 = sink.clone();
-    let pumps = async move {
+    let pumps = async {
         let feed = async move {
             if let (Some(mut w), Some(data)) = (stdin, input) {
                 // A child that exits without reading its stdin gives EPIPE: not an error here.
@@ -480,18 +483,18 @@ async fn run_async(
         };
         let out = async {
             if let Some(o) = stdout {
-                pump(o, Stream::Stdout, &*s1).await;
+                pump(o, Stream::Stdout, &**sink).await;
             }
         };
         let err = async {
             if let Some(e) = stderr {
-                pump(e, Stream::Stderr, &*s2).await;
+                pump(e, Stream::Stderr, &**sink).await;
             }
         };
         tokio::join!(feed, out, err);
     };
     tokio::pin!(pumps);
-    let waiting = supervise(pid, child.wait(), &sup, events);
+    let waiting = supervise(pid, child.wait(), sup, events);
     tokio::pin!(waiting);
     let mut pumps_done = false;
     let result = loop {
@@ -500,17 +503,12 @@ async fn run_async(
             () = &mut pumps, if !pumps_done => pumps_done = true,
         }
     };
-    if !pumps_done {
-        finish_pumps(pid, &mut pumps, &*sink).await;
-    } else {
+    if pumps_done {
         signal_group(pid, Signal::SIGKILL);
+    } else {
+        finish_pumps(pid, &mut pumps, &**sink).await;
     }
-    guard.disarm();
-    let (status, stopped) = result.map_err(|e| spawn_error(program, &e))?;
-    Ok(ProcEnd {
-        exit: Exit::from_status(status),
-        stopped,
-    })
+    result
 }
 
 fn blocking_pump(r: impl Read + Send + 'static, stream: Stream, sink: Arc<dyn Sink>) {
@@ -536,18 +534,15 @@ fn write_all_blocking(fd: std::os::fd::OwnedFd, data: &[u8]) {
     let _ = std::fs::File::from(fd).write_all(data);
 }
 
-async fn run_threaded(
-    program: &Path,
+/// Pipes read on blocking threads; exit awaited on a blocking thread that owns the child.
+async fn drive_threaded(
+    mut child: spawn::Child,
     spec: &ProcSpec,
-    sink: Arc<dyn Sink>,
-    sup: Supervision<'_>,
+    sink: &Arc<dyn Sink>,
+    sup: &Supervision<'_>,
     events: &dyn ProcEvents,
-) -> Result<ProcEnd, SpawnError> {
-    let mut child = spawn::spawn(program, spec).map_err(|e| spawn_error(program, &e))?;
+) -> Waited {
     let pid = child.pid;
-    let mut guard = GroupGuard::new(pid);
-    events.spawned(pid).await;
-
     let mut pumps = Vec::new();
     for (fd, stream) in [
         (child.stdout.take(), Stream::Stdout),
@@ -574,19 +569,14 @@ async fn run_threaded(
             Err(e) => Err(std::io::Error::other(e)),
         }
     };
-    let result = supervise(pid, exit, &sup, events).await;
+    let result = supervise(pid, exit, sup, events).await;
     let all_pumps = async {
         for p in pumps {
             let _ = p.await;
         }
     };
-    finish_pumps(pid, all_pumps, &*sink).await;
-    guard.disarm();
-    let (status, stopped) = result.map_err(|e| spawn_error(program, &e))?;
-    Ok(ProcEnd {
-        exit: Exit::from_status(status),
-        stopped,
-    })
+    finish_pumps(pid, all_pumps, &**sink).await;
+    result
 }
 
 /// Everything a local-mode child printed.
@@ -596,20 +586,18 @@ struct Collected {
     stderr: Vec<u8>,
 }
 
-async fn run_local(
-    program: &Path,
+/// std-style collection on a blocking thread; the output is delivered when the process ends.
+async fn drive_local(
+    mut child: spawn::Child,
     spec: &ProcSpec,
-    sink: Arc<dyn Sink>,
-    sup: Supervision<'_>,
+    sink: &Arc<dyn Sink>,
+    sup: &Supervision<'_>,
     events: &dyn ProcEvents,
-) -> Result<ProcEnd, SpawnError> {
-    let mut child = spawn::spawn(program, spec).map_err(|e| spawn_error(program, &e))?;
+) -> Waited {
     let pid = child.pid;
-    let mut guard = GroupGuard::new(pid);
-    events.spawned(pid).await;
     let input = spec.stdin.clone();
     // Collect both pipes and wait on one blocking thread (plus scoped helpers for stderr and
-    // stdin); the output is delivered when the process ends.
+    // stdin).
     let work = tokio::task::spawn_blocking(move || {
         let read_all = |fd: Option<std::os::fd::OwnedFd>| {
             let mut buf = Vec::new();
@@ -645,20 +633,15 @@ async fn run_local(
             Err(e) => Err(std::io::Error::other(e)),
         }
     };
-    let result = supervise(pid, exit, &sup, events).await;
+    let result = supervise(pid, exit, sup, events).await;
     signal_group(pid, Signal::SIGKILL);
-    guard.disarm();
     if let Ok((stdout, stderr)) = out_rx.try_recv() {
         sink.write(Stream::Stdout, &stdout);
         sink.write(Stream::Stderr, &stderr);
     }
     sink.eof(Stream::Stdout);
     sink.eof(Stream::Stderr);
-    let (status, stopped) = result.map_err(|e| spawn_error(program, &e))?;
-    Ok(ProcEnd {
-        exit: Exit::from_status(status),
-        stopped,
-    })
+    result
 }
 
 #[cfg(test)]

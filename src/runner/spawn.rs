@@ -16,7 +16,8 @@
 //! parent ever runs on the child's side of the shared memory.
 //!
 //! Reaping: [`Child::wait`] (a pidfd, asynchronously) or [`Child::wait_blocking`]; a `Child`
-//! dropped before it was reaped is handed to one background reaper thread.
+//! dropped before it was reaped has its group killed and is handed to one background reaper
+//! thread.
 
 #![expect(
     unsafe_code,
@@ -359,6 +360,8 @@ impl Child {
 impl Drop for Child {
     fn drop(&mut self) {
         if !self.reaped {
+            // Unreaped, the group id cannot have been reused: kill the group, then reap.
+            super::process::signal_group(self.pid, nix::sys::signal::Signal::SIGKILL);
             reap_later(self.pid);
         }
     }
