@@ -7,7 +7,6 @@
 //! framework event per line: at a million lines a second the per-event allocations, the
 //! keep-alive timer reset per event and the per-line timestamp formatting were the cost.
 
-use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -97,6 +96,18 @@ struct Follow {
     ts_cache: Option<(SystemTime, String)>,
 }
 
+/// A JSON string literal: copied as is when nothing needs escaping (the common case), else
+/// escaped by serde_json.
+fn push_json_str(buf: &mut Vec<u8>, text: &str) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.push(b'"');
+        buf.extend_from_slice(text.as_bytes());
+        buf.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *buf, text);
+    }
+}
+
 fn push_run_event(buf: &mut Vec<u8>, kind: &str, run: &Run) {
     buf.extend_from_slice(b"event: ");
     buf.extend_from_slice(kind.as_bytes());
@@ -112,13 +123,21 @@ impl Follow {
             Some((t, s)) if *t == l.ts => s,
             _ => &self.ts_cache.insert((l.ts, rfc3339(l.ts))).1,
         };
-        let stream = l.stream.as_str();
-        let _ = write!(
-            buf,
-            "event: {stream}\nid: {seq}\ndata: {{\"seq\":{seq},\"stream\":\"{stream}\",\"ts\":\"{ts}\",\"line\":",
-            seq = l.seq
-        );
-        let _ = serde_json::to_writer(&mut *buf, &*l.text);
+        let stream = l.stream.as_str().as_bytes();
+        let mut seq = itoa::Buffer::new();
+        let seq = seq.format(l.seq).as_bytes();
+        buf.extend_from_slice(b"event: ");
+        buf.extend_from_slice(stream);
+        buf.extend_from_slice(b"\nid: ");
+        buf.extend_from_slice(seq);
+        buf.extend_from_slice(b"\ndata: {\"seq\":");
+        buf.extend_from_slice(seq);
+        buf.extend_from_slice(b",\"stream\":\"");
+        buf.extend_from_slice(stream);
+        buf.extend_from_slice(b"\",\"ts\":\"");
+        buf.extend_from_slice(ts.as_bytes());
+        buf.extend_from_slice(b"\",\"line\":");
+        push_json_str(buf, &l.text);
         buf.extend_from_slice(b"}\n\n");
     }
 
@@ -192,6 +211,29 @@ impl Follow {
                     return Some(Bytes::from(buf));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_json_str;
+
+    #[test]
+    fn json_strings_are_escaped_only_when_needed() {
+        for text in [
+            "plain text",
+            "quote \" here",
+            "back\\slash",
+            "tab\there",
+            "\u{1}",
+            "é ✓",
+            "",
+        ] {
+            let mut buf = Vec::new();
+            push_json_str(&mut buf, text);
+            let back: String = serde_json::from_slice(&buf).unwrap();
+            assert_eq!(back, text);
         }
     }
 }
