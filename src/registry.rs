@@ -11,7 +11,7 @@
 //!   behind it read from the store. A crash loses at most the last flush interval of output.
 //! - A purger task applies retention in batches.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -40,8 +40,15 @@ pub struct Registry {
     /// Live runs. A std mutex: sections are map operations and clones, never I/O or `.await`.
     /// Bounded: queued runs (at most `max_queued`) plus runs holding a slot.
     live: Mutex<HashMap<RunId, Live>>,
+    /// Runs retired lately, newest last: most reads of a finished run come right after it
+    /// finished (`?wait`, the SSE `end`, pollers), and this spares them a store read. Bounded:
+    /// [`RECENT`] entries, the oldest dropped first. A std mutex, like `live`.
+    recent: Mutex<(HashMap<RunId, Run>, VecDeque<RunId>)>,
     limits: OutputLimits,
 }
+
+/// Finished runs kept in the registry's recent cache.
+const RECENT: usize = 1024;
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -69,6 +76,7 @@ impl Registry {
         Self {
             store,
             live: Mutex::new(HashMap::new()),
+            recent: Mutex::default(),
             limits,
         }
     }
@@ -107,7 +115,14 @@ impl Registry {
         if let Some(live) = self.lock().get(&id) {
             return Ok(Some(live.snapshot()));
         }
+        if let Some(run) = self.recent_lock().0.get(&id) {
+            return Ok(Some(run.clone()));
+        }
         self.store.get(id).await
+    }
+
+    fn recent_lock(&self) -> MutexGuard<'_, (HashMap<RunId, Run>, VecDeque<RunId>)> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The output log of a live run.
@@ -148,7 +163,29 @@ impl Registry {
     /// A run is finished and its output persisted: serve it from the store from now on.
     /// (Readers holding its log keep it.)
     pub fn retire(&self, id: RunId) {
-        self.lock().remove(&id);
+        let Some(live) = self.lock().remove(&id) else {
+            return;
+        };
+        let run = live.snapshot();
+        if !run.state.is_finished() {
+            return;
+        }
+        let mut recent = self.recent_lock();
+        let (map, order) = &mut *recent;
+        map.insert(id, run);
+        order.push_back(id);
+        while order.len() > RECENT {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    /// Forget cached copies of runs the store no longer has (after a purge).
+    fn forget_recent(&self) {
+        let mut recent = self.recent_lock();
+        recent.0.clear();
+        recent.1.clear();
     }
 
     /// Up to `limit` lines of a run with `seq > after`; `None` if there is no such run.
@@ -233,7 +270,10 @@ impl Registry {
             loop {
                 match self.store.purge(policy, SystemTime::now()).await {
                     Ok(0) => break,
-                    Ok(n) => tracing::debug!(removed = n, "retention purge"),
+                    Ok(n) => {
+                        self.forget_recent();
+                        tracing::debug!(removed = n, "retention purge");
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "retention purge failed");
                         break;

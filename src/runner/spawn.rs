@@ -166,10 +166,11 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec) -> io::Result<Child> {
         parent: unsafe { libc::getpid() },
     };
     // The child's stack: it runs there until it execs (or exits), while this thread waits.
-    let mut stack = vec![0u8; 64 * 1024];
+    // Never read from Rust, so it need not be initialised.
+    let mut stack: Vec<u8> = Vec::with_capacity(64 * 1024);
     // SAFETY: one past the end of the allocation, aligned down to 16 bytes as the ABI wants;
     // the stack grows down from there and stays alive until clone returns.
-    let top = unsafe { stack.as_mut_ptr().add(stack.len()) };
+    let top = unsafe { stack.as_mut_ptr().add(stack.capacity()) };
     let top = ((top as usize) & !15) as *mut c_void;
 
     // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask only write into it.

@@ -320,14 +320,19 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
             }
         }
         let mut replies: Vec<Box<dyn FnOnce(Option<StoreError>) + Send>> = Vec::new();
+        let mut failed = None;
         let result = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             for cmd in batch {
-                replies.push(apply(&tx, cmd));
+                replies.push(apply(&tx, cmd, &mut failed));
+            }
+            if failed.is_some() {
+                // Dropping the transaction rolls it back.
+                return Ok(());
             }
             tx.commit()
         })();
-        let failure = result.err().map(backend);
+        let failure = failed.or_else(|| result.err().map(backend));
         if let Some(e) = &failure {
             tracing::error!(error = %e, "store commit failed");
         }
@@ -337,13 +342,25 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
     }
 }
 
-/// Run one command inside the batch's transaction (in a savepoint, so that a failed command
-/// leaves no partial write); the returned closure sends its reply once the batch committed.
-fn apply(tx: &Transaction<'_>, cmd: Cmd) -> Box<dyn FnOnce(Option<StoreError>) + Send> {
+/// Run one command inside the batch's transaction; the returned closure sends its reply once
+/// the batch committed. Commands detect refusals (wrong state, key conflict) before writing,
+/// so a refused command leaves nothing behind; an SQL error fails the whole batch
+/// (`*failed` is set and the transaction is rolled back), since a command may have written
+/// part of its rows. (No savepoint per command: sub-journaling every page cost more than the
+/// commands themselves.)
+fn apply(
+    tx: &Transaction<'_>,
+    cmd: Cmd,
+    failed: &mut Option<StoreError>,
+) -> Box<dyn FnOnce(Option<StoreError>) + Send> {
     fn reply<T: Send + 'static>(
         to: Reply<T>,
         r: Result<T, StoreError>,
+        failed: &mut Option<StoreError>,
     ) -> Box<dyn FnOnce(Option<StoreError>) + Send> {
+        if let Err(e @ StoreError::Backend(_)) = &r {
+            failed.get_or_insert_with(|| e.clone());
+        }
         Box::new(move |commit_error| {
             let _ = to.send(match commit_error {
                 Some(e) => Err(e),
@@ -351,30 +368,14 @@ fn apply(tx: &Transaction<'_>, cmd: Cmd) -> Box<dyn FnOnce(Option<StoreError>) +
             });
         })
     }
-    fn in_savepoint<T>(
-        tx: &Transaction<'_>,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        tx.execute_batch("SAVEPOINT cmd").map_err(backend)?;
-        match f(tx) {
-            Ok(v) => {
-                tx.execute_batch("RELEASE cmd").map_err(backend)?;
-                Ok(v)
-            }
-            Err(e) => {
-                let _ = tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd");
-                Err(e)
-            }
-        }
-    }
     match cmd {
-        Cmd::Create(new, to) => reply(to, in_savepoint(tx, |c| create(c, *new))),
+        Cmd::Create(new, to) => reply(to, create(tx, *new), failed),
         Cmd::Transition(id, expect, next, to) => {
-            reply(to, in_savepoint(tx, |c| transition(c, id, expect, *next)))
+            reply(to, transition(tx, id, expect, *next), failed)
         }
-        Cmd::Append(id, lines, to) => reply(to, in_savepoint(tx, |c| append(c, id, &lines))),
-        Cmd::Purge(policy, now, to) => reply(to, in_savepoint(tx, |c| purge(c, policy, now))),
-        Cmd::Recover(to) => reply(to, in_savepoint(tx, recover)),
+        Cmd::Append(id, lines, to) => reply(to, append(tx, id, &lines), failed),
+        Cmd::Purge(policy, now, to) => reply(to, purge(tx, policy, now), failed),
+        Cmd::Recover(to) => reply(to, recover(tx), failed),
     }
 }
 
@@ -419,7 +420,9 @@ fn create(c: &Connection, new: NewRun) -> Result<Created, StoreError> {
     ])
     .map_err(backend)?;
     let mut run = new.run;
-    write_state(c, run.id, &run.state)?;
+    if !matches!(run.state, RunState::Queued) {
+        write_state(c, run.id, &run.state)?;
+    }
     run.output_lines = 0;
     Ok(Created::New(run))
 }
