@@ -289,9 +289,10 @@ fn migrate(conn: &Connection, file: &Path) -> Result<(), OpenError> {
         });
     }
     if version == 0 {
-        // Both only take effect before the first table exists. 16 KiB pages: output chunks
-        // are up to 256 KiB blobs, and bigger pages mean shorter overflow chains.
-        conn.execute_batch("PRAGMA page_size = 16384; PRAGMA auto_vacuum = INCREMENTAL;")
+        // Both only take effect before the first table exists. 8 KiB pages: bigger pages
+        // shorten the overflow chains of output chunks (up to 256 KiB blobs) but make every
+        // commit of a run's record write more; 8 KiB measured best for both together.
+        conn.execute_batch("PRAGMA page_size = 8192; PRAGMA auto_vacuum = INCREMENTAL;")
             .map_err(|e| other(e.to_string()))?;
     }
     conn.execute_batch(
