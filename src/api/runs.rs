@@ -1,6 +1,5 @@
 //! `/runs` handlers: create (with `?wait` and `Idempotency-Key`), list, get, cancel, output.
 
-use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use axum::Json;
@@ -153,12 +152,17 @@ fn idempotency_key(headers: &HeaderMap, body: &Value) -> Result<Option<Idempoten
                 "the Idempotency-Key header must be 1 to 255 visible ASCII characters",
             )
         })?;
-    // serde_json's maps are sorted, so equal JSON bodies have equal text here.
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    body.to_string().hash(&mut hasher);
+    // serde_json's maps are sorted, so equal JSON bodies have equal text here. FNV-1a: the
+    // fingerprint is stored, so it must not change between builds (std's hasher may).
+    let fingerprint = body
+        .to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
     Ok(Some(IdempotencyKey {
         key: key.to_owned(),
-        fingerprint: hasher.finish(),
+        fingerprint,
     }))
 }
 
