@@ -269,8 +269,45 @@ fn summarize(mut lat_us: Vec<u64>, ok: u64, errors: u64, elapsed: Duration) -> L
     }
 }
 
-/// `clients` tasks, each sending `POST url` with `body` back to back for `dur`; `ok` judges a
-/// response.
+/// `clients` tasks, each running `op` back to back for `dur`; `op` says whether its answer was
+/// right. Latencies are kept for the right ones.
+async fn closed_loop<F, Fut>(clients: usize, dur: Duration, op: F) -> Load
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let start = Instant::now();
+    let deadline = start + dur;
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut bad = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    if op().await {
+                        lat.push(t.elapsed().as_micros() as u64);
+                    } else {
+                        bad += 1;
+                    }
+                }
+                (lat, bad)
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    let mut bad = 0;
+    for t in tasks {
+        let (l, b) = t.await.expect("load task");
+        lat.extend(l);
+        bad += b;
+    }
+    let good = lat.len() as u64;
+    summarize(lat, good, bad, start.elapsed())
+}
+
+/// `POST url` (with `body`, as JSON) from `clients` connections; `ok` judges an answer.
 async fn http_load(
     client: &reqwest::Client,
     url: String,
@@ -279,81 +316,36 @@ async fn http_load(
     dur: Duration,
     ok: fn(u16, &[u8]) -> bool,
 ) -> Load {
-    let start = Instant::now();
-    let deadline = start + dur;
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let client = client.clone();
-        let url = url.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let (mut good, mut bad) = (0u64, 0u64);
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                let mut req = client.post(&url);
-                if let Some(b) = body {
-                    req = req.header("content-type", "application/json").body(b);
+    let client = client.clone();
+    closed_loop(clients, dur, move || {
+        let mut req = client.post(&url);
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        async move {
+            match req.send().await {
+                Ok(res) => {
+                    let status = res.status().as_u16();
+                    let bytes = res.bytes().await.unwrap_or_default();
+                    ok(status, &bytes)
                 }
-                match req.send().await {
-                    Ok(res) => {
-                        let status = res.status().as_u16();
-                        let bytes = res.bytes().await.unwrap_or_default();
-                        if ok(status, &bytes) {
-                            good += 1;
-                            lat.push(t.elapsed().as_micros() as u64);
-                        } else {
-                            bad += 1;
-                        }
-                    }
-                    Err(_) => bad += 1,
-                }
+                Err(_) => false,
             }
-            (lat, good, bad)
-        }));
-    }
-    let mut lat = Vec::new();
-    let (mut good, mut bad) = (0, 0);
-    for t in tasks {
-        let (l, g, b) = t.await.expect("load task");
-        lat.extend(l);
-        good += g;
-        bad += b;
-    }
-    summarize(lat, good, bad, start.elapsed())
+        }
+    })
+    .await
 }
 
 /// The raw limit: `clients` tasks spawning and awaiting `/bin/true` back to back.
 async fn raw_spawn_load(true_path: &str, clients: usize, dur: Duration) -> Load {
-    let start = Instant::now();
-    let deadline = start + dur;
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let path = true_path.to_owned();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let (mut good, mut bad) = (0u64, 0u64);
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                match tokio::process::Command::new(&path).status().await {
-                    Ok(s) if s.success() => {
-                        good += 1;
-                        lat.push(t.elapsed().as_micros() as u64);
-                    }
-                    _ => bad += 1,
-                }
-            }
-            (lat, good, bad)
-        }));
-    }
-    let mut lat = Vec::new();
-    let (mut good, mut bad) = (0, 0);
-    for t in tasks {
-        let (l, g, b) = t.await.expect("spawn task");
-        lat.extend(l);
-        good += g;
-        bad += b;
-    }
-    summarize(lat, good, bad, start.elapsed())
+    let path = true_path.to_owned();
+    closed_loop(clients, dur, move || {
+        let path = path.clone();
+        async move {
+            matches!(tokio::process::Command::new(&path).status().await, Ok(s) if s.success())
+        }
+    })
+    .await
 }
 
 fn modrun_ok(status: u16, body: &[u8]) -> bool {
