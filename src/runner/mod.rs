@@ -494,13 +494,11 @@ impl ModuleRunner {
     }
 }
 
-/// After a crash: kill what is left of a lost run's process group (only processes that carry
-/// the run's marker; see the module docs of `process`). Returns how many were killed.
+/// After a crash: kill what is left of a lost run: every process that carries the run's
+/// `MODRUN_RUN_ID` marker in its environment (see `process::kill_leftovers`). Returns how many
+/// were killed.
 pub fn kill_leftovers(run: &Run) -> usize {
-    match run.pid() {
-        Some(pgid) => process::kill_leftovers(&run.id.to_string(), pgid),
-        None => 0,
-    }
+    process::kill_leftovers(&run.id.to_string())
 }
 
 fn submit_error(e: StoreError) -> SubmitError {
@@ -587,12 +585,14 @@ impl RunEvents {
         *self.started.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn mark_running(&self, pid: Option<u32>) {
+    /// Record the run as `running` before anything is spawned, so that a crash from here on
+    /// leaves it `lost`, never `queued` (a queued run would run a second time after a restart).
+    async fn mark_running(&self) {
         let started_at = SystemTime::now();
-        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some((started_at, pid));
+        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some((started_at, None));
         let next = RunState::Running {
             started_at,
-            pid,
+            pid: None,
             stopping: false,
         };
         if let Err(e) = self
@@ -602,29 +602,43 @@ impl RunEvents {
         {
             tracing::warn!(error = %e, "cannot record the run as running");
         }
-        tracing::info!(pid, "run started");
+    }
+
+    /// Record a running state change (the pid, or that a stop has begun).
+    async fn update_running(&self, pid: Option<u32>, stopping: bool) {
+        let (started_at, pid) = {
+            let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = started.get_or_insert((SystemTime::now(), None));
+            if pid.is_some() {
+                entry.1 = pid;
+            }
+            *entry
+        };
+        let next = RunState::Running {
+            started_at,
+            pid,
+            stopping,
+        };
+        if let Err(e) = self
+            .registry
+            .transition(self.id, Expect::Running, next)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record the run's progress");
+        }
     }
 }
 
 impl ProcEvents for RunEvents {
     fn spawned(&self, pid: u32) -> process::EventFuture<'_> {
-        Box::pin(self.mark_running(Some(pid)))
+        Box::pin(async move {
+            self.update_running(Some(pid), false).await;
+            tracing::debug!(pid, "process started");
+        })
     }
 
     fn stopping(&self) -> process::EventFuture<'_> {
-        Box::pin(async move {
-            if let Some((started_at, pid)) = self.started() {
-                let next = RunState::Running {
-                    started_at,
-                    pid,
-                    stopping: true,
-                };
-                let _ = self
-                    .registry
-                    .transition(self.id, Expect::Running, next)
-                    .await;
-            }
-        })
+        Box::pin(self.update_running(None, true))
     }
 }
 
@@ -650,9 +664,7 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control) {
         }
     } else {
         let mode = req.mode.resolve();
-        if mode == RunMode::DryRun {
-            events.mark_running(None).await;
-        }
+        events.mark_running().await;
         let mut env: Vec<(OsString, OsString)> = req
             .env
             .iter()

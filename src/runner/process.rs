@@ -286,10 +286,11 @@ pub(crate) fn signal_group(pgid: u32, sig: Signal) {
     }
 }
 
-/// After a crash: SIGKILL what is left of a lost run's process group, but only the processes
-/// that prove they belong to the run: same process group *and* the run's `MODRUN_RUN_ID` in
-/// their environment (PIDs are reused; a marker is not). Returns how many were signalled.
-pub(crate) fn kill_leftovers(run_id: &str, pgid: u32) -> usize {
+/// After a crash: SIGKILL what is left of a lost run: the processes that prove they belong to
+/// it by the run's `MODRUN_RUN_ID` in their environment (PIDs and process groups are reused; the
+/// marker is not, and it also finds processes that left the group). Returns how many were
+/// signalled.
+pub(crate) fn kill_leftovers(run_id: &str) -> usize {
     let marker = format!("MODRUN_RUN_ID={run_id}");
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
@@ -303,17 +304,6 @@ pub(crate) fn kill_leftovers(run_id: &str, pgid: u32) -> usize {
         else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // After the ")" that closes the command name: state ppid pgrp ...
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        if fields.len() < 3 || fields[0] == "Z" || fields[2].parse::<u32>().ok() != Some(pgid) {
-            continue;
-        }
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };

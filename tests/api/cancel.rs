@@ -14,10 +14,7 @@ async fn cancel_running_run_kills_the_whole_group() {
     let app = spawn_app().await;
     let run = app.start("tree", json!({})).await;
     let id = run["id"].as_str().unwrap();
-    let running = app
-        .wait_status(id, |s| s == "running", Duration::from_secs(5))
-        .await;
-    let pgid = running["pid"].as_u64().unwrap();
+    let pgid = app.wait_pid(id).await;
     assert!(
         wait_until(Duration::from_secs(5), || group_members(pgid).len() >= 3).await,
         "sh, its background sleep and its foreground sleep are in the group"
@@ -84,10 +81,7 @@ async fn sigkill_after_grace() {
     let app = spawn_app().await;
     let run = app.start("stubborn", json!({})).await;
     let id = run["id"].as_str().unwrap();
-    let running = app
-        .wait_status(id, |s| s == "running", Duration::from_secs(5))
-        .await;
-    let pgid = running["pid"].as_u64().unwrap();
+    let pgid = app.wait_pid(id).await;
     assert!(wait_until_output(&app, id, 1).await);
     let t = Instant::now();
     app.cancel_run(id).await;
@@ -147,10 +141,7 @@ async fn timeout_stops_the_group() {
         .await;
     let run: Value = res.json().await.unwrap();
     let id = run["id"].as_str().unwrap();
-    let running = app
-        .wait_status(id, |s| s == "running", Duration::from_secs(5))
-        .await;
-    let pgid = running["pid"].as_u64().unwrap();
+    let pgid = app.wait_pid(id).await;
     let done = app.wait_finished(id).await;
     assert_eq!(done["status"], "timed_out");
     assert_eq!(done["signal"], 15);
@@ -195,10 +186,7 @@ async fn foreign_signal_is_a_failure() {
     let app = spawn_app().await;
     let run = app.start("sleep", json!({})).await;
     let id = run["id"].as_str().unwrap();
-    let running = app
-        .wait_status(id, |s| s == "running", Duration::from_secs(5))
-        .await;
-    let pgid = running["pid"].as_u64().unwrap() as i32;
+    let pgid = app.wait_pid(id).await as i32;
     nix::sys::signal::killpg(
         nix::unistd::Pid::from_raw(pgid),
         nix::sys::signal::Signal::SIGKILL,

@@ -274,6 +274,24 @@ impl TestApp {
         }
     }
 
+    /// Wait until the run's process is running and its pid (= process group) is recorded.
+    pub async fn wait_pid(&self, id: &str) -> u64 {
+        let start = Instant::now();
+        loop {
+            let run = self.get_run(id).await;
+            if let Some(pid) = run["pid"].as_u64()
+                && run["status"] == "running"
+            {
+                return pid;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "run {id} has no pid: {run}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Wait until the run has finished.
     pub async fn wait_finished(&self, id: &str) -> Value {
         self.wait_status(
