@@ -32,6 +32,8 @@
 //!   (writer thread with group commit, read pool, migrations, lock file) and the memory store.
 //! - [`runner`] — [`runner::ModuleRunner`] (scheduling, supervision, cancel, crash leftovers)
 //!   and [`execute_module`] (one-shot runs), both on the same process code.
+//!   Children are started by `runner::spawn` with `clone(CLONE_VM | CLONE_VFORK)` (not fork:
+//!   see its docs), the crate's one documented exception to `unsafe_code = "deny"`.
 //! - [`api`] — the only code that knows HTTP.
 //! - [`app`] — wiring: open the store, recover (running -> lost, queued -> queued again), serve
 //!   a bound listener until a shutdown future fires, then shut down in order (stop accepting,
@@ -39,9 +41,9 @@
 //!
 //! # Locks, tasks and bounds
 //!
-//! Four kinds of std mutex, each with short critical sections and never held across `.await`:
-//! the runner's scheduler state, the registry's live map, each output log, and the SQLite read
-//! pool. The scheduler lock is never held while calling the registry. Every run task is spawned
+//! std mutexes only, each with short critical sections and never held across `.await`: the
+//! runner's scheduler state, the registry's live map and recent-runs cache, each output log,
+//! and the SQLite read pool. The scheduler lock is never held while calling the registry. Every run task is spawned
 //! on the runner's `TaskTracker` with a `run` span; the flusher and the purger on the app's;
 //! shutdown waits for them with deadlines. Readers of output never get pushed data: they copy
 //! from the log (or the store) when its `watch` signal fires, so no queue exists that could
