@@ -33,7 +33,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    modrun::telemetry::init("info", std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    modrun::telemetry::init("info", std::io::stderr, ansi);
     match cli.command {
         Command::Serve { config, bind } => serve(config, bind),
     }
