@@ -330,16 +330,6 @@ impl Cursor {
         }
     }
 
-    /// The seq of the last line handed out.
-    pub fn position(&self) -> u64 {
-        self.after
-    }
-
-    /// The run's live log, if it was live when the cursor was made.
-    pub fn log(&self) -> Option<&Arc<OutputLog>> {
-        self.log.as_ref()
-    }
-
     /// Mark every change so far as seen: a following [`Cursor::changed`] fires only for newer
     /// ones. Call it *before* looking at the run's status or lines, then wait.
     pub fn mark_seen(&mut self) {

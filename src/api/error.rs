@@ -167,11 +167,6 @@ impl ApiError {
             detail.into(),
         )
     }
-
-    /// The status code.
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
 }
 
 impl IntoResponse for ApiError {
