@@ -52,6 +52,20 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     }
 }
 
+/// The `{id}` path segment as text (a segment that is not valid UTF-8 is a 400).
+pub struct IdPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| IdPath(id))
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+}
+
 /// The `{id}` path segment as a run id.
 pub struct RunIdPath(pub RunId);
 
@@ -59,9 +73,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RunIdPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let IdPath(raw) = IdPath::from_request_parts(parts, state).await?;
         raw.parse()
             .map(RunIdPath)
             .map_err(|_| ApiError::bad_request(format!("`{raw}` is not a valid run id (a UUID)")))

@@ -131,7 +131,7 @@ async fn list_modules(State(state): State<AppState>) -> Json<serde_json::Value> 
 
 async fn get_module(
     State(state): State<AppState>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    extract::IdPath(id): extract::IdPath,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let c = &state.config;
     let m = c

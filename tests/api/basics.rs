@@ -76,6 +76,11 @@ async fn health_and_modules() {
         .await
         .unwrap();
     problem(res, StatusCode::NOT_FOUND).await;
+    // A path segment that is not UTF-8 is a parse error, in the same problem shape.
+    for path in ["/modules/%FF", "/runs/%FF", "/runs/%FF/output"] {
+        let res = app.client.get(app.url(path)).send().await.unwrap();
+        problem(res, StatusCode::BAD_REQUEST).await;
+    }
     let res = app
         .client
         .get(app.url("/no/such/route"))
