@@ -57,7 +57,7 @@ positional = true
 [[modules]]
 id = "mixed"
 name = "Mixed"
-command = ["sh", "-c", 'echo out1; sleep 0.05; echo err1 >&2; sleep 0.05; echo out2; sleep 0.05; echo err2 >&2; exit 3']
+command = ["sh", "-c", 'echo out1; sleep 0.2; echo err1 >&2; sleep 0.2; echo out2; sleep 0.2; echo err2 >&2; exit 3']
 
 [[modules]]
 id = "sleep"
