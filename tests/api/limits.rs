@@ -28,7 +28,12 @@ async fn global_limit() {
                 .to_owned(),
         );
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in &ids[..4] {
+        app.wait_status(id, |s| s == "running", Duration::from_secs(10))
+            .await;
+    }
+    // Give the queue a moment in which a fifth start would show.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let st = statuses(&app, &ids).await;
     assert_eq!(
         st,

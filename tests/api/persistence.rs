@@ -69,8 +69,8 @@ async fn crash_mid_run_then_restart() {
     let seen = get(&c, &s, &format!("/runs/{id}")).await["output_lines"]
         .as_u64()
         .unwrap();
-    // What a client saw more than ~200 ms before a crash is persisted.
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // What a client saw a few flush intervals (50 ms each) before a crash is persisted.
+    tokio::time::sleep(Duration::from_millis(400)).await;
 
     signal(&s.child, Signal::SIGKILL);
     s.child.wait().await.unwrap();
