@@ -24,40 +24,16 @@ async fn problem(res: reqwest::Response, status: StatusCode) -> Value {
 #[tokio::test]
 async fn health_and_modules() {
     let app = spawn_app().await;
-    let h: Value = app
-        .client
-        .get(app.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: Value = app.get_json("/healthz").await;
     assert_eq!(h, json!({"status": "ok"}));
 
-    let mods: Value = app
-        .client
-        .get(app.url("/modules"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mods: Value = app.get_json("/modules").await;
     let list = mods["modules"].as_array().unwrap();
     assert_eq!(list[0]["id"], "echo");
     assert_eq!(list[1]["id"], "lines");
     assert!(list[0].get("command").is_none());
 
-    let echo: Value = app
-        .client
-        .get(app.url("/modules/echo"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let echo: Value = app.get_json("/modules/echo").await;
     assert_eq!(echo["timeout_s"], 60.0);
     assert_eq!(echo["max_concurrent"], Value::Null);
     let count = &echo["parameters"][0];
@@ -69,24 +45,14 @@ async fn health_and_modules() {
     assert_eq!(echo["parameters"][3]["choices"], json!(["red", "green"]));
     assert!(echo["parameters"][0].get("arg").is_none());
 
-    let res = app
-        .client
-        .get(app.url("/modules/nope"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get("/modules/nope").await;
     problem(res, StatusCode::NOT_FOUND).await;
     // A path segment that is not UTF-8 is a parse error, in the same problem shape.
     for path in ["/modules/%FF", "/runs/%FF", "/runs/%FF/output"] {
-        let res = app.client.get(app.url(path)).send().await.unwrap();
+        let res = app.get(path).await;
         problem(res, StatusCode::BAD_REQUEST).await;
     }
-    let res = app
-        .client
-        .get(app.url("/no/such/route"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get("/no/such/route").await;
     problem(res, StatusCode::NOT_FOUND).await;
     let res = app.client.put(app.url("/runs")).send().await.unwrap();
     problem(res, StatusCode::METHOD_NOT_ALLOWED).await;
@@ -266,20 +232,12 @@ async fn create_run_errors() {
     problem(res, StatusCode::PAYLOAD_TOO_LARGE).await;
 
     let res = app
-        .client
-        .post(app.url("/runs?wait=abc"))
-        .json(&json!({"module_id": "echo"}))
-        .send()
-        .await
-        .unwrap();
+        .post_to("/runs?wait=abc", json!({"module_id": "echo"}))
+        .await;
     problem(res, StatusCode::BAD_REQUEST).await;
     let res = app
-        .client
-        .post(app.url("/runs?wait=301"))
-        .json(&json!({"module_id": "echo"}))
-        .send()
-        .await
-        .unwrap();
+        .post_to("/runs?wait=301", json!({"module_id": "echo"}))
+        .await;
     problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
     app.stop().await;
 }
@@ -313,19 +271,9 @@ async fn run_ids_are_checked() {
     let app = spawn_app().await;
     let unknown = "01900000-0000-7000-8000-000000000000";
     for path in ["", "/output", "/stream"] {
-        let res = app
-            .client
-            .get(app.url(&format!("/runs/not-a-uuid{path}")))
-            .send()
-            .await
-            .unwrap();
+        let res = app.get(&format!("/runs/not-a-uuid{path}")).await;
         problem(res, StatusCode::BAD_REQUEST).await;
-        let res = app
-            .client
-            .get(app.url(&format!("/runs/{unknown}{path}")))
-            .send()
-            .await
-            .unwrap();
+        let res = app.get(&format!("/runs/{unknown}{path}")).await;
         problem(res, StatusCode::NOT_FOUND).await;
     }
     problem(app.cancel_run("zzz").await, StatusCode::BAD_REQUEST).await;
@@ -338,12 +286,8 @@ async fn run_ids_are_checked() {
 async fn wait_holds_the_response() {
     let app = spawn_app().await;
     let res = app
-        .client
-        .post(app.url("/runs?wait=10"))
-        .json(&json!({"module_id": "lines"}))
-        .send()
-        .await
-        .unwrap();
+        .post_to("/runs?wait=10", json!({"module_id": "lines"}))
+        .await;
     assert_eq!(res.status(), StatusCode::OK);
     assert!(res.headers().contains_key("location"));
     let run: Value = res.json().await.unwrap();
@@ -352,12 +296,8 @@ async fn wait_holds_the_response() {
 
     let started = std::time::Instant::now();
     let res = app
-        .client
-        .post(app.url("/runs?wait=1"))
-        .json(&json!({"module_id": "sleep"}))
-        .send()
-        .await
-        .unwrap();
+        .post_to("/runs?wait=1", json!({"module_id": "sleep"}))
+        .await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     assert!(started.elapsed() >= Duration::from_millis(900));
     let run: Value = res.json().await.unwrap();
@@ -395,15 +335,7 @@ async fn idempotency_key() {
     problem(other, StatusCode::CONFLICT).await;
     let fresh = post(body, "k-2").await.unwrap();
     assert_eq!(fresh.status(), StatusCode::ACCEPTED);
-    let list: Value = app
-        .client
-        .get(app.url("/runs"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/runs").await;
     assert_eq!(list["runs"].as_array().unwrap().len(), 2);
     app.stop().await;
 }
@@ -484,14 +416,8 @@ async fn list_runs() {
     assert_eq!(p1["runs"].as_array().unwrap().len(), 2);
     let cursor = p1["next_cursor"].as_str().unwrap().to_owned();
     let p2: Value = app
-        .client
-        .get(app.url(&format!("/runs?limit=2&cursor={cursor}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/runs?limit=2&cursor={cursor}"))
+        .await;
     assert_eq!(p2["runs"][0]["id"], ids[2].as_str());
 
     let failed: Value = get("?status=failed").await.unwrap().json().await.unwrap();

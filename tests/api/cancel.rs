@@ -159,12 +159,8 @@ async fn spawn_failures_are_outcomes() {
         ("noexec", "permission denied"),
     ] {
         let res = app
-            .client
-            .post(app.url("/runs?wait=5"))
-            .json(&json!({"module_id": module}))
-            .send()
-            .await
-            .unwrap();
+            .post_to("/runs?wait=5", json!({"module_id": module}))
+            .await;
         assert_eq!(res.status(), StatusCode::OK);
         let run: Value = res.json().await.unwrap();
         assert_eq!(run["status"], "failed");

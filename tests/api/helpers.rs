@@ -222,6 +222,26 @@ impl TestApp {
             .expect("POST /runs")
     }
 
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().await.expect("GET")
+    }
+
+    /// `GET path`, as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get(path).await.json().await.expect("JSON body")
+    }
+
+    /// `POST path` with a JSON body (`path` may carry a query).
+    pub async fn post_to(&self, path: &str, body: Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
     /// Start a run of `module` and return its JSON (asserting 202).
     pub async fn start(&self, module: &str, params: Value) -> Value {
         let res = self

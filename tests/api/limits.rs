@@ -41,15 +41,7 @@ async fn global_limit() {
             "running", "running", "running", "running", "queued", "queued"
         ]
     );
-    let running: Value = app
-        .client
-        .get(app.url("/runs?status=running"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let running: Value = app.get_json("/runs?status=running").await;
     assert_eq!(running["runs"].as_array().unwrap().len(), 4);
     app.cancel_run(&ids[0]).await;
     app.wait_status(&ids[4], |s| s == "running", Duration::from_secs(5))
@@ -142,12 +134,8 @@ async fn retention_evicts_oldest_finished() {
     let mut ids = Vec::new();
     for _ in 0..5 {
         let res = app
-            .client
-            .post(app.url("/runs?wait=10"))
-            .json(&json!({"module_id": "silent"}))
-            .send()
-            .await
-            .unwrap();
+            .post_to("/runs?wait=10", json!({"module_id": "silent"}))
+            .await;
         let run: Value = res.json().await.unwrap();
         ids.push(run["id"].as_str().unwrap().to_owned());
     }
@@ -168,15 +156,7 @@ async fn retention_evicts_oldest_finished() {
     for i in 2..5 {
         assert!(!gone(i).await, "run {i} is kept");
     }
-    let list: Value = app
-        .client
-        .get(app.url("/runs"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/runs").await;
     assert_eq!(list["runs"].as_array().unwrap().len(), 3);
     app.stop().await;
 }

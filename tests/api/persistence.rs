@@ -270,12 +270,8 @@ async fn retention_by_age() {
     let toml = base_config("").replace("keep_runs = 1000", "keep_runs = 1000\nkeep_for = \"1s\"");
     let app = spawn_app_with(&toml).await;
     let res = app
-        .client
-        .post(app.url("/runs?wait=10"))
-        .json(&json!({"module_id": "lines"}))
-        .send()
-        .await
-        .unwrap();
+        .post_to("/runs?wait=10", json!({"module_id": "lines"}))
+        .await;
     let run: Value = res.json().await.unwrap();
     let id = run["id"].as_str().unwrap();
     let url = app.url(&format!("/runs/{id}"));
@@ -287,12 +283,7 @@ async fn retention_by_age() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let out = app
-        .client
-        .get(app.url(&format!("/runs/{id}/output")))
-        .send()
-        .await
-        .unwrap();
+    let out = app.get(&format!("/runs/{id}/output")).await;
     assert_eq!(out.status(), StatusCode::NOT_FOUND);
     app.stop().await;
 }

@@ -68,12 +68,7 @@ async fn resume_with_last_event_id() {
     let past = app.stream_run(id, Some(50)).await;
     assert!(line_events(&past).is_empty());
     assert_eq!(past.last().unwrap().event, "end");
-    let res = app
-        .client
-        .get(app.url(&format!("/runs/{id}/stream?after=9")))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get(&format!("/runs/{id}/stream?after=9")).await;
     let via_query = line_events(&read_sse(res, Duration::from_secs(10)).await);
     assert_eq!(via_query.iter().map(|l| l.0).collect::<Vec<_>>(), [10]);
     let res = app
@@ -214,15 +209,7 @@ async fn output_endpoint() {
     let rid = running["id"].as_str().unwrap();
     app.wait_status(rid, |s| s == "running", Duration::from_secs(5))
         .await;
-    let p: Value = app
-        .client
-        .get(app.url(&format!("/runs/{rid}/output")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let p: Value = app.get_json(&format!("/runs/{rid}/output")).await;
     assert_eq!(p["complete"], false, "a running run is never complete");
     app.cancel_run(rid).await;
     app.stop().await;
@@ -234,12 +221,7 @@ async fn keep_alive_comments() {
     let app = spawn_app().await;
     let run = app.start("sleep", json!({"s": 30})).await;
     let id = run["id"].as_str().unwrap();
-    let mut res = app
-        .client
-        .get(app.url(&format!("/runs/{id}/stream")))
-        .send()
-        .await
-        .unwrap();
+    let mut res = app.get(&format!("/runs/{id}/stream")).await;
     let mut seen = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !seen.contains(": keep-alive") && std::time::Instant::now() < deadline {
@@ -263,12 +245,7 @@ async fn slow_subscriber_loses_nothing() {
         .await;
     let run: Value = res.json().await.unwrap();
     let id = run["id"].as_str().unwrap().to_owned();
-    let res = app
-        .client
-        .get(app.url(&format!("/runs/{id}/stream")))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get(&format!("/runs/{id}/stream")).await;
     // Do not read until the run is over.
     let done = app.wait_finished(&id).await;
     assert_eq!(done["status"], "succeeded");
