@@ -96,34 +96,14 @@ fn parse_create(body: &Value) -> Result<(CreateBody, Vec<FieldError>), ApiError>
             None
         }
     };
-    let mode = match obj.get("mode") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => match s.parse::<RunMode>() {
-            Ok(m) => Some(m),
-            Err(e) => {
-                errors.push(FieldError::new("mode", e.to_string()));
-                None
-            }
-        },
-        Some(other) => {
-            errors.push(FieldError::new(
-                "mode",
-                format!("must be a string, got {}", json_type(other)),
-            ));
+    let mode = opt_str(obj, "mode", &mut errors).and_then(|m| match m.parse::<RunMode>() {
+        Ok(m) => Some(m),
+        Err(e) => {
+            errors.push(FieldError::new("mode", e.to_string()));
             None
         }
-    };
-    let stdin = match obj.get("stdin") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(other) => {
-            errors.push(FieldError::new(
-                "stdin",
-                format!("must be a string, got {}", json_type(other)),
-            ));
-            None
-        }
-    };
+    });
+    let stdin = opt_str(obj, "stdin", &mut errors).map(str::to_owned);
     match module_id {
         Some(module_id) => Ok((
             CreateBody {
@@ -136,6 +116,25 @@ fn parse_create(body: &Value) -> Result<(CreateBody, Vec<FieldError>), ApiError>
             errors,
         )),
         None => Err(ApiError::validation(errors)),
+    }
+}
+
+/// An optional string field: `None` when absent or null; another type is recorded as an error.
+fn opt_str<'a>(
+    obj: &'a Map<String, Value>,
+    field: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<&'a str> {
+    match obj.get(field) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(other) => {
+            errors.push(FieldError::new(
+                field,
+                format!("must be a string, got {}", json_type(other)),
+            ));
+            None
+        }
     }
 }
 
