@@ -410,17 +410,17 @@ impl ModuleRunner {
     /// still be `running` while its processes stop).
     pub async fn cancel(&self, id: RunId) -> Result<Run, CancelError> {
         let registry = &self.inner.registry;
-        let was_queued = {
+        let (was_queued, signalled) = {
             let mut s = self.inner.lock();
             if let Some(pos) = s.queue.iter().position(|p| p.id == id) {
                 s.queue.remove(pos);
-                true
+                (true, false)
+            } else if let Some(ctl) = s.active.get(&id) {
+                let _ = ctl.reason.set(CancelReason::Request);
+                ctl.cancel.cancel();
+                (false, true)
             } else {
-                if let Some(ctl) = s.active.get(&id) {
-                    let _ = ctl.reason.set(CancelReason::Request);
-                    ctl.cancel.cancel();
-                }
-                false
+                (false, false)
             }
         };
         if was_queued {
@@ -447,7 +447,9 @@ impl ModuleRunner {
         }
         match registry.get(id).await {
             Ok(None) => Err(CancelError::NotFound(id)),
-            Ok(Some(run)) if run.state.is_finished() => {
+            // A run this call stopped may already be finished (a child that exits on SIGTERM
+            // at once): that is still a successful cancel, not a conflict.
+            Ok(Some(run)) if run.state.is_finished() && !signalled => {
                 Err(CancelError::AlreadyFinished(Box::new(run)))
             }
             Ok(Some(run)) => Ok(run),
