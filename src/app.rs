@@ -20,6 +20,9 @@ use crate::run::{Outcome, Run, RunState};
 use crate::runner::{self, ModuleRunner, RunRequest, RunnerSettings};
 use crate::store::{Expect, MemoryStore, Retention, RunStore, SqliteStore, StoreError};
 
+/// How long start-up waits for the SIGKILLed leftovers of lost runs to die before it goes on.
+const LEFTOVER_KILL_LIMIT: Duration = Duration::from_secs(2);
+
 /// Why modrun cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -83,8 +86,8 @@ impl App {
             runner,
         };
         let recovered = store.recover().await?;
-        for run in &recovered.lost {
-            let killed = runner::kill_leftovers(run);
+        let killed = runner::kill_leftovers(&recovered.lost, LEFTOVER_KILL_LIMIT).await;
+        for (run, killed) in recovered.lost.iter().zip(killed) {
             tracing::warn!(run_id = %run.id, module = %run.module_id, killed, "run was executing when modrun stopped: marked lost");
         }
         for (run, stdin) in recovered.queued {

@@ -496,11 +496,16 @@ impl ModuleRunner {
     }
 }
 
-/// After a crash: kill what is left of a lost run: every process that carries the run's
-/// `MODRUN_RUN_ID` marker in its environment (see `process::kill_leftovers`). Returns how many
-/// were killed.
-pub fn kill_leftovers(run: &Run) -> usize {
-    process::kill_leftovers(&run.id.to_string())
+/// After a crash: kill what is left of the lost runs `runs`: every process that carries one's
+/// `MODRUN_RUN_ID` marker in its environment (see `process::kill_leftovers`), and wait (at most
+/// `limit`) until they are dead. Returns how many processes were killed per run, in the order of
+/// `runs`. Runs on a blocking thread.
+pub async fn kill_leftovers(runs: &[Run], limit: Duration) -> Vec<usize> {
+    let ids: Vec<String> = runs.iter().map(|r| r.id.to_string()).collect();
+    let n = ids.len();
+    tokio::task::spawn_blocking(move || process::kill_leftovers(&ids, limit))
+        .await
+        .unwrap_or_else(|_| vec![0; n])
 }
 
 fn submit_error(e: StoreError) -> SubmitError {

@@ -286,16 +286,27 @@ pub(crate) fn signal_group(pgid: u32, sig: Signal) {
     }
 }
 
-/// After a crash: SIGKILL what is left of a lost run: the processes that prove they belong to
-/// it by the run's `MODRUN_RUN_ID` in their environment (PIDs and process groups are reused; the
-/// marker is not, and it also finds processes that left the group). Returns how many were
-/// signalled.
-pub(crate) fn kill_leftovers(run_id: &str) -> usize {
-    let marker = format!("MODRUN_RUN_ID={run_id}");
+/// After a crash: SIGKILL what is left of the lost runs `run_ids`: the processes that prove they
+/// belong to one of them by its `MODRUN_RUN_ID` in their environment (PIDs and process groups
+/// are reused; the marker is not, and it also finds processes that left the group). One scan of
+/// `/proc` for all runs. Blocks until every signalled process has died (is gone or a zombie),
+/// at most `limit`, so that start-up goes on only once they are really dead. Returns how many
+/// processes were signalled per run, in the order of `run_ids`.
+///
+/// Blocking (reads `/proc`, sleeps while it waits): call it from a blocking thread.
+pub(crate) fn kill_leftovers(run_ids: &[String], limit: Duration) -> Vec<usize> {
+    let mut killed = vec![0; run_ids.len()];
+    if run_ids.is_empty() {
+        return killed;
+    }
+    let markers: Vec<Vec<u8>> = run_ids
+        .iter()
+        .map(|id| format!("MODRUN_RUN_ID={id}").into_bytes())
+        .collect();
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
+        return killed;
     };
-    let mut killed = 0;
+    let mut signalled = Vec::new();
     for entry in dir.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -307,13 +318,41 @@ pub(crate) fn kill_leftovers(run_id: &str) -> usize {
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
-        if environ.split(|b| *b == 0).any(|v| v == marker.as_bytes())
-            && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
-        {
-            killed += 1;
+        let Some(run) = environ
+            .split(|b| *b == 0)
+            .find_map(|v| markers.iter().position(|m| v == m.as_slice()))
+        else {
+            continue;
+        };
+        if nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            killed[run] += 1;
+            signalled.push(pid);
         }
     }
+    let deadline = std::time::Instant::now() + limit;
+    while !signalled.is_empty() && std::time::Instant::now() < deadline {
+        signalled.retain(|pid| is_alive(*pid));
+        if !signalled.is_empty() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    if !signalled.is_empty() {
+        tracing::warn!(pids = ?signalled, "leftover processes still alive after SIGKILL");
+    }
     killed
+}
+
+/// True while `pid` exists and is not a zombie (a killed process whose parent has not reaped it
+/// yet is dead for our purposes).
+fn is_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field after the ")" that closes the command name.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X" | "x") | None)
 }
 
 /// SIGKILLs the group when dropped while armed: the safety net that makes dropping a running
