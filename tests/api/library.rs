@@ -309,8 +309,9 @@ async fn timeout_kills_the_whole_group() {
     for mode in SPAWNING {
         let dir = tempfile::tempdir().unwrap();
         let (s, pidfile) = stubborn_tree(dir.path());
+        // Long enough for a loaded machine to start the tree (the pid file must get written).
         let r = tokio::time::timeout(
-            Duration::from_millis(500),
+            Duration::from_millis(1500),
             execute_module(&s, [] as [&str; 0], dir.path(), mode),
         )
         .await;
@@ -346,7 +347,7 @@ async fn abort_and_select_kill_the_group() {
         let (s, pidfile) = stubborn_tree(dir.path());
         tokio::select! {
             _ = execute_module(&s, [] as [&str; 0], dir.path(), mode) => panic!("cannot finish first"),
-            () = tokio::time::sleep(Duration::from_millis(300)) => {}
+            () = tokio::time::sleep(Duration::from_millis(1500)) => {}
         }
         let pgid = read_pgid(&pidfile).await;
         assert!(
