@@ -130,6 +130,23 @@ impl Registry {
         self.lock().get(&id).map(|l| l.log.clone())
     }
 
+    /// A running run's child has its pid. Recorded here only (and shown at once); it reaches
+    /// the store with the run's next transition (stop or finish), which spares every run a
+    /// commit. (After a crash the lost run's leftovers are found by their environment marker,
+    /// not by pid.) Wakes the run's readers.
+    pub fn set_pid(&self, id: RunId, pid: u32) {
+        let log = {
+            let mut map = self.lock();
+            let Some(live) = map.get_mut(&id) else { return };
+            let RunState::Running { pid: p, .. } = &mut live.run.state else {
+                return;
+            };
+            *p = Some(pid);
+            live.log.clone()
+        };
+        log.touch();
+    }
+
     /// Move a run to `next` if its state is one `expect` allows: checked here, then in the
     /// store; applied here once durable. Wakes the run's readers.
     pub async fn transition(
@@ -143,21 +160,22 @@ impl Registry {
         {
             return Err(StoreError::WrongState(Box::new(live.snapshot())));
         }
-        let stored = self.store.transition(id, expect, next.clone()).await?;
-        let (run, log) = {
+        self.store.transition(id, expect, next.clone()).await?;
+        let live = {
             let mut map = self.lock();
-            match map.get_mut(&id) {
-                Some(live) => {
-                    live.run.state = next;
-                    (live.snapshot(), Some(live.log.clone()))
-                }
-                None => (stored, None),
-            }
+            map.get_mut(&id).map(|live| {
+                live.run.state = next;
+                (live.snapshot(), live.log.clone())
+            })
         };
-        if let Some(log) = log {
-            log.touch();
+        match live {
+            Some((run, log)) => {
+                log.touch();
+                Ok(run)
+            }
+            // Not live (a run recovered at start-up): the store has the whole record.
+            None => self.store.get(id).await?.ok_or(StoreError::NotFound(id)),
         }
-        Ok(run)
     }
 
     /// A run is finished and its output persisted: serve it from the store from now on.

@@ -611,20 +611,17 @@ impl RunEvents {
         }
     }
 
-    /// Record a running state change (the pid, or that a stop has begun).
-    async fn update_running(&self, pid: Option<u32>, stopping: bool) {
-        let (started_at, pid) = {
-            let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
-            let entry = started.get_or_insert((SystemTime::now(), None));
-            if pid.is_some() {
-                entry.1 = pid;
-            }
-            *entry
-        };
+    /// Record that a stop has begun (with the pid, if there is one by then).
+    async fn mark_stopping(&self) {
+        let (started_at, pid) = *self
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert((SystemTime::now(), None));
         let next = RunState::Running {
             started_at,
             pid,
-            stopping,
+            stopping: true,
         };
         if let Err(e) = self
             .registry
@@ -638,14 +635,21 @@ impl RunEvents {
 
 impl ProcEvents for RunEvents {
     fn spawned(&self, pid: u32) -> process::EventFuture<'_> {
-        Box::pin(async move {
-            self.update_running(Some(pid), false).await;
-            tracing::debug!(pid, "process started");
-        })
+        if let Some(started) = self
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            started.1 = Some(pid);
+        }
+        self.registry.set_pid(self.id, pid);
+        tracing::debug!(pid, "process started");
+        Box::pin(std::future::ready(()))
     }
 
     fn stopping(&self) -> process::EventFuture<'_> {
-        Box::pin(self.update_running(None, true))
+        Box::pin(self.mark_stopping())
     }
 }
 

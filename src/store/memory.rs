@@ -107,7 +107,7 @@ impl RunStore for MemoryStore {
         ready(Ok(self.lock().runs.get(&id).map(Entry::snapshot)))
     }
 
-    fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, Run> {
+    fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, ()> {
         let mut inner = self.lock();
         let Some(entry) = inner.runs.get_mut(&id) else {
             return ready(Err(StoreError::NotFound(id)));
@@ -116,7 +116,7 @@ impl RunStore for MemoryStore {
             return ready(Err(StoreError::WrongState(Box::new(entry.snapshot()))));
         }
         entry.run.state = next;
-        ready(Ok(entry.snapshot()))
+        ready(Ok(()))
     }
 
     fn append_output(&self, id: RunId, lines: Vec<Line>) -> StoreFuture<'_, ()> {

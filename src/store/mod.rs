@@ -65,10 +65,15 @@ pub enum Expect {
 impl Expect {
     /// True if `state` may be left by such a transition.
     pub fn allows(self, state: &RunState) -> bool {
+        self.allows_status(state.status())
+    }
+
+    /// True if a run in `status` may be left by such a transition.
+    pub fn allows_status(self, status: RunStatus) -> bool {
         matches!(
-            (self, state),
-            (Expect::Queued | Expect::Active, RunState::Queued)
-                | (Expect::Running | Expect::Active, RunState::Running { .. })
+            (self, status),
+            (Expect::Queued | Expect::Active, RunStatus::Queued)
+                | (Expect::Running | Expect::Active, RunStatus::Running)
         )
     }
 }
@@ -143,8 +148,8 @@ pub trait RunStore: Send + Sync + 'static {
     fn get(&self, id: RunId) -> StoreFuture<'_, Option<Run>>;
 
     /// Move a run to `next` if its state is one `expect` allows, atomically. Durable when it
-    /// returns.
-    fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, Run>;
+    /// returns. (The caller knows the rest of the record; a refusal carries the run as stored.)
+    fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, ()>;
 
     /// Append output lines (in seq order). Lines at or below a seq already stored are ignored,
     /// so a batch can be retried safely.

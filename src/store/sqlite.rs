@@ -17,7 +17,9 @@ use super::{
     Created, Expect, IdempotencyKey, ListQuery, NewRun, Page, Recovered, Retention, RunStore,
     StoreError, StoreFuture,
 };
-use crate::run::{CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, Stream};
+use crate::run::{
+    CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, RunStatus, Stream,
+};
 
 /// The schema version this binary writes (migration `i` upgrades from version `i`).
 pub const SCHEMA_VERSION: i64 = 1;
@@ -121,7 +123,7 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 /// Work for the writer thread.
 enum Cmd {
     Create(Box<NewRun>, Reply<Created>),
-    Transition(RunId, Expect, Box<RunState>, Reply<Run>),
+    Transition(RunId, Expect, Box<RunState>, Reply<()>),
     Append(RunId, Vec<Line>, Reply<()>),
     Purge(Retention, SystemTime, Reply<usize>),
     Recover(Reply<Recovered>),
@@ -505,18 +507,24 @@ fn write_state(c: &Connection, id: RunId, state: &RunState) -> Result<(), StoreE
     Ok(())
 }
 
-fn transition(
-    c: &Connection,
-    id: RunId,
-    expect: Expect,
-    next: RunState,
-) -> Result<Run, StoreError> {
-    let run = get_run(c, id)?.ok_or(StoreError::NotFound(id))?;
-    if !expect.allows(&run.state) {
+/// Checks the status column only (the whole record is read on a refusal alone): transitions
+/// are on every run's hot path.
+fn transition(c: &Connection, id: RunId, expect: Expect, next: RunState) -> Result<(), StoreError> {
+    let status: Option<String> = c
+        .prepare_cached("SELECT status FROM runs WHERE id = ?1")
+        .map_err(backend)?
+        .query_row([&id_bytes(id)[..]], |r| r.get(0))
+        .optional()
+        .map_err(backend)?;
+    let status = status.ok_or(StoreError::NotFound(id))?;
+    let status: RunStatus = status
+        .parse()
+        .map_err(|_| backend(format!("bad status {status:?} in the store")))?;
+    if !expect.allows_status(status) {
+        let run = get_run(c, id)?.ok_or(StoreError::NotFound(id))?;
         return Err(StoreError::WrongState(Box::new(run)));
     }
-    write_state(c, id, &next)?;
-    Ok(Run { state: next, ..run })
+    write_state(c, id, &next)
 }
 
 fn append(c: &Connection, id: RunId, lines: &[Line]) -> Result<(), StoreError> {
@@ -802,7 +810,7 @@ impl RunStore for SqliteStore {
         self.read(move |c| get_run(c, id))
     }
 
-    fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, Run> {
+    fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, ()> {
         self.send(|to| Cmd::Transition(id, expect, Box::new(next), to))
     }
 
