@@ -315,59 +315,34 @@ impl ModuleRunner {
 
     /// Record a run (durably) and queue it; it starts as soon as its limits allow. Must be
     /// called inside a Tokio runtime.
+    ///
+    /// When a slot is free and nothing waits, the run is recorded as `running` at once (one
+    /// commit instead of two). Recording goes on in a task of its own: a caller that stops
+    /// waiting (an HTTP client that hangs up) can never leave a recorded run that nobody
+    /// starts.
     pub async fn submit(&self, req: RunRequest) -> Result<Submitted, SubmitError> {
         if req.argv.is_empty() {
             return Err(SubmitError::EmptyArgv);
         }
-        let registry = &self.inner.registry;
         if let Some(key) = &req.idempotency {
-            match registry.find_idempotent(key).await {
+            match self.inner.registry.find_idempotent(key).await {
                 Ok(Some(run)) => return Ok(Submitted::Existing(self.handle(run.id))),
                 Ok(None) => {}
                 Err(e) => return Err(submit_error(e)),
             }
         }
-        {
-            let mut s = self.inner.lock();
-            if !s.open {
-                return Err(SubmitError::ShuttingDown);
-            }
-            if s.queue.len() + s.reserved >= self.inner.settings.max_queued {
-                return Err(SubmitError::QueueFull(s.queue.len()));
-            }
-            s.reserved += 1;
-        }
-        // Give the reservation back however this future ends (it may be dropped mid-way).
-        let reservation = Reservation(&self.inner);
-        let run = Run {
-            id: RunId::new(),
-            module_id: req.module_id.clone(),
-            module_name: req.module_name.clone(),
-            parameters: req.parameters.clone(),
-            argv: req.argv.clone(),
-            mode: req.mode.resolve(),
-            timeout: req.timeout,
-            created_at: SystemTime::now(),
-            state: RunState::Queued,
-            output_lines: 0,
-        };
-        let id = run.id;
-        let created = registry
-            .create(NewRun {
-                run,
-                key: req.idempotency.clone(),
-                stdin: req.stdin.clone(),
-            })
-            .await;
-        drop(reservation);
-        match created {
-            Ok(Created::New(_)) => {
-                self.enqueue(id, req);
-                Ok(Submitted::New(self.handle(id)))
-            }
-            Ok(Created::Existing(run)) => Ok(Submitted::Existing(self.handle(run.id))),
-            Err(e) => Err(submit_error(e)),
-        }
+        let inner = self.inner.clone();
+        let span = tracing::debug_span!("submit", module = %req.module_id);
+        let recorded = self
+            .inner
+            .tasks
+            .spawn(async move { inner.record(req).await }.instrument(span))
+            .await
+            .unwrap_or_else(|e| Err(SubmitError::Store(format!("recording the run failed: {e}"))));
+        Ok(match recorded? {
+            (id, true) => Submitted::New(self.handle(id)),
+            (id, false) => Submitted::Existing(self.handle(id)),
+        })
     }
 
     /// Queue a run that is already recorded (and live in the registry) as `queued`: the runs
@@ -377,9 +352,7 @@ impl ModuleRunner {
     }
 
     fn enqueue(&self, id: RunId, req: RunRequest) {
-        self.inner.lock().queue.push_back(Pending { id, req });
-        tracing::debug!(run_id = %id, "run queued");
-        self.inner.dispatch(&self.inner);
+        self.inner.enqueue(Pending { id, req });
     }
 
     /// A handle on a run by id (whether or not it exists).
@@ -515,18 +488,123 @@ fn submit_error(e: StoreError) -> SubmitError {
     }
 }
 
-/// A queue place taken by a submission that is being recorded.
-struct Reservation<'a>(&'a Inner);
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        self.0.lock().reserved -= 1;
-    }
-}
-
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, Sched> {
         self.sched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a run of a module with `limit` may take a slot now.
+    fn has_slot(&self, s: &Sched, module_id: &str, limit: Option<NonZeroUsize>) -> bool {
+        let used = s.per_module.get(module_id).copied().unwrap_or(0);
+        s.active.len() < self.settings.max_concurrent.get() && limit.is_none_or(|l| used < l.get())
+    }
+
+    /// Take a slot for run `id` (the caller checked [`Inner::has_slot`]).
+    fn take_slot(s: &mut Sched, id: RunId, module_id: &str) -> Control {
+        *s.per_module.entry(module_id.to_owned()).or_default() += 1;
+        let ctl = Control {
+            cancel: CancellationToken::new(),
+            reason: Arc::new(OnceLock::new()),
+        };
+        s.active.insert(id, ctl.clone());
+        ctl
+    }
+
+    /// The body of [`ModuleRunner::submit`], in its own task. Returns the run's id and whether
+    /// it is new (false: an idempotent repeat).
+    async fn record(self: &Arc<Self>, req: RunRequest) -> Result<(RunId, bool), SubmitError> {
+        let id = RunId::new();
+        let now = SystemTime::now();
+        // A free slot and nobody waiting: start at once, holding the slot while recording.
+        let direct = {
+            let mut s = self.lock();
+            if !s.open {
+                return Err(SubmitError::ShuttingDown);
+            }
+            if s.queue.len() + s.reserved >= self.settings.max_queued {
+                return Err(SubmitError::QueueFull(s.queue.len()));
+            }
+            if s.queue.is_empty() && self.has_slot(&s, &req.module_id, req.max_concurrent) {
+                Some(Self::take_slot(&mut s, id, &req.module_id))
+            } else {
+                s.reserved += 1;
+                None
+            }
+        };
+        let state = match direct {
+            Some(_) => RunState::Running {
+                started_at: now,
+                pid: None,
+                stopping: false,
+            },
+            None => RunState::Queued,
+        };
+        let run = Run {
+            id,
+            module_id: req.module_id.clone(),
+            module_name: req.module_name.clone(),
+            parameters: req.parameters.clone(),
+            argv: req.argv.clone(),
+            mode: req.mode.resolve(),
+            timeout: req.timeout,
+            created_at: now,
+            state,
+            output_lines: 0,
+        };
+        let created = self
+            .registry
+            .create(NewRun {
+                run,
+                key: req.idempotency.clone(),
+                stdin: req.stdin.clone(),
+            })
+            .await;
+        match (created, direct) {
+            (Ok(Created::New(_)), Some(ctl)) => {
+                tracing::debug!(run_id = %id, "run started at once");
+                self.start(Pending { id, req }, ctl, Some(now));
+                Ok((id, true))
+            }
+            (Ok(Created::New(_)), None) => {
+                {
+                    // One section: the place moves from `reserved` to the queue.
+                    let mut s = self.lock();
+                    s.reserved -= 1;
+                    s.queue.push_back(Pending { id, req });
+                }
+                tracing::debug!(run_id = %id, "run queued");
+                self.dispatch(self);
+                Ok((id, true))
+            }
+            (other, direct) => {
+                if direct.is_some() {
+                    self.release(self, id, &req.module_id);
+                } else {
+                    self.lock().reserved -= 1;
+                }
+                match other {
+                    Ok(Created::Existing(run)) => Ok((run.id, false)),
+                    Ok(Created::New(_)) => unreachable!("matched above"),
+                    Err(e) => Err(submit_error(e)),
+                }
+            }
+        }
+    }
+
+    /// Queue a recorded run and start what fits.
+    fn enqueue(self: &Arc<Self>, p: Pending) {
+        tracing::debug!(run_id = %p.id, "run queued");
+        self.lock().queue.push_back(p);
+        self.dispatch(self);
+    }
+
+    /// Spawn the task that drives a run holding a slot (`started`: when it was recorded as
+    /// running, if it already was).
+    fn start(self: &Arc<Self>, p: Pending, ctl: Control, started: Option<SystemTime>) {
+        let span =
+            tracing::info_span!(parent: None, "run", run_id = %p.id, module = %p.req.module_id);
+        self.tasks
+            .spawn(drive(self.clone(), p, ctl, started).instrument(span));
     }
 
     /// Start every queued run that fits, oldest first, skipping (not waiting behind) runs whose
@@ -542,26 +620,17 @@ impl Inner {
             let mut i = 0;
             while i < s.queue.len() && s.active.len() < max {
                 let p = &s.queue[i];
-                let used = s.per_module.get(&p.req.module_id).copied().unwrap_or(0);
-                if p.req.max_concurrent.is_some_and(|l| used >= l.get()) {
+                if !self.has_slot(&s, &p.req.module_id, p.req.max_concurrent) {
                     i += 1;
                     continue;
                 }
                 let p = s.queue.remove(i).expect("index checked");
-                *s.per_module.entry(p.req.module_id.clone()).or_default() += 1;
-                let ctl = Control {
-                    cancel: CancellationToken::new(),
-                    reason: Arc::new(OnceLock::new()),
-                };
-                s.active.insert(p.id, ctl.clone());
+                let ctl = Self::take_slot(&mut s, p.id, &p.req.module_id);
                 starts.push((p, ctl));
             }
         }
         for (p, ctl) in starts {
-            let span =
-                tracing::info_span!(parent: None, "run", run_id = %p.id, module = %p.req.module_id);
-            let inner = this.clone();
-            self.tasks.spawn(drive(inner, p, ctl).instrument(span));
+            this.start(p, ctl, None);
         }
     }
 
@@ -654,7 +723,7 @@ impl ProcEvents for RunEvents {
 }
 
 /// One run's task: spawn, supervise, persist the output and the final status, release the slot.
-async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control) {
+async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<SystemTime>) {
     let Pending { id, req } = p;
     let registry = inner.registry.clone();
     let log = registry.live_log(id).unwrap_or_else(|| {
@@ -666,7 +735,7 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control) {
     let events = RunEvents {
         registry: registry.clone(),
         id,
-        started: Mutex::new(None),
+        started: Mutex::new(started.map(|t| (t, None))),
     };
     let outcome = if ctl.cancel.is_cancelled() {
         Outcome::Cancelled {
@@ -675,7 +744,9 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control) {
         }
     } else {
         let mode = req.mode.resolve();
-        events.mark_running().await;
+        if started.is_none() {
+            events.mark_running().await;
+        }
         let mut env: Vec<(OsString, OsString)> = req
             .env
             .iter()

@@ -3,11 +3,14 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
+use modrun::registry::Registry;
 use modrun::run::{RunStatus, Stream};
 use modrun::runner::{ModuleRunner, RunRequest, RunnerSettings};
+use modrun::store::{ListQuery, SqliteStore};
 use modrun::{ExecError, ModuleOutput, RunMode, execute_module};
 
 use crate::helpers::{group_members, wait_until};
@@ -434,4 +437,40 @@ async fn embedded_module_runner() {
         h.cancel().await.is_err(),
         "finished runs cannot be cancelled"
     );
+}
+
+/// A caller that stops waiting for `submit` (an HTTP client that hangs up mid-request drops the
+/// handler's future) never leaves a recorded run that nobody starts: the run still runs.
+/// (SQLite store: recording is asynchronous there, so the drop lands before the commit.)
+#[tokio::test]
+async fn dropped_submit_still_runs_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = RunnerSettings::default();
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let registry = Arc::new(Registry::new(store, settings.output));
+    let runner = ModuleRunner::with_registry(settings, registry);
+    for _ in 0..3 {
+        let submit = runner.submit(RunRequest::new("quick", ["true"]));
+        // Polled once, then dropped: recording is under way, not finished.
+        assert!(
+            submit.now_or_never().is_none(),
+            "dropped before it finished"
+        );
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let page = runner
+            .list(ListQuery {
+                limit: 10,
+                ..ListQuery::default()
+            })
+            .await
+            .unwrap();
+        let statuses: Vec<RunStatus> = page.runs.iter().map(|r| r.status()).collect();
+        if statuses == [RunStatus::Succeeded; 3] {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{statuses:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
