@@ -177,3 +177,94 @@ pub fn true_path() -> PathBuf {
         .find(|p| p.exists())
         .expect("/bin/true")
 }
+
+/// What one `wrk` load measured.
+pub struct WrkResult {
+    /// Answers that passed the check.
+    pub ok: u64,
+    /// Wrong answers (status, or body without the needle) and socket errors.
+    pub errors: u64,
+    pub elapsed: Duration,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// Drive `url` with `wrk` (2 threads, `connections` connections, for `dur`): POST `body` as
+/// JSON when given. An answer counts as right when its status is 200 and, with a `needle`, its
+/// body contains it (checked in wrk's Lua `response` hook, for every answer).
+pub async fn wrk(
+    url: &str,
+    body: Option<&str>,
+    needle: Option<&str>,
+    connections: usize,
+    dur: Duration,
+) -> WrkResult {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = dir.path().join("load.lua");
+    let lua_str = |s: Option<&str>| match s {
+        Some(s) => format!("{:?}", s), // a Rust-escaped string is a valid Lua string here
+        None => "nil".to_owned(),
+    };
+    let lua = format!(
+        r#"local body = {body}
+local needle = {needle}
+if body then
+  wrk.method = "POST"
+  wrk.body = body
+  wrk.headers["Content-Type"] = "application/json"
+else
+  wrk.method = "POST"
+end
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+function init(args) bad = 0 end
+function response(status, headers, b)
+  if status ~= 200 or (needle and not string.find(b, needle, 1, true)) then bad = bad + 1 end
+end
+function done(summary, latency, requests)
+  local b = 0
+  for _, t in ipairs(threads) do b = b + t:get("bad") end
+  local e = summary.errors
+  io.write(string.format("MODRUN_BENCH %d %d %d %d %d %d\n", summary.requests, summary.duration,
+    b, e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"#,
+        body = lua_str(body),
+        needle = lua_str(needle),
+    );
+    std::fs::write(&script, lua).expect("write wrk script");
+    let out = Command::new("wrk")
+        .args(["-t2", "--timeout", "30s"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{}s", dur.as_secs().max(1))) // wrk takes whole seconds
+        .arg("-s")
+        .arg(&script)
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("cannot run wrk (bench/run installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<u64> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("MODRUN_BENCH "))
+        .unwrap_or_else(|| {
+            panic!(
+                "wrk printed no result: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .split_whitespace()
+        .map(|v| v.parse().expect("wrk figure"))
+        .collect();
+    let [requests, micros, bad, socket, p50, p99] = f[..] else {
+        panic!("wrk result: {stdout}");
+    };
+    WrkResult {
+        ok: requests.saturating_sub(bad),
+        errors: bad + socket,
+        elapsed: Duration::from_micros(micros),
+        p50_ms: p50 as f64 / 1000.0,
+        p99_ms: p99 as f64 / 1000.0,
+    }
+}
