@@ -8,6 +8,8 @@
 //!                   │  POST /runs: validate against the module catalog (module), submit
 //!                   ▼
 //!                runner::ModuleRunner ── queue (FIFO, bounded) + slots (global + per module)
+//!                   │  submit: recorded in a task of its own (a dropped caller strands
+//!                   │  nothing); recorded `running` at once when a slot is free
 //!                   │  one tracked task per run: spawn -> pump pipes -> wait/timeout/cancel
 //!                   ▼                          -> flush output -> record final status
 //!                runner::process (the only code that spawns or signals a process)
