@@ -381,7 +381,20 @@ impl ModuleRunner {
     /// Cancel a run: a queued run becomes `cancelled` at once; a running one gets SIGTERM on
     /// its process group, then SIGKILL after `kill_grace`. Returns the run as it is now (it may
     /// still be `running` while its processes stop).
+    ///
+    /// Like [`ModuleRunner::submit`], the work runs in a task of its own: a caller that stops
+    /// waiting cannot leave a run taken off the queue but never recorded as cancelled.
     pub async fn cancel(&self, id: RunId) -> Result<Run, CancelError> {
+        let this = self.clone();
+        let span = tracing::debug_span!("cancel", run_id = %id);
+        self.inner
+            .tasks
+            .spawn(async move { this.cancel_now(id).await }.instrument(span))
+            .await
+            .unwrap_or_else(|e| Err(CancelError::Store(format!("cancelling failed: {e}"))))
+    }
+
+    async fn cancel_now(&self, id: RunId) -> Result<Run, CancelError> {
         let registry = &self.inner.registry;
         let (was_queued, signalled) = {
             let mut s = self.inner.lock();

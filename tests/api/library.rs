@@ -474,3 +474,42 @@ async fn dropped_submit_still_runs_the_run() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The same for `cancel`: a caller that stops waiting for the cancel of a queued run still
+/// leaves it `cancelled` (not shown as queued forever, not started later).
+#[tokio::test]
+async fn dropped_cancel_still_cancels() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = RunnerSettings {
+        max_concurrent: std::num::NonZeroUsize::MIN,
+        kill_grace: Duration::from_millis(100),
+        ..RunnerSettings::default()
+    };
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let registry = Arc::new(Registry::new(store, settings.output));
+    let runner = ModuleRunner::with_registry(settings, registry);
+    let blocker = runner
+        .submit(RunRequest::new("block", ["sleep", "30"]))
+        .await
+        .unwrap()
+        .into_handle();
+    let queued = runner
+        .submit(RunRequest::new("quick", ["true"]))
+        .await
+        .unwrap()
+        .into_handle();
+    assert_eq!(queued.run().await.unwrap().status(), RunStatus::Queued);
+    assert!(
+        runner.cancel(queued.id()).now_or_never().is_none(),
+        "dropped before it finished"
+    );
+    let start = std::time::Instant::now();
+    while queued.run().await.unwrap().status() != RunStatus::Cancelled {
+        assert!(start.elapsed() < Duration::from_secs(10), "never cancelled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    blocker.cancel().await.unwrap();
+    blocker.wait().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(queued.run().await.unwrap().status(), RunStatus::Cancelled);
+}
