@@ -439,6 +439,13 @@ async fn embedded_module_runner() {
     );
 }
 
+/// A runner over a SQLite store in `dir`.
+fn sqlite_runner(dir: &Path, settings: RunnerSettings) -> ModuleRunner {
+    let store = Arc::new(SqliteStore::open(dir).unwrap());
+    let registry = Arc::new(Registry::new(store, settings.output));
+    ModuleRunner::with_registry(settings, registry)
+}
+
 /// A caller that stops waiting for `submit` (an HTTP client that hangs up mid-request drops the
 /// handler's future) never leaves a recorded run that nobody starts: the run still runs.
 /// (SQLite store: recording is asynchronous there, so the drop lands before the commit.)
@@ -446,9 +453,7 @@ async fn embedded_module_runner() {
 async fn dropped_submit_still_runs_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let settings = RunnerSettings::default();
-    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
-    let registry = Arc::new(Registry::new(store, settings.output));
-    let runner = ModuleRunner::with_registry(settings, registry);
+    let runner = sqlite_runner(dir.path(), settings);
     for _ in 0..3 {
         let submit = runner.submit(RunRequest::new("quick", ["true"]));
         // Polled once, then dropped: recording is under way, not finished.
@@ -485,9 +490,7 @@ async fn dropped_cancel_still_cancels() {
         kill_grace: Duration::from_millis(100),
         ..RunnerSettings::default()
     };
-    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
-    let registry = Arc::new(Registry::new(store, settings.output));
-    let runner = ModuleRunner::with_registry(settings, registry);
+    let runner = sqlite_runner(dir.path(), settings);
     let blocker = runner
         .submit(RunRequest::new("block", ["sleep", "30"]))
         .await
