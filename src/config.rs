@@ -14,7 +14,9 @@ use serde::de::{self, Deserializer};
 use serde_json::Value;
 
 use crate::module::{Module, ParamKind, Parameter, Passing, Pattern};
+use crate::output::OutputLimits;
 use crate::run::RunMode;
+use crate::runner::RunnerSettings;
 
 /// The whole configuration, validated.
 #[derive(Debug, Clone)]
@@ -94,12 +96,14 @@ pub struct StorageConfig {
 }
 
 impl Default for RunnerConfig {
+    /// The limits shared with the embedded runner come from [`RunnerSettings::default`].
     fn default() -> Self {
+        let shared = RunnerSettings::default();
         Self {
-            max_concurrent: NonZeroUsize::new(4).expect("4 is not zero"),
-            max_queued: 1000,
+            max_concurrent: shared.max_concurrent,
+            max_queued: shared.max_queued,
             default_timeout: Duration::from_secs(3600),
-            kill_grace: Duration::from_secs(5),
+            kill_grace: shared.kill_grace,
             mode: RunMode::Auto,
             env_allow: ["PATH", "HOME", "LANG", "TZ"].map(String::from).to_vec(),
         }
@@ -107,10 +111,12 @@ impl Default for RunnerConfig {
 }
 
 impl Default for OutputConfig {
+    /// From [`OutputLimits::default`].
     fn default() -> Self {
+        let shared = OutputLimits::default();
         Self {
-            max_line_bytes: NonZeroUsize::new(65536).expect("not zero"),
-            max_run_bytes: 64 * 1024 * 1024,
+            max_line_bytes: NonZeroUsize::new(shared.max_line_bytes).expect("not zero"),
+            max_run_bytes: shared.max_run_bytes,
         }
     }
 }

@@ -32,6 +32,16 @@ pub struct OutputLimits {
     pub max_run_bytes: u64,
 }
 
+impl Default for OutputLimits {
+    /// The defaults of `[output]` in the config file.
+    fn default() -> Self {
+        Self {
+            max_line_bytes: 65536,
+            max_run_bytes: 64 << 20,
+        }
+    }
+}
+
 /// One run's output.
 #[derive(Debug)]
 pub struct OutputLog {

@@ -76,15 +76,14 @@ pub struct RunnerSettings {
 }
 
 impl Default for RunnerSettings {
+    /// The defaults of `[runner]` and `[output]` in the config file (which takes them from
+    /// here).
     fn default() -> Self {
         Self {
             max_concurrent: NonZeroUsize::new(4).expect("not zero"),
             max_queued: 1000,
             kill_grace: Duration::from_secs(5),
-            output: OutputLimits {
-                max_line_bytes: 65536,
-                max_run_bytes: 64 << 20,
-            },
+            output: OutputLimits::default(),
         }
     }
 }
