@@ -178,6 +178,18 @@ impl Registry {
         }
     }
 
+    /// The store refused a run's final state: take it here anyway (memory only), so that the run
+    /// is seen to end. Wakes the run's readers.
+    pub fn finish_in_memory(&self, id: RunId, state: RunState) {
+        let log = {
+            let mut map = self.lock();
+            let Some(live) = map.get_mut(&id) else { return };
+            live.run.state = state;
+            live.log.clone()
+        };
+        log.touch();
+    }
+
     /// A run is finished and its output persisted: serve it from the store from now on.
     /// (Readers holding its log keep it.)
     pub fn retire(&self, id: RunId) {

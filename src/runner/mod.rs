@@ -813,14 +813,39 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<Syst
         finished_at: SystemTime::now(),
         outcome,
     };
-    match registry.transition(id, Expect::Active, next).await {
-        Ok(run) => {
-            tracing::info!(status = %run.status(), exit_code = run.exit_code(), "run finished");
-        }
-        Err(e) => tracing::error!(error = %e, "cannot record the run's final status"),
-    }
+    record_final(&registry, id, next).await;
     registry.retire(id);
     inner.release(&inner, id, &req.module_id);
+}
+
+/// Attempts at recording a run's final state: the first, then retries after 50, 100, 200 and
+/// 400 ms (a store error may pass: a full disk, a busy file).
+const FINAL_ATTEMPTS: u32 = 5;
+
+/// Record a run's final state in the store, retrying on store errors. If the store still
+/// fails, the registry takes the final state anyway (in memory, logged as an error), so that
+/// clients waiting for the run, its streams and its readers see it end instead of a run that
+/// looks `running` forever; after a restart the store's copy becomes `lost`.
+async fn record_final(registry: &Registry, id: RunId, next: RunState) {
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=FINAL_ATTEMPTS {
+        match registry.transition(id, Expect::Active, next.clone()).await {
+            Ok(run) => {
+                tracing::info!(status = %run.status(), exit_code = run.exit_code(), "run finished");
+                return;
+            }
+            Err(e @ StoreError::Backend(_)) if attempt < FINAL_ATTEMPTS => {
+                tracing::warn!(attempt, error = %e, "cannot record the run's final status; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the run's final status; keeping it in memory only");
+                break;
+            }
+        }
+    }
+    registry.finish_in_memory(id, next);
 }
 
 /// A handle on one run of a [`ModuleRunner`].

@@ -4,13 +4,18 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
 
 use futures_util::{FutureExt, StreamExt};
+use modrun::output::OutputLimits;
 use modrun::registry::Registry;
-use modrun::run::{RunStatus, Stream};
+use modrun::run::{Line, Run, RunId, RunState, RunStatus, Stream};
 use modrun::runner::{ModuleRunner, RunRequest, RunnerSettings};
-use modrun::store::{ListQuery, SqliteStore};
+use modrun::store::{
+    Created, Expect, IdempotencyKey, ListQuery, MemoryStore, NewRun, Page, Recovered, Retention,
+    RunStore, SqliteStore, StoreError, StoreFuture,
+};
 use modrun::{ExecError, ModuleOutput, RunMode, execute_module};
 
 use crate::helpers::{group_members, wait_until};
@@ -515,4 +520,90 @@ async fn dropped_cancel_still_cancels() {
     blocker.wait().await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(queued.run().await.unwrap().status(), RunStatus::Cancelled);
+}
+
+/// A memory store whose transitions to a finished state fail (a store error) `fail` times.
+struct FlakyStore {
+    inner: MemoryStore,
+    fail: AtomicUsize,
+}
+
+impl RunStore for FlakyStore {
+    fn create(&self, new: NewRun) -> StoreFuture<'_, Created> {
+        self.inner.create(new)
+    }
+    fn find_idempotent(&self, key: &IdempotencyKey) -> StoreFuture<'_, Option<Run>> {
+        self.inner.find_idempotent(key)
+    }
+    fn get(&self, id: RunId) -> StoreFuture<'_, Option<Run>> {
+        self.inner.get(id)
+    }
+    fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, ()> {
+        let fails = next.is_finished()
+            && self
+                .fail
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if fails {
+            return Box::pin(async { Err(StoreError::Backend("disk full".into())) });
+        }
+        self.inner.transition(id, expect, next)
+    }
+    fn append_output(&self, id: RunId, lines: Vec<Line>) -> StoreFuture<'_, ()> {
+        self.inner.append_output(id, lines)
+    }
+    fn read_output(&self, id: RunId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Line>> {
+        self.inner.read_output(id, after, limit)
+    }
+    fn list(&self, query: ListQuery) -> StoreFuture<'_, Page> {
+        self.inner.list(query)
+    }
+    fn purge(&self, policy: Retention, now: SystemTime) -> StoreFuture<'_, usize> {
+        self.inner.purge(policy, now)
+    }
+    fn recover(&self) -> StoreFuture<'_, Recovered> {
+        self.inner.recover()
+    }
+}
+
+async fn run_true_over(store: Arc<FlakyStore>) -> (RunId, Run) {
+    let registry = Arc::new(Registry::new(store, OutputLimits::default()));
+    let runner = ModuleRunner::with_registry(RunnerSettings::default(), registry);
+    let h = runner
+        .submit(RunRequest::new("quick", ["true"]))
+        .await
+        .unwrap()
+        .into_handle();
+    let run = tokio::time::timeout(Duration::from_secs(10), h.wait())
+        .await
+        .expect("the run is seen to end")
+        .unwrap();
+    (h.id(), run)
+}
+
+/// A store error on a run's final status is retried; a store that keeps failing still lets
+/// the run be seen to end (instead of `running` forever).
+#[tokio::test]
+async fn final_status_survives_store_errors() {
+    let store = Arc::new(FlakyStore {
+        inner: MemoryStore::new(),
+        fail: AtomicUsize::new(2),
+    });
+    let (id, run) = run_true_over(store.clone()).await;
+    assert_eq!(run.status(), RunStatus::Succeeded);
+    let stored = store.get(id).await.unwrap().unwrap();
+    assert_eq!(stored.status(), RunStatus::Succeeded, "stored on a retry");
+
+    let store = Arc::new(FlakyStore {
+        inner: MemoryStore::new(),
+        fail: AtomicUsize::new(usize::MAX),
+    });
+    let (id, run) = run_true_over(store.clone()).await;
+    assert_eq!(run.status(), RunStatus::Succeeded);
+    let stored = store.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.status(),
+        RunStatus::Running,
+        "the store never took it"
+    );
 }
