@@ -800,7 +800,7 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<Syst
         }
     };
     log.close();
-    if let Err(e) = registry.flush(id).await {
+    if let Err(e) = with_retries("persist the run's output", || registry.flush(id)).await {
         tracing::error!(error = %e, "cannot persist the run's output");
     }
     let (started_at, pid) = match events.started() {
@@ -818,34 +818,51 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<Syst
     inner.release(&inner, id, &req.module_id);
 }
 
-/// Attempts at recording a run's final state: the first, then retries after 50, 100, 200 and
-/// 400 ms (a store error may pass: a full disk, a busy file).
+/// Attempts at a store write that ends a run (its last output, its final state): the first,
+/// then retries after 50, 100, 200 and 400 ms (a store error may pass: a full disk, a busy
+/// file).
 const FINAL_ATTEMPTS: u32 = 5;
+
+/// Run `op` until it succeeds or fails with something other than a store backend error, at
+/// most [`FINAL_ATTEMPTS`] times.
+async fn with_retries<T, F, Fut>(what: &str, mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(e @ StoreError::Backend(_)) if attempt < FINAL_ATTEMPTS => {
+                tracing::warn!(attempt, error = %e, "cannot {what}; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
 
 /// Record a run's final state in the store, retrying on store errors. If the store still
 /// fails, the registry takes the final state anyway (in memory, logged as an error), so that
 /// clients waiting for the run, its streams and its readers see it end instead of a run that
 /// looks `running` forever; after a restart the store's copy becomes `lost`.
 async fn record_final(registry: &Registry, id: RunId, next: RunState) {
-    let mut delay = Duration::from_millis(50);
-    for attempt in 1..=FINAL_ATTEMPTS {
-        match registry.transition(id, Expect::Active, next.clone()).await {
-            Ok(run) => {
-                tracing::info!(status = %run.status(), exit_code = run.exit_code(), "run finished");
-                return;
-            }
-            Err(e @ StoreError::Backend(_)) if attempt < FINAL_ATTEMPTS => {
-                tracing::warn!(attempt, error = %e, "cannot record the run's final status; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot record the run's final status; keeping it in memory only");
-                break;
-            }
+    let recorded = with_retries("record the run's final status", || {
+        registry.transition(id, Expect::Active, next.clone())
+    })
+    .await;
+    match recorded {
+        Ok(run) => {
+            tracing::info!(status = %run.status(), exit_code = run.exit_code(), "run finished");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record the run's final status; keeping it in memory only");
+            registry.finish_in_memory(id, next);
         }
     }
-    registry.finish_in_memory(id, next);
 }
 
 /// A handle on one run of a [`ModuleRunner`].

@@ -522,10 +522,28 @@ async fn dropped_cancel_still_cancels() {
     assert_eq!(queued.run().await.unwrap().status(), RunStatus::Cancelled);
 }
 
-/// A memory store whose transitions to a finished state fail (a store error) `fail` times.
+/// A memory store whose transitions to a finished state fail (a store error) `fail` times,
+/// and its output appends `fail_appends` times.
 struct FlakyStore {
     inner: MemoryStore,
     fail: AtomicUsize,
+    fail_appends: AtomicUsize,
+}
+
+impl FlakyStore {
+    fn new(fail: usize, fail_appends: usize) -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemoryStore::new(),
+            fail: AtomicUsize::new(fail),
+            fail_appends: AtomicUsize::new(fail_appends),
+        })
+    }
+}
+
+/// Take one of the failures left in `n`, if any.
+fn take_failure(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 impl RunStore for FlakyStore {
@@ -539,17 +557,15 @@ impl RunStore for FlakyStore {
         self.inner.get(id)
     }
     fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, ()> {
-        let fails = next.is_finished()
-            && self
-                .fail
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-        if fails {
+        if next.is_finished() && take_failure(&self.fail) {
             return Box::pin(async { Err(StoreError::Backend("disk full".into())) });
         }
         self.inner.transition(id, expect, next)
     }
     fn append_output(&self, id: RunId, lines: Vec<Line>) -> StoreFuture<'_, ()> {
+        if take_failure(&self.fail_appends) {
+            return Box::pin(async { Err(StoreError::Backend("disk full".into())) });
+        }
         self.inner.append_output(id, lines)
     }
     fn read_output(&self, id: RunId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Line>> {
@@ -566,11 +582,12 @@ impl RunStore for FlakyStore {
     }
 }
 
-async fn run_true_over(store: Arc<FlakyStore>) -> (RunId, Run) {
+/// Run `sh -c script` over `store` until it is seen to end.
+async fn run_over(store: Arc<FlakyStore>, script: &str) -> (RunId, Run) {
     let registry = Arc::new(Registry::new(store, OutputLimits::default()));
     let runner = ModuleRunner::with_registry(RunnerSettings::default(), registry);
     let h = runner
-        .submit(RunRequest::new("quick", ["true"]))
+        .submit(RunRequest::new("quick", ["sh", "-c", script]))
         .await
         .unwrap()
         .into_handle();
@@ -581,24 +598,21 @@ async fn run_true_over(store: Arc<FlakyStore>) -> (RunId, Run) {
     (h.id(), run)
 }
 
-/// A store error on a run's final status is retried; a store that keeps failing still lets
-/// the run be seen to end (instead of `running` forever).
+/// A store error on a run's final status or its last output is retried; a store that keeps
+/// failing still lets the run be seen to end (instead of `running` forever).
 #[tokio::test]
-async fn final_status_survives_store_errors() {
-    let store = Arc::new(FlakyStore {
-        inner: MemoryStore::new(),
-        fail: AtomicUsize::new(2),
-    });
-    let (id, run) = run_true_over(store.clone()).await;
+async fn final_status_and_output_survive_store_errors() {
+    let store = FlakyStore::new(2, 2);
+    let (id, run) = run_over(store.clone(), "echo a; echo b").await;
     assert_eq!(run.status(), RunStatus::Succeeded);
     let stored = store.get(id).await.unwrap().unwrap();
     assert_eq!(stored.status(), RunStatus::Succeeded, "stored on a retry");
+    let lines = store.read_output(id, 0, 10).await.unwrap();
+    let texts: Vec<&str> = lines.iter().map(|l| &*l.text).collect();
+    assert_eq!(texts, ["a", "b"], "output stored on a retry");
 
-    let store = Arc::new(FlakyStore {
-        inner: MemoryStore::new(),
-        fail: AtomicUsize::new(usize::MAX),
-    });
-    let (id, run) = run_true_over(store.clone()).await;
+    let store = FlakyStore::new(usize::MAX, 0);
+    let (id, run) = run_over(store.clone(), "true").await;
     assert_eq!(run.status(), RunStatus::Succeeded);
     let stored = store.get(id).await.unwrap().unwrap();
     assert_eq!(
