@@ -21,7 +21,7 @@ use super::dto::run_json;
 use super::error::ApiError;
 use super::extract::{QueryPairs, RunIdPath};
 use crate::registry::{Cursor, Registry};
-use crate::run::{Line, Run, RunId, RunStatus, rfc3339};
+use crate::run::{Line, Run, RunId, RunState, RunStatus, rfc3339};
 
 /// Lines copied out of the log (and framed into one write) per read.
 const BATCH: usize = 2048;
@@ -169,6 +169,15 @@ impl Follow {
             // The first event is always the run as it is; later ones on each change (a final
             // status comes with `end`, below, once every line is out).
             let first = self.last_status.is_none();
+            if self.last_status == Some(RunStatus::Queued)
+                && status.is_finished()
+                && let Some(started) = as_started(&run)
+            {
+                // It started and finished between two reads: `running` still gets its event
+                // (before the lines), as every status change does.
+                self.last_status = Some(RunStatus::Running);
+                push_run_event(&mut buf, "status", &started);
+            }
             if first || (self.last_status != Some(status) && !status.is_finished()) {
                 self.last_status = Some(status);
                 push_run_event(&mut buf, "status", &run);
@@ -215,9 +224,133 @@ impl Follow {
     }
 }
 
+/// A finished run as it was when it started (no output yet), if it ever did.
+fn as_started(run: &Run) -> Option<Run> {
+    let RunState::Finished {
+        started_at: Some(started_at),
+        pid,
+        ..
+    } = run.state
+    else {
+        return None;
+    };
+    Some(Run {
+        state: RunState::Running {
+            started_at,
+            pid,
+            stopping: false,
+        },
+        output_lines: 0,
+        ..run.clone()
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::push_json_str;
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::{Follow, push_json_str};
+    use crate::output::OutputLimits;
+    use crate::registry::{Cursor, Registry};
+    use crate::run::{Exit, Outcome, Run, RunId, RunMode, RunState};
+    use crate::store::{Expect, MemoryStore, NewRun};
+
+    /// A subscriber that saw the run queued, and next sees it finished, still gets `running`
+    /// (before the final status and `end`).
+    #[tokio::test]
+    async fn a_status_that_came_and_went_between_reads_gets_its_event() {
+        let registry = Arc::new(Registry::new(
+            Arc::new(MemoryStore::new()),
+            OutputLimits::default(),
+        ));
+        let run = Run {
+            id: RunId::new(),
+            module_id: "m".into(),
+            module_name: "M".into(),
+            parameters: serde_json::Map::new(),
+            argv: vec!["true".into()],
+            mode: RunMode::Async,
+            timeout: Duration::from_secs(10),
+            created_at: SystemTime::now(),
+            state: RunState::Queued,
+            output_lines: 0,
+        };
+        let id = run.id;
+        registry
+            .create(NewRun {
+                run,
+                key: None,
+                stdin: None,
+            })
+            .await
+            .unwrap();
+        let mut follow = Follow {
+            registry: registry.clone(),
+            id,
+            cursor: Cursor::new(registry.clone(), id, 0),
+            last_status: None,
+            done: false,
+            shutdown: CancellationToken::new(),
+            keep_alive: Duration::from_secs(60),
+            ts_cache: None,
+        };
+        let events = |chunk: &[u8]| -> Vec<(String, String)> {
+            String::from_utf8_lossy(chunk)
+                .split("\n\n")
+                .filter(|e| !e.is_empty())
+                .map(|e| {
+                    let field = |name: &str| {
+                        e.lines()
+                            .find_map(|l| l.strip_prefix(name))
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    let data: serde_json::Value = serde_json::from_str(&field("data: ")).unwrap();
+                    (
+                        field("event: "),
+                        data["status"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect()
+        };
+        let first = follow.next_chunk().await.unwrap();
+        assert_eq!(events(&first), [("status".into(), "queued".into())]);
+
+        let started_at = SystemTime::now();
+        let running = RunState::Running {
+            started_at,
+            pid: Some(42),
+            stopping: false,
+        };
+        registry
+            .transition(id, Expect::Queued, running)
+            .await
+            .unwrap();
+        registry.live_log(id).unwrap().close();
+        let finished = RunState::Finished {
+            started_at: Some(started_at),
+            pid: Some(42),
+            finished_at: SystemTime::now(),
+            outcome: Outcome::Exited(Exit::Code(0)),
+        };
+        registry
+            .transition(id, Expect::Running, finished)
+            .await
+            .unwrap();
+        let rest = follow.next_chunk().await.unwrap();
+        let expected: Vec<(String, String)> = [
+            ("status", "running"),
+            ("status", "succeeded"),
+            ("end", "succeeded"),
+        ]
+        .map(|(e, s)| (e.to_owned(), s.to_owned()))
+        .to_vec();
+        assert_eq!(events(&rest), expected);
+        assert!(follow.next_chunk().await.is_none());
+    }
 
     #[test]
     fn json_strings_are_escaped_only_when_needed() {
