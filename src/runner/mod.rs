@@ -670,14 +670,18 @@ struct RunEvents {
 
 impl RunEvents {
     fn started(&self) -> Option<(SystemTime, Option<u32>)> {
-        *self.started.lock().unwrap_or_else(|e| e.into_inner())
+        *self.started_mut()
+    }
+
+    fn started_mut(&self) -> MutexGuard<'_, Option<(SystemTime, Option<u32>)>> {
+        self.started.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Record the run as `running` before anything is spawned, so that a crash from here on
     /// leaves it `lost`, never `queued` (a queued run would run a second time after a restart).
     async fn mark_running(&self) {
         let started_at = SystemTime::now();
-        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some((started_at, None));
+        *self.started_mut() = Some((started_at, None));
         let next = RunState::Running {
             started_at,
             pid: None,
@@ -694,11 +698,7 @@ impl RunEvents {
 
     /// Record that a stop has begun (with the pid, if there is one by then).
     async fn mark_stopping(&self) {
-        let (started_at, pid) = *self
-            .started
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert((SystemTime::now(), None));
+        let (started_at, pid) = *self.started_mut().get_or_insert((SystemTime::now(), None));
         let next = RunState::Running {
             started_at,
             pid,
@@ -716,12 +716,7 @@ impl RunEvents {
 
 impl ProcEvents for RunEvents {
     fn spawned(&self, pid: u32) -> process::EventFuture<'_> {
-        if let Some(started) = self
-            .started
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(started) = self.started_mut().as_mut() {
             started.1 = Some(pid);
         }
         self.registry.set_pid(self.id, pid);
