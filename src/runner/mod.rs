@@ -347,10 +347,6 @@ impl ModuleRunner {
     /// Queue a run that is already recorded (and live in the registry) as `queued`: the runs
     /// found queued at start-up, in their creation order.
     pub fn requeue(&self, id: RunId, req: RunRequest) {
-        self.enqueue(id, req);
-    }
-
-    fn enqueue(&self, id: RunId, req: RunRequest) {
         self.inner.enqueue(Pending { id, req });
     }
 
@@ -571,13 +567,25 @@ impl Inner {
                 stdin: req.stdin.clone(),
             })
             .await;
-        match (created, direct) {
-            (Ok(Created::New(_)), Some(ctl)) => {
+        let not_new = match created {
+            Ok(Created::New(_)) => None,
+            Ok(Created::Existing(run)) => Some(Ok((run.id, false))),
+            Err(e) => Some(Err(submit_error(e))),
+        };
+        if let Some(result) = not_new {
+            // Nothing new to run: give the slot or the queue place back.
+            match direct {
+                Some(_) => self.release(self, id, &req.module_id),
+                None => self.lock().reserved -= 1,
+            }
+            return result;
+        }
+        match direct {
+            Some(ctl) => {
                 tracing::debug!(run_id = %id, "run started at once");
                 self.start(Pending { id, req }, ctl, Some(now));
-                Ok((id, true))
             }
-            (Ok(Created::New(_)), None) => {
+            None => {
                 {
                     // One section: the place moves from `reserved` to the queue.
                     let mut s = self.lock();
@@ -586,21 +594,9 @@ impl Inner {
                 }
                 tracing::debug!(run_id = %id, "run queued");
                 self.dispatch(self);
-                Ok((id, true))
-            }
-            (other, direct) => {
-                if direct.is_some() {
-                    self.release(self, id, &req.module_id);
-                } else {
-                    self.lock().reserved -= 1;
-                }
-                match other {
-                    Ok(Created::Existing(run)) => Ok((run.id, false)),
-                    Ok(Created::New(_)) => unreachable!("matched above"),
-                    Err(e) => Err(submit_error(e)),
-                }
             }
         }
+        Ok((id, true))
     }
 
     /// Queue a recorded run and start what fits.
@@ -687,13 +683,8 @@ impl RunEvents {
             pid: None,
             stopping: false,
         };
-        if let Err(e) = self
-            .registry
-            .transition(self.id, Expect::Queued, next)
-            .await
-        {
-            tracing::warn!(error = %e, "cannot record the run as running");
-        }
+        self.record(Expect::Queued, next, "cannot record the run as running")
+            .await;
     }
 
     /// Record that a stop has begun (with the pid, if there is one by then).
@@ -704,12 +695,14 @@ impl RunEvents {
             pid,
             stopping: true,
         };
-        if let Err(e) = self
-            .registry
-            .transition(self.id, Expect::Running, next)
-            .await
-        {
-            tracing::warn!(error = %e, "cannot record the run's progress");
+        self.record(Expect::Running, next, "cannot record the run's progress")
+            .await;
+    }
+
+    /// Move the run to `next`; a failure is logged with `failed` (the run goes on).
+    async fn record(&self, expect: Expect, next: RunState, failed: &str) {
+        if let Err(e) = self.registry.transition(self.id, expect, next).await {
+            tracing::warn!(error = %e, "{failed}");
         }
     }
 }

@@ -395,38 +395,21 @@ async fn scenario_throughput(ctx: &Ctx, t: &mut Table) {
     let s = "1 run throughput";
     let c = p.clients;
     let ratio = |a: &[f64], b: &[f64]| median(a) / median(b).max(1e-9);
-    t.add(
-        s,
-        &format!("runs/s, {c} wrk connections, SQLite"),
-        "/s",
-        sqlite.clone(),
-        Some(("webhook", hook.clone())),
-        Some((">= 1.0x webhook", ratio(&sqlite, &hook) >= 1.0)),
-    );
-    t.add(
-        s,
-        &format!("runs/s, {c} wrk connections, SQLite"),
-        "/s",
-        sqlite.clone(),
-        Some(("raw tokio spawn", raw.clone())),
-        Some((">= 0.8x raw", ratio(&sqlite, &raw) >= 0.8)),
-    );
-    t.add(
-        s,
-        &format!("runs/s, {c} wrk connections, memory"),
-        "/s",
-        memory.clone(),
-        Some(("webhook", hook.clone())),
-        Some((">= 1.0x webhook", ratio(&memory, &hook) >= 1.0)),
-    );
-    t.add(
-        s,
-        &format!("runs/s, {c} wrk connections, memory"),
-        "/s",
-        memory.clone(),
-        Some(("raw tokio spawn", raw.clone())),
-        Some((">= 0.8x raw", ratio(&memory, &raw) >= 0.8)),
-    );
+    for (store, values) in [("SQLite", &sqlite), ("memory", &memory)] {
+        for (reference, ref_values, target, min) in [
+            ("webhook", &hook, ">= 1.0x webhook", 1.0),
+            ("raw tokio spawn", &raw, ">= 0.8x raw", 0.8),
+        ] {
+            t.add(
+                s,
+                &format!("runs/s, {c} wrk connections, {store}"),
+                "/s",
+                values.clone(),
+                Some((reference, ref_values.clone())),
+                Some((target, ratio(values, ref_values) >= min)),
+            );
+        }
+    }
     t.add(
         s,
         "runs/s, SQLite vs memory",
