@@ -62,7 +62,8 @@ pub enum RunMode {
     Async,
     /// `std::process`, pipes read on blocking threads.
     Threaded,
-    /// `std::process` on a blocking thread; output is delivered when the process ends.
+    /// `std::process` on blocking threads; the output is collected and delivered when the process
+    /// ends (for debugging).
     Local,
     /// Nothing is spawned: the command line that would run is reported as the output.
     DryRun,

@@ -6,7 +6,8 @@
 //! grandchildren included) and a parent-death signal (so that it never outlives a crashed
 //! server). Both pipes are pumped concurrently with the wait. A stop (cancel or timeout) sends
 //! SIGTERM to the group, waits `kill_grace`, then SIGKILL. When the leader has exited, whatever
-//! is left of its group is killed so that no process outlives its run. Dropping the future of
+//! is left of its group is killed, and the run ends only once those processes are dead, so that
+//! no process outlives its run. Dropping the future of
 //! [`run_process`] kills the whole group at once (SIGKILL) and leaves the reaping to a
 //! background waiter (the spawner's reaper thread, or the blocking thread that waits in the
 //! threaded and local modes).
@@ -143,6 +144,9 @@ pub(crate) struct Supervision<'a> {
 /// How long the pipes may stay open after the group was killed (a process that left the group
 /// with `setsid` can hold them); then the output is cut off with a note.
 const PIPE_DRAIN_LIMIT: Duration = Duration::from_secs(2);
+/// How long a run's end waits for the SIGKILLed rest of its process group to die (a process in
+/// uninterruptible sleep dies only when its I/O returns).
+const GROUP_EXIT_LIMIT: Duration = Duration::from_secs(2);
 
 /// Resolve the program as the child would: a name with a `/` is a path (relative to `cwd`), a
 /// bare name is looked up on the child's `PATH`.
@@ -274,16 +278,86 @@ pub(crate) fn command_line(spec: &ProcSpec) -> String {
         .join(" ")
 }
 
-/// Signal a whole process group; a group that is already gone is not an error.
-pub(crate) fn signal_group(pgid: u32, sig: Signal) {
-    let Ok(raw) = i32::try_from(pgid) else { return };
-    if raw <= 1 {
+/// Signal a whole process group; a group that is already gone is not an error. True when the
+/// group had a member to signal (zombies count until they are reaped).
+pub(crate) fn signal_group(pgid: u32, sig: Signal) -> bool {
+    let Some(pgid) = group_pid(pgid) else {
+        return false;
+    };
+    match killpg(pgid, sig) {
+        Ok(()) => true,
+        Err(nix::errno::Errno::ESRCH) => false,
+        Err(e) => {
+            tracing::warn!(pgid = pgid.as_raw(), signal = %sig, error = %e, "cannot signal process group");
+            false
+        }
+    }
+}
+
+/// `pgid` as a group that modrun may signal: never 0 or 1 (ourselves, init).
+fn group_pid(pgid: u32) -> Option<Pid> {
+    i32::try_from(pgid)
+        .ok()
+        .filter(|raw| *raw > 1)
+        .map(Pid::from_raw)
+}
+
+/// After the leader of group `pgid` exited: SIGKILL what is left of the group and wait until it
+/// is really dead (gone, or zombies that only wait for their reaper), at most
+/// [`GROUP_EXIT_LIMIT`], so that a run is never reported finished while a process of it still
+/// runs. Free when the group is already empty (the usual case): one `killpg` that finds nobody.
+async fn kill_rest(pgid: u32) {
+    if !signal_group(pgid, Signal::SIGKILL) {
         return;
     }
-    match killpg(Pid::from_raw(raw), sig) {
-        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-        Err(e) => tracing::warn!(pgid, signal = %sig, error = %e, "cannot signal process group"),
+    let deadline = tokio::time::Instant::now() + GROUP_EXIT_LIMIT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let Some(group) = group_pid(pgid) else { return };
+        // Signal 0 probes: ESRCH once every member is reaped.
+        if killpg(group, None) == Err(nix::errno::Errno::ESRCH) {
+            return;
+        }
+        // Members left: dying, or zombies whose reaper (init, a subreaper) has not come yet.
+        let live = tokio::task::spawn_blocking(move || group_has_live_member(pgid))
+            .await
+            .unwrap_or(false);
+        if !live {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(pgid, "process group still alive after SIGKILL");
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
+}
+
+/// True while a process of group `pgid` exists and is not a zombie. Blocking: scans `/proc`.
+fn group_has_live_member(pgid: u32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|entry| {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        // After the ")" that closes the command name: state ppid pgrp ...
+        let mut fields = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace())
+            .into_iter()
+            .flatten();
+        let state = fields.next();
+        let group = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+        group == Some(pgid) && is_live_state(state)
+    })
+}
+
+/// A process state from `/proc/PID/stat` that is still running code (not a zombie, not dead).
+fn is_live_state(state: Option<&str>) -> bool {
+    !matches!(state, Some("Z" | "X" | "x") | None)
 }
 
 /// After a crash: SIGKILL what is left of the lost runs `run_ids`: the processes that prove they
@@ -349,10 +423,10 @@ fn is_alive(pid: i32) -> bool {
         return false;
     };
     // The state is the first field after the ")" that closes the command name.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
-    !matches!(state, Some("Z" | "X" | "x") | None)
+    is_live_state(
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next()),
+    )
 }
 
 /// SIGKILLs the group when dropped while armed: the safety net that makes dropping a running
@@ -374,7 +448,7 @@ impl GroupGuard {
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         if self.armed {
-            signal_group(self.pgid, Signal::SIGKILL);
+            let _ = signal_group(self.pgid, Signal::SIGKILL);
         }
     }
 }
@@ -442,21 +516,25 @@ where
         () = sup.cancel.cancelled() => Stopped::Cancelled,
         () = sleep_or_forever(sup.timeout) => Stopped::TimedOut,
     };
-    signal_group(pgid, Signal::SIGTERM);
+    let _ = signal_group(pgid, Signal::SIGTERM);
     events.stopping().await;
     tokio::select! {
         status = &mut exit => return status.map(|s| (s, Some(stopped))),
         () = tokio::time::sleep(sup.kill_grace) => {}
     }
-    signal_group(pgid, Signal::SIGKILL);
+    let _ = signal_group(pgid, Signal::SIGKILL);
     exit.await.map(|s| (s, Some(stopped)))
 }
 
 /// After the leader exited: kill what is left of its group so the pipes close, then wait for
-/// the pumps, at most [`PIPE_DRAIN_LIMIT`].
+/// the pumps, at most [`PIPE_DRAIN_LIMIT`], and for the group to be dead.
 async fn finish_pumps<P: std::future::Future<Output = ()>>(pgid: u32, pumps: P, sink: &dyn Sink) {
-    signal_group(pgid, Signal::SIGKILL);
-    if tokio::time::timeout(PIPE_DRAIN_LIMIT, pumps).await.is_err() {
+    let pumped = tokio::join!(
+        tokio::time::timeout(PIPE_DRAIN_LIMIT, pumps),
+        kill_rest(pgid)
+    )
+    .0;
+    if pumped.is_err() {
         sink.write(
             Stream::Stderr,
             b"\n[modrun] output pipes stayed open after the process group was killed (a process left the group); output cut off\n",
@@ -534,7 +612,7 @@ async fn drive_async(
         }
     };
     if pumps_done {
-        signal_group(pid, Signal::SIGKILL);
+        kill_rest(pid).await;
     } else {
         finish_pumps(pid, &mut pumps, &**sink).await;
     }
@@ -609,68 +687,57 @@ async fn drive_threaded(
     result
 }
 
-/// Everything a local-mode child printed.
+/// A local-mode child's output, held until the process has ended. Unbounded by design: local
+/// mode is the debugging mode that hands over everything at the end (as `communicate()` does);
+/// the run's own output limits apply when it is delivered.
+#[derive(Default)]
 struct Collected {
-    status: std::io::Result<std::process::ExitStatus>,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
+    stdout: std::sync::Mutex<Vec<u8>>,
+    stderr: std::sync::Mutex<Vec<u8>>,
 }
 
-/// std-style collection on a blocking thread; the output is delivered when the process ends.
+impl Collected {
+    fn buffer(&self, stream: Stream) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        match stream {
+            Stream::Stdout => &self.stdout,
+            Stream::Stderr => &self.stderr,
+        }
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hand everything to `sink`: stdout, then stderr, then both ends of file.
+    fn deliver(&self, sink: &dyn Sink) {
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let data = std::mem::take(&mut *self.buffer(stream));
+            if !data.is_empty() {
+                sink.write(stream, &data);
+            }
+        }
+        sink.eof(Stream::Stdout);
+        sink.eof(Stream::Stderr);
+    }
+}
+
+impl Sink for Collected {
+    fn write(&self, stream: Stream, data: &[u8]) {
+        self.buffer(stream).extend_from_slice(data);
+    }
+    fn eof(&self, _stream: Stream) {}
+}
+
+/// The threaded driver with the output collected and delivered when the process has ended.
 async fn drive_local(
-    mut child: spawn::Child,
+    child: spawn::Child,
     spec: &ProcSpec,
     sink: &Arc<dyn Sink>,
     sup: &Supervision<'_>,
     events: &dyn ProcEvents,
 ) -> Waited {
-    let pid = child.pid;
-    let input = spec.stdin.clone();
-    // Collect both pipes and wait on one blocking thread (plus scoped helpers for stderr and
-    // stdin).
-    let work = tokio::task::spawn_blocking(move || {
-        let read_all = |fd: Option<std::os::fd::OwnedFd>| {
-            let mut buf = Vec::new();
-            if let Some(fd) = fd {
-                let _ = std::fs::File::from(fd).read_to_end(&mut buf);
-            }
-            buf
-        };
-        let (stdout_fd, stderr_fd, stdin_fd) =
-            (child.stdout.take(), child.stderr.take(), child.stdin.take());
-        let (stdout, stderr) = std::thread::scope(|s| {
-            if let (Some(fd), Some(data)) = (stdin_fd, input) {
-                s.spawn(move || write_all_blocking(fd, &data));
-            }
-            let err = s.spawn(move || read_all(stderr_fd));
-            let out = read_all(stdout_fd);
-            (out, err.join().unwrap_or_default())
-        });
-        Collected {
-            status: child.wait_blocking(),
-            stdout,
-            stderr,
-        }
-    });
-    let (out_tx, out_rx) = std::sync::mpsc::sync_channel(1);
-    let exit = async {
-        match work.await {
-            Ok(c) => {
-                let status = c.status;
-                let _ = out_tx.send((c.stdout, c.stderr));
-                status
-            }
-            Err(e) => Err(std::io::Error::other(e)),
-        }
-    };
-    let result = supervise(pid, exit, sup, events).await;
-    signal_group(pid, Signal::SIGKILL);
-    if let Ok((stdout, stderr)) = out_rx.try_recv() {
-        sink.write(Stream::Stdout, &stdout);
-        sink.write(Stream::Stderr, &stderr);
-    }
-    sink.eof(Stream::Stdout);
-    sink.eof(Stream::Stderr);
+    let collected = Arc::new(Collected::default());
+    let into: Arc<dyn Sink> = collected.clone();
+    let result = drive_threaded(child, spec, &into, sup, events).await;
+    collected.deliver(&**sink);
     result
 }
 

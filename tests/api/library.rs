@@ -444,6 +444,33 @@ async fn embedded_module_runner() {
     );
 }
 
+/// A run is finished only once every process of its group is dead: a leader that exits and
+/// leaves background processes behind (one holding the output pipe, one slow to die: it ignores
+/// SIGTERM, holds no pipe and has 256 MiB to unmap) has them killed before `wait` returns, with
+/// no polling on the caller's side. Every mode.
+#[tokio::test]
+async fn finished_runs_leave_no_live_process() {
+    let runner = ModuleRunner::new(RunnerSettings::default());
+    let dir = tempfile::tempdir().unwrap();
+    for mode in SPAWNING {
+        let ready = dir.path().join(format!("ready-{mode}"));
+        let script = format!(
+            "trap '' TERM; sleep 30 & \
+             python3 -c \"import time; b = b'x' * (256 << 20); open('{r}', 'w').close(); time.sleep(30)\" \
+               </dev/null >/dev/null 2>&1 & \
+             while [ ! -e '{r}' ]; do sleep 0.01; done; echo started",
+            r = ready.display()
+        );
+        let mut req = RunRequest::new("bg", ["sh", "-c", &script]);
+        req.mode = mode;
+        let h = runner.submit(req).await.unwrap().into_handle();
+        let run = h.wait().await.unwrap();
+        assert_eq!(run.status(), RunStatus::Succeeded, "{mode}");
+        let pgid = run.pid().unwrap() as u64;
+        assert_eq!(group_members(pgid), Vec::<u64>::new(), "{mode}");
+    }
+}
+
 /// A runner over a SQLite store in `dir`.
 fn sqlite_runner(dir: &Path, settings: RunnerSettings) -> ModuleRunner {
     let store = Arc::new(SqliteStore::open(dir).unwrap());
