@@ -952,9 +952,10 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let plan = if quick { Plan::quick() } else { Plan::full() };
+    // The last occurrence wins, so that flags given to `bench/run` override its own.
     let value = |flag: &str| {
         args.iter()
-            .position(|a| a == flag)
+            .rposition(|a| a == flag)
             .and_then(|i| args.get(i + 1))
             .map(PathBuf::from)
     };
@@ -1005,7 +1006,12 @@ async fn main() {
         scenario_memory(&ctx, &mut table).await;
     }
     let took = started.elapsed().as_secs();
-    let name = if quick { "quick" } else { "latest" };
+    // A partial run never overwrites the full table: `latest-throughput`, `quick-cancel`, ...
+    let kind = if quick { "quick" } else { "latest" };
+    let name = match &only {
+        Some(o) => format!("{kind}-{o}"),
+        None => kind.to_owned(),
+    };
     std::fs::create_dir_all(&out).expect("results folder");
     let json = json!({
         "kind": if quick { "quick" } else { "full" },
