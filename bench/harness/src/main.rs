@@ -89,6 +89,23 @@ fn median(v: &[f64]) -> f64 {
     if s.is_empty() { 0.0 } else { s[s.len() / 2] }
 }
 
+/// `values` against `reference`. Paired rounds (each round measured both back to back) give the
+/// median of the per-round ratios, so that the machine's drift between rounds cancels out;
+/// otherwise the ratio of the medians.
+fn ratio(values: &[f64], reference: &[f64]) -> Option<f64> {
+    if !values.is_empty() && values.len() == reference.len() {
+        let per_round: Vec<f64> = values
+            .iter()
+            .zip(reference)
+            .filter(|(_, r)| **r > 0.0)
+            .map(|(v, r)| v / r)
+            .collect();
+        return (!per_round.is_empty()).then(|| median(&per_round));
+    }
+    let r = median(reference);
+    (r > 0.0).then(|| median(values) / r)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -113,11 +130,10 @@ impl Table {
         target: Option<(&str, bool)>,
     ) {
         let value = median(&rounds);
-        let (reference, reference_value) = match reference {
-            Some((name, r)) => (Some(name.to_owned()), Some(median(&r))),
-            None => (None, None),
+        let (reference, reference_value, ratio) = match reference {
+            Some((name, r)) => (Some(name.to_owned()), Some(median(&r)), ratio(&rounds, &r)),
+            None => (None, None, None),
         };
-        let ratio = reference_value.filter(|r| *r > 0.0).map(|r| value / r);
         let row = Row {
             scenario,
             metric: metric.to_owned(),
@@ -394,7 +410,7 @@ async fn scenario_throughput(ctx: &Ctx, t: &mut Table) {
     webhook.stop().await;
     let s = "1 run throughput";
     let c = p.clients;
-    let ratio = |a: &[f64], b: &[f64]| median(a) / median(b).max(1e-9);
+    let ratio = |a: &[f64], b: &[f64]| ratio(a, b).unwrap_or(0.0);
     for (store, values) in [("SQLite", &sqlite), ("memory", &memory)] {
         for (reference, ref_values, target, min) in [
             ("webhook", &hook, ">= 1.0x webhook", 1.0),
@@ -1029,7 +1045,7 @@ async fn main() {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Machine: {machine}. Medians over {} round(s); ratios against references measured in the same run. Took {took} s.\n",
+        "Machine: {machine}. Medians over {} round(s); each ratio is the median of the per-round ratios against a reference measured in the same round. Took {took} s.\n",
         plan.rounds
     );
     let _ = writeln!(md, "{HEADER}");
