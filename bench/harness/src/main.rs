@@ -39,7 +39,7 @@ impl Plan {
     fn full() -> Self {
         Self {
             quick: false,
-            rounds: 3,
+            rounds: 5,
             clients: 50,
             load_for: Duration::from_secs(10),
             output_lines: 10_000_000,
