@@ -307,13 +307,13 @@ fn group_pid(pgid: u32) -> Option<Pid> {
 /// [`GROUP_EXIT_LIMIT`], so that a run is never reported finished while a process of it still
 /// runs. Free when the group is already empty (the usual case): one `killpg` that finds nobody.
 async fn kill_rest(pgid: u32) {
+    let Some(group) = group_pid(pgid) else { return };
     if !signal_group(pgid, Signal::SIGKILL) {
         return;
     }
     let deadline = tokio::time::Instant::now() + GROUP_EXIT_LIMIT;
     let mut pause = Duration::from_millis(1);
     loop {
-        let Some(group) = group_pid(pgid) else { return };
         // Signal 0 probes: ESRCH once every member is reaped.
         if killpg(group, None) == Err(nix::errno::Errno::ESRCH) {
             return;
@@ -343,16 +343,20 @@ fn group_has_live_member(pgid: u32) -> bool {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             return false;
         };
-        // After the ")" that closes the command name: state ppid pgrp ...
-        let mut fields = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace())
-            .into_iter()
-            .flatten();
+        let mut fields = stat_fields(&stat);
         let state = fields.next();
         let group = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
         group == Some(pgid) && is_live_state(state)
     })
+}
+
+/// The fields of a `/proc/PID/stat` after the ")" that closes the command name (which may hold
+/// spaces and parentheses): state, ppid, pgrp, ...
+fn stat_fields(stat: &str) -> impl Iterator<Item = &str> {
+    stat.rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace())
+        .into_iter()
+        .flatten()
 }
 
 /// A process state from `/proc/PID/stat` that is still running code (not a zombie, not dead).
@@ -422,11 +426,7 @@ fn is_alive(pid: i32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
-    // The state is the first field after the ")" that closes the command name.
-    is_live_state(
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next()),
-    )
+    is_live_state(stat_fields(&stat).next())
 }
 
 /// SIGKILLs the group when dropped while armed: the safety net that makes dropping a running
@@ -744,6 +744,16 @@ async fn drive_local(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_fields_skip_a_command_name_with_parentheses_and_spaces() {
+        let stat = "4242 (evil) Z 1 2) S 4200 4242 4200 0 -1";
+        let fields: Vec<&str> = stat_fields(stat).take(3).collect();
+        assert_eq!(fields, ["S", "4200", "4242"]);
+        assert!(is_live_state(Some("S")));
+        assert!(!is_live_state(Some("Z")));
+        assert!(!is_live_state(None));
+    }
 
     #[test]
     fn shell_quoting_round_trips() {
