@@ -135,13 +135,20 @@ impl Registry {
     /// commit. (After a crash the lost run's leftovers are found by their environment marker,
     /// not by pid.) Wakes the run's readers.
     pub fn set_pid(&self, id: RunId, pid: u32) {
+        self.update_live(id, |state| {
+            if let RunState::Running { pid: p, .. } = state {
+                *p = Some(pid);
+            }
+        });
+    }
+
+    /// Change a live run's state in memory only, then wake its readers. Nothing for a run that
+    /// is not live.
+    fn update_live(&self, id: RunId, change: impl FnOnce(&mut RunState)) {
         let log = {
             let mut map = self.lock();
             let Some(live) = map.get_mut(&id) else { return };
-            let RunState::Running { pid: p, .. } = &mut live.run.state else {
-                return;
-            };
-            *p = Some(pid);
+            change(&mut live.run.state);
             live.log.clone()
         };
         log.touch();
@@ -181,13 +188,7 @@ impl Registry {
     /// The store refused a run's final state: take it here anyway (memory only), so that the run
     /// is seen to end. Wakes the run's readers.
     pub fn finish_in_memory(&self, id: RunId, state: RunState) {
-        let log = {
-            let mut map = self.lock();
-            let Some(live) = map.get_mut(&id) else { return };
-            live.run.state = state;
-            live.log.clone()
-        };
-        log.touch();
+        self.update_live(id, |s| *s = state);
     }
 
     /// A run is finished and its output persisted: serve it from the store from now on.
