@@ -37,6 +37,8 @@
 //!   Children are started by `runner::spawn` with `clone(CLONE_VM | CLONE_VFORK)` (not fork:
 //!   see its docs), the crate's one documented exception to `unsafe_code = "deny"`.
 //! - [`api`] — the only code that knows HTTP.
+//! - [`telemetry`] — logging through a bounded queue drained by one thread: a slow or broken
+//!   log sink drops (and counts) lines, never blocks a request or a run.
 //! - [`app`] — wiring: open the store, recover (running -> lost, queued -> queued again), serve
 //!   a bound listener until a shutdown future fires, then shut down in order (stop accepting,
 //!   cancel runs, end streams, last flush).

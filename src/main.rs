@@ -34,17 +34,26 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    modrun::telemetry::init("info", std::io::stderr, ansi);
+    // Kept to the end of main: at exit it gives the log thread a moment to write what is
+    // queued (bounded, whatever the sink does).
+    let _log = modrun::telemetry::init("info", std::io::stderr(), ansi);
     match cli.command {
         Command::Serve { config, bind } => serve(config, bind),
     }
+}
+
+/// A message for the operator on stderr, straight (start-up errors, before or after the log
+/// queue). A broken stderr is ignored rather than a panic.
+fn say(msg: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "modrun: {msg}");
 }
 
 fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
     let mut config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("modrun: invalid configuration: {e}");
+            say(format_args!("invalid configuration: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -57,7 +66,7 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("modrun: cannot start the async runtime: {e}");
+            say(format_args!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -65,14 +74,14 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
         let app = match modrun::app::App::build(config.clone()).await {
             Ok(app) => app,
             Err(e) => {
-                eprintln!("modrun: cannot start: {e}");
+                say(format_args!("cannot start: {e}"));
                 return ExitCode::FAILURE;
             }
         };
         let listener = match tokio::net::TcpListener::bind(config.server.bind).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("modrun: cannot listen on {}: {e}", config.server.bind);
+                say(format_args!("cannot listen on {}: {e}", config.server.bind));
                 return ExitCode::FAILURE;
             }
         };
@@ -87,7 +96,7 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
         match app.serve(listener, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("modrun: server error: {e}");
+                say(format_args!("server error: {e}"));
                 ExitCode::FAILURE
             }
         }

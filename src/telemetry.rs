@@ -1,21 +1,275 @@
-//! Logging setup: `tracing` to a sink of the caller's choice, filtered by `RUST_LOG`
-//! (default `info`).
+//! Logging: `tracing` events, filtered by `RUST_LOG` (default `info`), formatted on the thread
+//! that logs and handed to a bounded queue that one thread of its own drains into the sink
+//! (stderr for `modrun serve`).
+//!
+//! Logging never blocks a request or a run and never panics: a sink that stops reading (a
+//! FIFO nobody reads, a stalled journald or `| tee` on a slow disk) only blocks the drain thread;
+//! once the queue is full, new lines are dropped and counted. A sink that is gone (EPIPE,
+//! ENOSPC) is the same: the failed lines are counted. When the sink takes lines again, a line
+//! saying how many were dropped goes first. Nothing here writes to stderr by other means, so a
+//! broken stderr cannot panic the server.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
-/// Install a global subscriber writing human-readable lines to `sink` (with colours when
-/// `ansi`, i.e. when it is a terminal). Does nothing if one is already installed (tests call it
-/// more than once).
-pub fn init<W>(default_filter: &str, sink: W, ansi: bool)
+/// Lines waiting for the sink, at most. Overflow policy: a line that finds the queue full is
+/// dropped (and counted), so that the logging thread never waits for the sink.
+pub const QUEUE_LINES: usize = 16 * 1024;
+
+/// How long [`LogGuard`] gives the drain thread at exit to write what is queued.
+const EXIT_FLUSH: Duration = Duration::from_millis(500);
+
+/// Counters shared by the writers and the drain thread.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Lines handed to the queue and not yet written (or given up on).
+    pending: AtomicU64,
+    /// Lines dropped so far: the queue was full, or the sink refused them.
+    dropped: AtomicU64,
+}
+
+/// The `MakeWriter` of the subscriber: each event is formatted into a buffer of its own, which
+/// goes to the queue as one line when the event is done.
+#[derive(Clone)]
+pub struct QueueWriter {
+    tx: SyncSender<Vec<u8>>,
+    counters: Arc<Counters>,
+}
+
+/// One event's text on its way to the queue.
+pub struct LineBuf<'a> {
+    buf: Vec<u8>,
+    to: &'a QueueWriter,
+}
+
+impl Write for LineBuf<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineBuf<'_> {
+    fn drop(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let c = &self.to.counters;
+        c.pending.fetch_add(1, Ordering::Relaxed);
+        match self.to.tx.try_send(std::mem::take(&mut self.buf)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                c.pending.fetch_sub(1, Ordering::Relaxed);
+                c.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for QueueWriter {
+    type Writer = LineBuf<'a>;
+    fn make_writer(&'a self) -> Self::Writer {
+        LineBuf {
+            buf: Vec::with_capacity(256),
+            to: self,
+        }
+    }
+}
+
+/// Keeps the drain thread's counters; at drop, gives the thread a moment to write what is
+/// queued (never longer than [`EXIT_FLUSH`], whatever the sink does).
+#[derive(Debug)]
+pub struct LogGuard {
+    counters: Arc<Counters>,
+}
+
+impl LogGuard {
+    /// Lines dropped since start-up (queue full or sink failing).
+    pub fn dropped(&self) -> u64 {
+        self.counters.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Wait until the queue is empty, at most `limit`; true if it is.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.counters.pending.load(Ordering::Relaxed) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.flush(EXIT_FLUSH);
+    }
+}
+
+/// The line written before the next one once lines were dropped.
+fn dropped_note(n: u64) -> Vec<u8> {
+    format!(
+        "{}  WARN modrun::telemetry: {n} log line(s) were dropped: the log sink was too slow or failed\n",
+        humantime::format_rfc3339_micros(std::time::SystemTime::now())
+    )
+    .into_bytes()
+}
+
+/// The drain thread: write each line; count what the sink refuses; after drops, say how many
+/// before the next line that gets through.
+fn drain(rx: Receiver<Vec<u8>>, mut sink: Box<dyn Write + Send>, counters: Arc<Counters>) {
+    let mut reported = 0;
+    for line in rx {
+        let dropped = counters.dropped.load(Ordering::Relaxed);
+        let ok = if dropped > reported {
+            let note_ok = sink.write_all(&dropped_note(dropped - reported)).is_ok();
+            if note_ok {
+                reported = dropped;
+            }
+            note_ok && sink.write_all(&line).is_ok()
+        } else {
+            sink.write_all(&line).is_ok()
+        };
+        if !ok || sink.flush().is_err() {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        counters.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Install a global subscriber writing human-readable lines to `sink` through the bounded
+/// queue (with colours when `ansi`, i.e. when it is a terminal). Returns `None` if one is
+/// already installed (tests call it more than once) or the drain thread cannot start.
+pub fn init<W>(default_filter: &str, sink: W, ansi: bool) -> Option<LogGuard>
 where
-    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+    W: Write + Send + 'static,
 {
+    if tracing::dispatcher::has_been_set() {
+        return None;
+    }
+    let (writer, guard) = queue(Box::new(sink))?;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let _ = tracing_subscriber::fmt()
+    tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(sink)
+        .with_writer(writer)
         .with_ansi(ansi)
         .with_target(true)
-        .try_init();
+        .try_init()
+        .ok()?;
+    Some(guard)
+}
+
+/// A queue in front of `sink`, with its drain thread.
+pub fn queue(sink: Box<dyn Write + Send>) -> Option<(QueueWriter, LogGuard)> {
+    let (tx, rx) = sync_channel(QUEUE_LINES);
+    let counters = Arc::new(Counters::default());
+    let for_thread = counters.clone();
+    std::thread::Builder::new()
+        .name("modrun-log".into())
+        .spawn(move || drain(rx, sink, for_thread))
+        .ok()?;
+    Some((
+        QueueWriter {
+            tx,
+            counters: counters.clone(),
+        },
+        LogGuard { counters },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A sink that blocks until released, then keeps what it is given.
+    struct Gate {
+        open: Arc<Mutex<bool>>,
+        out: Arc<Mutex<Vec<u8>>>,
+        fail: bool,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            while !*self.open.lock().unwrap() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if self.fail {
+                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
+            self.out.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn log_line(w: &QueueWriter, text: &str) {
+        let mut line = w.make_writer();
+        line.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// A stalled sink never blocks a writer: past the queue, lines are dropped and counted, and
+    /// the count is written once the sink takes lines again.
+    #[test]
+    fn a_stalled_sink_drops_and_reports() {
+        let open = Arc::new(Mutex::new(false));
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let (w, guard) = queue(Box::new(Gate {
+            open: open.clone(),
+            out: out.clone(),
+            fail: false,
+        }))
+        .unwrap();
+        let started = Instant::now();
+        for i in 0..QUEUE_LINES + 100 {
+            log_line(&w, &format!("line {i}\n"));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "writers never wait"
+        );
+        assert!(guard.dropped() >= 99, "dropped {}", guard.dropped());
+        *open.lock().unwrap() = true;
+        assert!(guard.flush(Duration::from_secs(20)));
+        log_line(&w, "after\n");
+        assert!(guard.flush(Duration::from_secs(20)));
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("line 0\n"));
+        assert!(
+            text.contains("log line(s) were dropped"),
+            "{}",
+            &text[text.len() - 300..]
+        );
+        assert!(text.ends_with("after\n"));
+    }
+
+    /// A failing sink (EPIPE) counts the lines it refuses and never panics.
+    #[test]
+    fn a_broken_sink_counts_failures() {
+        let (w, guard) = queue(Box::new(Gate {
+            open: Arc::new(Mutex::new(true)),
+            out: Arc::new(Mutex::new(Vec::new())),
+            fail: true,
+        }))
+        .unwrap();
+        for i in 0..10 {
+            log_line(&w, &format!("line {i}\n"));
+        }
+        assert!(guard.flush(Duration::from_secs(10)));
+        assert_eq!(guard.dropped(), 10);
+    }
 }

@@ -185,7 +185,7 @@ pub async fn spawn_app() -> TestApp {
 /// Start the service in this process with the given config text.
 pub async fn spawn_app_with(toml: &str) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
-        modrun::telemetry::init("debug", std::io::stderr, false);
+        let _ = modrun::telemetry::init("debug", std::io::stderr(), false);
     }
     let (dir, path) = write_config(toml);
     let config = modrun::config::Config::load(&path).expect("valid test config");

@@ -2,6 +2,7 @@
 
 mod basics;
 mod cancel;
+mod faults;
 mod helpers;
 mod library;
 mod limits;
