@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer};
 use serde_json::Value;
 
-use crate::module::{Module, ParamKind, Parameter, Passing, Pattern};
+use crate::module::{MAX_ARG_BYTES, Module, ParamKind, Parameter, Passing, Pattern};
 use crate::output::OutputLimits;
 use crate::run::RunMode;
 use crate::runner::RunnerSettings;
@@ -61,6 +61,8 @@ pub struct RunnerConfig {
     pub mode: RunMode,
     /// Parent environment variables a child may inherit.
     pub env_allow: Vec<String>,
+    /// The run modes a request may ask for (`mode` in `POST /runs`).
+    pub request_modes: Vec<RunMode>,
 }
 
 /// `[output]`.
@@ -106,6 +108,12 @@ impl Default for RunnerConfig {
             kill_grace: shared.kill_grace,
             mode: RunMode::Auto,
             env_allow: ["PATH", "HOME", "LANG", "TZ"].map(String::from).to_vec(),
+            request_modes: vec![
+                RunMode::Auto,
+                RunMode::Async,
+                RunMode::Threaded,
+                RunMode::DryRun,
+            ],
         }
     }
 }
@@ -171,6 +179,7 @@ struct RawRunner {
     kill_grace: Option<Duration>,
     mode: Option<RunMode>,
     env_allow: Option<Vec<String>>,
+    request_modes: Option<Vec<RunMode>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -218,6 +227,8 @@ struct RawModule {
     max_concurrent: Option<NonZeroUsize>,
     #[serde(default)]
     parameters: Vec<RawParameter>,
+    #[serde(default)]
+    end_of_options: bool,
 }
 
 #[derive(Deserialize)]
@@ -239,6 +250,10 @@ struct RawParameter {
     positional: bool,
     env: Option<String>,
     description: Option<String>,
+    #[serde(default)]
+    multiline: bool,
+    #[serde(default)]
+    allow_leading_dash: bool,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -360,6 +375,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
         kill_grace: raw.runner.kill_grace.unwrap_or(defaults.kill_grace),
         mode: raw.runner.mode.unwrap_or(defaults.mode),
         env_allow: raw.runner.env_allow.unwrap_or(defaults.env_allow),
+        request_modes: raw.runner.request_modes.unwrap_or(defaults.request_modes),
     };
     if runner.default_timeout.is_zero() {
         return Err((
@@ -488,8 +504,24 @@ fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Module, KeyError
             format!("`{}` is not a directory", cwd.display()),
         ));
     }
-    for name in m.env.keys() {
+    for (i, arg) in m.command.iter().enumerate() {
+        if arg.len() > MAX_ARG_BYTES || arg.contains('\0') {
+            return Err((
+                format!("{key}.command[{i}]"),
+                format!("must be at most {MAX_ARG_BYTES} bytes, without NUL characters"),
+            ));
+        }
+    }
+    for (name, value) in &m.env {
         check_env_name(name).map_err(|msg| (format!("{key}.env.{name}"), msg))?;
+        if name.len() + 1 + value.len() > MAX_ARG_BYTES || value.contains('\0') {
+            return Err((
+                format!("{key}.env.{name}"),
+                format!(
+                    "`{name}=value` must be at most {MAX_ARG_BYTES} bytes (the kernel's limit for one environment string), without NUL characters"
+                ),
+            ));
+        }
     }
     if m.timeout.is_some_and(|t| t.is_zero()) {
         return Err((format!("{key}.timeout"), "must be longer than 0s".into()));
@@ -516,6 +548,7 @@ fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Module, KeyError
         timeout: m.timeout,
         max_concurrent: m.max_concurrent,
         parameters,
+        end_of_options: m.end_of_options,
     })
 }
 
@@ -555,6 +588,16 @@ fn build_parameter(p: RawParameter, key: &str) -> Result<Parameter, KeyError> {
         p.max_length.is_some() && p.kind != RawType::String,
         "string",
     )?;
+    only_for(
+        "multiline",
+        p.multiline && p.kind != RawType::String,
+        "string",
+    )?;
+    only_for(
+        "allow_leading_dash",
+        p.allow_leading_dash && !matches!(p.kind, RawType::String | RawType::Choice),
+        "string or choice",
+    )?;
 
     let kind = match p.kind {
         RawType::String => ParamKind::String {
@@ -565,6 +608,8 @@ fn build_parameter(p: RawParameter, key: &str) -> Result<Parameter, KeyError> {
                 .transpose()
                 .map_err(|e| (k("pattern"), format!("invalid regular expression: {e}")))?,
             max_length: p.max_length,
+            multiline: p.multiline,
+            allow_leading_dash: p.allow_leading_dash,
         },
         RawType::Integer => {
             let int = |v: &Option<Value>, field: &str| -> Result<Option<i64>, KeyError> {
@@ -598,6 +643,22 @@ fn build_parameter(p: RawParameter, key: &str) -> Result<Parameter, KeyError> {
                 .ok_or((k("choices"), "is required for type choice".to_owned()))?;
             if choices.is_empty() {
                 return Err((k("choices"), "must list at least one value".into()));
+            }
+            for (i, c) in choices.iter().enumerate() {
+                if c.starts_with('-') && !p.allow_leading_dash {
+                    return Err((
+                        format!("{key}.choices[{i}]"),
+                        format!(
+                            "`{c}` starts with `-` and could be taken for an option; set allow_leading_dash = true if the program expects it"
+                        ),
+                    ));
+                }
+                if c.chars().any(char::is_control) {
+                    return Err((
+                        format!("{key}.choices[{i}]"),
+                        "must not contain control characters".into(),
+                    ));
+                }
             }
             ParamKind::Choice { choices }
         }
@@ -774,6 +835,18 @@ mod tests {
             (
                 "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"string\"\nmin = 1",
                 "modules[0].parameters[0].min",
+            ),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"choice\"\nchoices = [\"ok\", \"--force\"]",
+                "modules[0].parameters[0].choices[1]",
+            ),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"string\"\ndefault = \"-x\"",
+                "modules[0].parameters[0].default",
+            ),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"integer\"\nmultiline = true",
+                "modules[0].parameters[0].multiline",
             ),
         ];
         for (module, key) in bad {

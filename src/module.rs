@@ -31,6 +31,8 @@ pub struct Module {
     pub max_concurrent: Option<NonZeroUsize>,
     /// Typed parameters in declaration order.
     pub parameters: Vec<Parameter>,
+    /// Put `--` between the options and the positional parameters.
+    pub end_of_options: bool,
 }
 
 /// A typed parameter of a module.
@@ -50,15 +52,53 @@ pub struct Parameter {
     pub passing: Passing,
 }
 
+impl Parameter {
+    /// Checks that depend on how the value reaches the child: an environment string
+    /// (`NAME=value`) must fit the kernel's limit for one string too.
+    fn check_passing(&self, value: &Value) -> Result<(), String> {
+        if let (Passing::Env(var), Value::String(s)) = (&self.passing, value)
+            && var.len() + 1 + s.len() > MAX_ARG_BYTES
+        {
+            return Err(format!(
+                "must be at most {} bytes (the kernel's limit for one environment string, `{var}=` included), got {}",
+                MAX_ARG_BYTES - var.len() - 1,
+                s.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The bytes `execve` counts against the system's `ARG_MAX` for this argv and environment:
+/// each string with its NUL, plus one pointer per string and one per list end.
+pub fn exec_size<'a>(
+    argv: impl IntoIterator<Item = &'a str>,
+    env: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> usize {
+    let ptr = std::mem::size_of::<usize>();
+    let args: usize = argv.into_iter().map(|a| a.len() + 1 + ptr).sum();
+    let vars: usize = env
+        .into_iter()
+        .map(|(k, v)| k.len() + v.len() + 2 + ptr)
+        .sum();
+    args + vars + 2 * ptr
+}
+
 /// Parameter types with their constraints.
 #[derive(Debug, Clone)]
 pub enum ParamKind {
-    /// A JSON string.
+    /// A JSON string. Control characters are refused (tab always allowed, newline and
+    /// carriage return only when `multiline`), and so is a leading `-` unless
+    /// `allow_leading_dash` (a value must never become an option of the program).
     String {
         /// Must match the whole value.
         pattern: Option<Pattern>,
         /// Maximum length in characters.
         max_length: Option<usize>,
+        /// Newlines are allowed.
+        multiline: bool,
+        /// A value may start with `-`.
+        allow_leading_dash: bool,
     },
     /// A JSON integer (no fraction, no exponent form).
     Integer {
@@ -76,11 +116,55 @@ pub enum ParamKind {
     },
     /// `true` or `false`.
     Boolean,
-    /// One of a fixed set of strings.
+    /// One of a fixed set of strings (a choice that starts with `-` needs `allow_leading_dash`,
+    /// checked when the config is loaded).
     Choice {
         /// The allowed values.
         choices: Vec<String>,
     },
+}
+
+/// The longest single argument or environment string the kernel accepts (`MAX_ARG_STRLEN`,
+/// 32 pages, including the terminating NUL).
+pub const MAX_ARG_BYTES: usize = 32 * 4096 - 1;
+
+/// At most this many characters of a client's text are echoed in an error message.
+const ECHO_CHARS: usize = 64;
+
+/// A client's text as an error message may show it: control characters escaped, at most
+/// [`ECHO_CHARS`] characters (then `…`), so that an answer or a log line stays small and cannot
+/// be forged with newlines.
+pub fn echo(text: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == ECHO_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Why a string value has a character it may not have, if it does.
+fn bad_character(s: &str, multiline: bool) -> Option<String> {
+    let (at, c) = s.chars().enumerate().find(|(_, c)| {
+        c.is_control() && !(*c == '\t' || (multiline && matches!(c, '\n' | '\r')))
+    })?;
+    Some(match c {
+        '\0' => format!("must not contain a NUL character (at character {at})"),
+        '\n' | '\r' => format!(
+            "must be a single line (a line break at character {at}; the parameter does not set multiline)"
+        ),
+        other => format!(
+            "must not contain control characters (U+{:04X} at character {at})",
+            other as u32
+        ),
+    })
 }
 
 /// A compiled `pattern` that matches whole values, with its source text.
@@ -135,10 +219,27 @@ impl ParamKind {
             ParamKind::String {
                 pattern,
                 max_length,
+                multiline,
+                allow_leading_dash,
             } => {
                 let Value::String(s) = value else {
                     return Err(format!("must be a string, got {}", json_type(value)));
                 };
+                if let Some(why) = bad_character(s, *multiline) {
+                    return Err(why);
+                }
+                if s.starts_with('-') && !allow_leading_dash {
+                    return Err(
+                        "must not start with `-` (it could be taken for an option; the parameter does not set allow_leading_dash)"
+                            .to_owned(),
+                    );
+                }
+                if s.len() > MAX_ARG_BYTES {
+                    return Err(format!(
+                        "must be at most {MAX_ARG_BYTES} bytes (the kernel's limit for one argument), got {}",
+                        s.len()
+                    ));
+                }
                 if let Some(max) = max_length {
                     let len = s.chars().count();
                     if len > *max {
@@ -174,12 +275,13 @@ impl ParamKind {
             ParamKind::Choice { choices } => match value {
                 Value::String(s) if choices.iter().any(|c| c == s) => Ok(()),
                 Value::String(s) => Err(format!(
-                    "must be one of {}, got \"{s}\"",
+                    "must be one of {}, got \"{}\"",
                     choices
                         .iter()
                         .map(|c| format!("\"{c}\""))
                         .collect::<Vec<_>>()
-                        .join(", ")
+                        .join(", "),
+                    echo(s)
                 )),
                 other => Err(format!("must be a string, got {}", json_type(other))),
             },
@@ -228,10 +330,10 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    /// Build one.
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+    /// Build one. The field name is passed through [`echo`] (it may come from the client).
+    pub fn new(field: impl AsRef<str>, message: impl Into<String>) -> Self {
         Self {
-            field: field.into(),
+            field: echo(field.as_ref()),
             message: message.into(),
         }
     }
@@ -278,7 +380,7 @@ impl Module {
         let mut out = Map::new();
         for p in &self.parameters {
             match given.get(&p.name) {
-                Some(v) => match p.kind.check(v) {
+                Some(v) => match p.kind.check(v).and_then(|()| p.check_passing(v)) {
                     Ok(()) => {
                         out.insert(p.name.clone(), v.clone());
                     }
@@ -303,7 +405,9 @@ impl Module {
     }
 
     /// Build the child's argv and env from valid parameters: `command`, then each option
-    /// parameter in declaration order, then the positional ones. Values are passed verbatim.
+    /// parameter in declaration order, then `--` if the module sets `end_of_options`, then the
+    /// positional ones. Values are passed verbatim (validation made sure that none can be taken
+    /// for an option).
     pub fn invocation(&self, params: &ValidParams) -> Invocation {
         let mut argv = self.command.clone();
         let mut positionals = Vec::new();
@@ -329,6 +433,9 @@ impl Module {
                 (Passing::Positional, v) => positionals.push(arg_text(v)),
                 (Passing::Env(var), v) => env.push((var.clone(), arg_text(v))),
             }
+        }
+        if self.end_of_options {
+            argv.push("--".to_owned());
         }
         argv.extend(positionals);
         Invocation { argv, env }
@@ -371,6 +478,7 @@ mod tests {
             timeout: None,
             max_concurrent: None,
             parameters,
+            end_of_options: false,
         }
     }
 
@@ -415,6 +523,8 @@ mod tests {
         let s = ParamKind::String {
             pattern: Some(Pattern::new("[a-z]+").unwrap()),
             max_length: Some(3),
+            multiline: false,
+            allow_leading_dash: false,
         };
         assert!(s.check(&json!("abc")).is_ok());
         assert!(s.check(&json!("abcd")).unwrap_err().contains("at most 3"));
@@ -439,6 +549,8 @@ mod tests {
             ParamKind::String {
                 pattern: None,
                 max_length: None,
+                multiline: false,
+                allow_leading_dash: false,
             },
             Passing::Positional,
         );
@@ -485,6 +597,8 @@ mod tests {
                 ParamKind::String {
                     pattern: None,
                     max_length: None,
+                    multiline: false,
+                    allow_leading_dash: false,
                 },
                 Passing::Positional,
             ),
@@ -525,5 +639,150 @@ mod tests {
                 ("N".to_owned(), "7".to_owned())
             ]
         );
+    }
+
+    fn string_kind(multiline: bool, allow_leading_dash: bool) -> ParamKind {
+        ParamKind::String {
+            pattern: None,
+            max_length: None,
+            multiline,
+            allow_leading_dash,
+        }
+    }
+
+    #[test]
+    fn values_cannot_become_options() {
+        let strict = string_kind(false, false);
+        let err = strict.check(&json!("--shout")).unwrap_err();
+        assert!(err.contains("must not start with `-`"), "{err}");
+        assert!(strict.check(&json!("-")).is_err());
+        assert!(strict.check(&json!("a-b")).is_ok());
+        assert!(string_kind(false, true).check(&json!("--shout")).is_ok());
+        // Numbers keep their sign.
+        let n = ParamKind::Integer {
+            min: None,
+            max: None,
+        };
+        assert!(n.check(&json!(-5)).is_ok());
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        let single = string_kind(false, false);
+        let multi = string_kind(true, false);
+        let nul = single.check(&json!("a\u{0}b")).unwrap_err();
+        assert!(nul.contains("NUL"), "{nul}");
+        assert!(single.check(&json!("tab\there")).is_ok());
+        assert!(single.check(&json!("two\nlines")).is_err());
+        assert!(multi.check(&json!("two\r\nlines")).is_ok());
+        assert!(multi.check(&json!("bell\u{7}")).is_err());
+        assert!(multi.check(&json!("esc\u{1b}[31m")).is_err());
+        assert!(multi.check(&json!("del\u{7f}")).is_err());
+        let long = "x".repeat(MAX_ARG_BYTES + 1);
+        assert!(single.check(&json!(long)).unwrap_err().contains("kernel"));
+    }
+
+    #[test]
+    fn echoed_text_is_short_and_escaped() {
+        assert_eq!(echo("plain"), "plain");
+        assert_eq!(echo("a\nb\u{0}"), "a\\nb\\u{0}");
+        let long = echo(&"é".repeat(1000));
+        assert_eq!(long.chars().count(), 65);
+        assert!(long.ends_with('…'));
+        let c = ParamKind::Choice {
+            choices: vec!["a".into()],
+        };
+        let err = c.check(&json!("x\ny".repeat(500))).unwrap_err();
+        assert!(err.len() < 200 && !err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn end_of_options_separates_positionals() {
+        let mut m = module(vec![
+            param("n", string_kind(false, true), Passing::Positional),
+            param("v", ParamKind::Boolean, Passing::Option("--verbose".into())),
+        ]);
+        m.end_of_options = true;
+        let v = m.validate(&obj(json!({"n": "-rf", "v": true}))).unwrap();
+        assert_eq!(
+            m.invocation(&v).argv,
+            ["prog", "fixed", "--verbose", "--", "-rf"]
+        );
+    }
+
+    #[test]
+    fn exec_size_counts_strings_and_pointers() {
+        let p = std::mem::size_of::<usize>();
+        assert_eq!(exec_size(["ab"], [("K", "v")]), 3 + p + 4 + p + 2 * p);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn allowed(s: &str, multiline: bool, dash: bool) -> bool {
+            (dash || !s.starts_with('-'))
+                && s.len() <= MAX_ARG_BYTES
+                && s.chars().all(|c| {
+                    !c.is_control() || c == '\t' || (multiline && (c == '\n' || c == '\r'))
+                })
+        }
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[-a-z \t\n\r\u{0}\u{1b}]{0,12}",
+                Just("--shout".to_owned()),
+            ]
+        }
+
+        proptest! {
+            /// A string is accepted exactly when it has no leading dash (unless allowed), no
+            /// control character but tab (and line breaks where allowed), and fits one argument.
+            #[test]
+            fn string_check_is_exact(s in text(), multiline: bool, dash: bool) {
+                let ok = string_kind(multiline, dash).check(&json!(s)).is_ok();
+                prop_assert_eq!(ok, allowed(&s, multiline, dash));
+            }
+
+            /// Whatever the values: validation never panics, and when it passes, argv is the
+            /// command, then each option flag followed by its value, then `--`, then the
+            /// positionals, each value exactly as given and none of them able to pass for an
+            /// option; env values go to the environment only.
+            #[test]
+            fn valid_values_land_verbatim_in_their_place(
+                opt in text(), pos in text(), env in text(), n in any::<i64>(),
+            ) {
+                let mut m = module(vec![
+                    param("opt", string_kind(false, false), Passing::Option("--opt".into())),
+                    param("pos", string_kind(false, false), Passing::Positional),
+                    param("n", ParamKind::Integer { min: None, max: None }, Passing::Positional),
+                    param("env", string_kind(true, false), Passing::Env("E".into())),
+                ]);
+                m.end_of_options = true;
+                let given = obj(json!({"opt": opt, "pos": pos, "env": env, "n": n}));
+                match m.validate(&given) {
+                    Err(errors) => {
+                        prop_assert!(!errors.is_empty());
+                        prop_assert!(
+                            !allowed(&opt, false, false)
+                                || !allowed(&pos, false, false)
+                                || !allowed(&env, true, false)
+                        );
+                    }
+                    Ok(valid) => {
+                        let inv = m.invocation(&valid);
+                        let expect: Vec<String> = vec![
+                            "prog".into(), "fixed".into(), "--opt".into(), opt.clone(),
+                            "--".into(), pos.clone(), n.to_string(),
+                        ];
+                        prop_assert_eq!(&inv.argv, &expect);
+                        prop_assert!(!opt.starts_with('-') && !pos.starts_with('-'));
+                        prop_assert!(inv.env.contains(&("E".to_owned(), env.clone())));
+                        prop_assert!(inv.argv.iter().all(|a| !a.contains('\0')));
+                    }
+                }
+            }
+        }
     }
 }

@@ -99,6 +99,7 @@ pub struct ParameterDto<'a> {
     choices: Option<&'a [String]>,
     pattern: Option<&'a str>,
     max_length: Option<usize>,
+    multiline: bool,
     description: Option<&'a str>,
 }
 
@@ -129,6 +130,7 @@ impl<'a> From<&'a Parameter> for ParameterDto<'a> {
             ParamKind::String {
                 pattern,
                 max_length,
+                ..
             } => (
                 None,
                 None,
@@ -148,6 +150,13 @@ impl<'a> From<&'a Parameter> for ParameterDto<'a> {
             choices,
             pattern,
             max_length,
+            multiline: matches!(
+                p.kind,
+                ParamKind::String {
+                    multiline: true,
+                    ..
+                }
+            ),
             description: p.description.as_deref(),
         }
     }

@@ -7,6 +7,9 @@ use serde::Serialize;
 
 use crate::module::FieldError;
 
+/// Field errors listed in one 422 answer, at most.
+pub const MAX_FIELD_ERRORS: usize = 20;
+
 /// The media type of error bodies.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -110,12 +113,21 @@ impl ApiError {
         )
     }
 
-    /// 422 with one entry per bad field.
-    pub fn validation(errors: Vec<FieldError>) -> Self {
+    /// 422 with one entry per bad field, at most [`MAX_FIELD_ERRORS`] of them (then one entry
+    /// saying how many more), so that an error answer stays small whatever the request.
+    pub fn validation(mut errors: Vec<FieldError>) -> Self {
         let detail = match errors.as_slice() {
             [one] => format!("{}: {}", one.field, one.message),
             many => format!("{} fields are invalid", many.len()),
         };
+        if errors.len() > MAX_FIELD_ERRORS {
+            let more = errors.len() - MAX_FIELD_ERRORS;
+            errors.truncate(MAX_FIELD_ERRORS);
+            errors.push(FieldError::new(
+                "(more)",
+                format!("{more} more invalid fields are not listed"),
+            ));
+        }
         Self {
             errors,
             ..Self::new(

@@ -74,9 +74,12 @@ impl<S: Send + Sync> FromRequestParts<S> for RunIdPath {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let IdPath(raw) = IdPath::from_request_parts(parts, state).await?;
-        raw.parse()
-            .map(RunIdPath)
-            .map_err(|_| ApiError::bad_request(format!("`{raw}` is not a valid run id (a UUID)")))
+        raw.parse().map(RunIdPath).map_err(|_| {
+            ApiError::bad_request(format!(
+                "`{}` is not a valid run id (a UUID)",
+                crate::module::echo(&raw)
+            ))
+        })
     }
 }
 
@@ -99,7 +102,8 @@ impl QueryPairs {
             .map(|v| {
                 v.trim().parse::<u64>().map_err(|_| {
                     ApiError::bad_request(format!(
-                        "query parameter `{name}` must be a non-negative integer, got `{v}`"
+                        "query parameter `{name}` must be a non-negative integer, got `{}`",
+                        crate::module::echo(v)
                     ))
                 })
             })

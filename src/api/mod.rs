@@ -136,7 +136,7 @@ async fn get_module(
     let c = &state.config;
     let m = c
         .module(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no module `{id}`")))?;
+        .ok_or_else(|| ApiError::not_found(format!("no module `{}`", crate::module::echo(&id))))?;
     Ok(Json(
         serde_json::to_value(ModuleDto::new(m, c.module_timeout(m)))
             .map_err(|e| ApiError::internal(e.to_string()))?,

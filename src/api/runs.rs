@@ -13,9 +13,9 @@ use super::AppState;
 use super::dto::{LineDto, run_json};
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryPairs, RunIdPath};
-use crate::module::{FieldError, json_type};
+use crate::module::{FieldError, echo, exec_size, json_type};
 use crate::run::{Run, RunId, RunMode, RunStatus};
-use crate::runner::{CancelError, RunRequest, SubmitError, Submitted};
+use crate::runner::{self, CancelError, RunRequest, SubmitError, Submitted};
 use crate::store::{IdempotencyKey, ListQuery, StoreError};
 
 fn run_response(status: StatusCode, run: &Run) -> Response {
@@ -25,6 +25,9 @@ fn run_response(status: StatusCode, run: &Run) -> Response {
     }
     res
 }
+
+/// The shortest timeout a request may ask for.
+const MIN_TIMEOUT_S: f64 = 0.001;
 
 /// A create request that passed the shape checks.
 struct CreateBody {
@@ -79,11 +82,18 @@ fn parse_create(body: &Value) -> Result<(CreateBody, Vec<FieldError>), ApiError>
     let timeout_s = match obj.get("timeout_s") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_f64() {
-            Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(t),
+            Some(t) if t.is_finite() && (MIN_TIMEOUT_S..1e9).contains(&t) => Some(t),
+            Some(t) if t < MIN_TIMEOUT_S => {
+                errors.push(FieldError::new(
+                    "timeout_s",
+                    format!("must be at least {MIN_TIMEOUT_S} seconds (1 ms), got {t}"),
+                ));
+                None
+            }
             _ => {
                 errors.push(FieldError::new(
                     "timeout_s",
-                    "must be a positive number of seconds",
+                    "must be a number of seconds no larger than the module's timeout",
                 ));
                 None
             }
@@ -98,8 +108,15 @@ fn parse_create(body: &Value) -> Result<(CreateBody, Vec<FieldError>), ApiError>
     };
     let mode = opt_str(obj, "mode", &mut errors).and_then(|m| match m.parse::<RunMode>() {
         Ok(m) => Some(m),
-        Err(e) => {
-            errors.push(FieldError::new("mode", e.to_string()));
+        Err(_) => {
+            errors.push(FieldError::new(
+                "mode",
+                format!(
+                    "unknown run mode `{}` (expected one of {})",
+                    echo(m),
+                    RunMode::ALL.map(|m| m.as_str()).join(", ")
+                ),
+            ));
             None
         }
     });
@@ -178,7 +195,7 @@ pub async fn create(
     let config = &state.config;
     let module = config
         .module(&req.module_id)
-        .ok_or_else(|| ApiError::not_found(format!("no module `{}`", req.module_id)))?;
+        .ok_or_else(|| ApiError::not_found(format!("no module `{}`", echo(&req.module_id))))?;
 
     let params = module
         .validate(&req.parameters)
@@ -188,24 +205,54 @@ pub async fn create(
     let timeout = match req.timeout_s {
         None => max_timeout,
         Some(t) => {
-            let t = Duration::from_secs_f64(t);
-            if t > max_timeout {
+            let asked = Duration::from_secs_f64(t);
+            if asked > max_timeout {
                 errors.push(FieldError::new(
                     "timeout_s",
                     format!(
-                        "must be at most {} (the module's timeout)",
+                        "must be at most {} seconds (the module's timeout), got {t}",
                         max_timeout.as_secs_f64()
                     ),
                 ));
             }
-            t
+            asked
         }
     };
+    if let Some(m) = req.mode
+        && !config.runner.request_modes.contains(&m)
+    {
+        errors.push(FieldError::new(
+            "mode",
+            format!(
+                "mode `{m}` may not be chosen by a request here (allowed: {})",
+                config
+                    .runner
+                    .request_modes
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
     let Some(params) = params.filter(|_| errors.is_empty()) else {
         return Err(ApiError::validation(errors));
     };
     let mode = req.mode.unwrap_or(config.runner.mode);
     let mut run_req = RunRequest::for_module(module, params, &state.base_env, timeout, mode);
+    let size = exec_size(
+        run_req.argv.iter().map(String::as_str),
+        run_req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    ) + runner::RUN_MARKER_BYTES;
+    if size > runner::arg_max() {
+        return Err(ApiError::invalid_field(
+            "parameters",
+            format!(
+                "the command line and environment would take {size} bytes, over the system's limit of {} bytes",
+                runner::arg_max()
+            ),
+        ));
+    }
     run_req.stdin = req.stdin;
     run_req.idempotency = key;
 
@@ -257,13 +304,13 @@ pub async fn create(
 /// `GET /runs`.
 pub async fn list(State(state): State<AppState>, query: QueryPairs) -> Result<Response, ApiError> {
     let limit = query.u64_in("limit", 1..=1000)?.unwrap_or(50) as usize;
-    let before = match query.get("cursor").filter(|c| !c.is_empty()) {
-        None => None,
-        Some(c) => Some(
-            c.parse::<RunId>()
-                .map_err(|_| ApiError::bad_request(format!("`{c}` is not a valid cursor")))?,
-        ),
-    };
+    let before =
+        match query.get("cursor").filter(|c| !c.is_empty()) {
+            None => None,
+            Some(c) => Some(c.parse::<RunId>().map_err(|_| {
+                ApiError::bad_request(format!("`{}` is not a valid cursor", echo(c)))
+            })?),
+        };
     let statuses = match query.get("status").filter(|s| !s.is_empty()) {
         None => None,
         Some(list) => {
@@ -272,10 +319,11 @@ pub async fn list(State(state): State<AppState>, query: QueryPairs) -> Result<Re
             for s in list.split(',').map(str::trim) {
                 match s.parse::<RunStatus>() {
                     Ok(st) => out.push(st),
-                    Err(e) => errors.push(FieldError::new(
+                    Err(_) => errors.push(FieldError::new(
                         "status",
                         format!(
-                            "{e}; expected any of {}",
+                            "unknown status `{}`; expected any of {}",
+                            echo(s),
                             RunStatus::ALL.map(|s| s.as_str()).join(", ")
                         ),
                     )),

@@ -62,6 +62,21 @@ use crate::store::{
 };
 use process::{ProcEvents, ProcSpec, Stopped, Supervision};
 
+/// The system's limit on a child's argv and environment together, in the terms of
+/// [`crate::module::exec_size`] (the run marker comes on top: [`RUN_MARKER_BYTES`]).
+pub fn arg_max() -> usize {
+    process::arg_max()
+}
+
+/// What the run marker (`MODRUN_RUN_ID=<uuid>`, see [`RUN_MARKER`]) adds to a child's
+/// environment, in the terms of [`crate::module::exec_size`].
+pub const RUN_MARKER_BYTES: usize = RUN_MARKER.len() + 36 + 2 + std::mem::size_of::<usize>();
+
+/// The environment variable that marks every process of a run with the run's id (inherited by
+/// grandchildren): what proves, after a crash or an escape from the process group, that a
+/// process belongs to the run.
+pub const RUN_MARKER: &str = "MODRUN_RUN_ID";
+
 /// Limits of a [`ModuleRunner`].
 #[derive(Debug, Clone, Copy)]
 pub struct RunnerSettings {
@@ -754,7 +769,7 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<Syst
             .collect();
         // Marks every process of the run (inherited by grandchildren): what proves, after a
         // crash, that a leftover process belongs to this run.
-        env.push(("MODRUN_RUN_ID".into(), id.to_string().into()));
+        env.push((RUN_MARKER.into(), id.to_string().into()));
         let spec = ProcSpec {
             program: OsString::from(&req.argv[0]),
             args: req.argv[1..].iter().map(OsString::from).collect(),

@@ -148,6 +148,20 @@ const PIPE_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// uninterruptible sleep dies only when its I/O returns).
 const GROUP_EXIT_LIMIT: Duration = Duration::from_secs(2);
 
+/// The system's limit on a child's argv and environment together (`sysconf(_SC_ARG_MAX)`), less
+/// a page for what `execve` adds (the program's path, the auxiliary vector). Read once.
+pub(crate) fn arg_max() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let raw = nix::unistd::sysconf(nix::unistd::SysconfVar::ARG_MAX)
+            .ok()
+            .flatten()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(128 * 1024);
+        raw.saturating_sub(4096)
+    })
+}
+
 /// Resolve the program as the child would: a name with a `/` is a path (relative to `cwd`), a
 /// bare name is looked up on the child's `PATH`.
 pub(crate) fn resolve_program(spec: &ProcSpec) -> Result<PathBuf, SpawnError> {
@@ -379,7 +393,7 @@ pub(crate) fn kill_leftovers(run_ids: &[String], limit: Duration) -> Vec<usize> 
     }
     let markers: Vec<Vec<u8>> = run_ids
         .iter()
-        .map(|id| format!("MODRUN_RUN_ID={id}").into_bytes())
+        .map(|id| format!("{}={id}", super::RUN_MARKER).into_bytes())
         .collect();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return killed;

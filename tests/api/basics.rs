@@ -40,7 +40,8 @@ async fn health_and_modules() {
     assert_eq!(
         count,
         &json!({"name": "count", "type": "integer", "required": false, "default": 3, "min": 1,
-                "max": 100, "choices": null, "pattern": null, "max_length": null, "description": null})
+                "max": 100, "choices": null, "pattern": null, "max_length": null, "multiline": false,
+                "description": null})
     );
     assert_eq!(echo["parameters"][3]["choices"], json!(["red", "green"]));
     assert!(echo["parameters"][0].get("arg").is_none());

@@ -9,4 +9,5 @@ mod limits;
 mod openapi;
 mod persistence;
 mod process;
+mod requests;
 mod streaming;
