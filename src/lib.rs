@@ -27,7 +27,8 @@
 //! - [`config`] — the TOML file, validated once into typed settings and the module catalog.
 //! - [`module`] — the catalog's types, request-parameter validation, argv/env building.
 //! - [`run`] — domain types without I/O: ids, run modes, the run state machine, outcomes.
-//! - [`output`] — the per-run output log (line splitting, budget, persisted window).
+//! - [`output`] — the per-run output log (budget, persisted window, change signal) and its line
+//!   splitter (`output::lines`, linear in the bytes however long a line gets).
 //! - [`registry`] — live runs in front of the store; the output flusher, retention purger and
 //!   reader cursors.
 //! - [`store`] — the persistence boundary ([`store::RunStore`]): the embedded SQLite store

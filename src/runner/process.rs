@@ -38,6 +38,14 @@ pub(crate) trait Sink: Send + Sync + 'static {
     fn has_room(&self) -> bool {
         true
     }
+    /// The most line text the sink keeps (`None`: no limit). A driver that holds output back
+    /// before handing it over (local mode) holds no more than about this much.
+    fn keep_limit(&self) -> Option<u64> {
+        None
+    }
+    /// Output that a driver held back had to be discarded past [`Sink::keep_limit`]: this
+    /// many lines and bytes of text were not kept.
+    fn discarded(&self, _lines: u64, _bytes: u64) {}
 }
 
 impl Sink for crate::output::OutputLog {
@@ -49,6 +57,12 @@ impl Sink for crate::output::OutputLog {
     }
     fn has_room(&self) -> bool {
         crate::output::OutputLog::has_room(self)
+    }
+    fn keep_limit(&self) -> Option<u64> {
+        Some(self.limits().max_run_bytes)
+    }
+    fn discarded(&self, lines: u64, bytes: u64) {
+        self.count_dropped(lines, bytes);
     }
 }
 
@@ -701,46 +715,99 @@ async fn drive_threaded(
     result
 }
 
-/// A local-mode child's output, held until the process has ended. Unbounded by design: local
-/// mode is the debugging mode that hands over everything at the end (as `communicate()` does);
-/// the run's own output limits apply when it is delivered.
-#[derive(Default)]
+/// A local-mode child's output, held until the process has ended, then handed over (as
+/// `communicate()` does). Bounded: past the sink's [`Sink::keep_limit`] (plus one read) bytes
+/// are counted, not kept, so memory never grows with the output size; with no limit (the
+/// library's `execute_module`, whose contract is the whole output) everything is kept.
 struct Collected {
-    stdout: std::sync::Mutex<Vec<u8>>,
-    stderr: std::sync::Mutex<Vec<u8>>,
+    limit: Option<u64>,
+    /// The buffers and counters. A std mutex: each section appends one read or takes a buffer.
+    inner: std::sync::Mutex<CollectedInner>,
 }
 
+#[derive(Default)]
+struct CollectedInner {
+    out: [Vec<u8>; 2],
+    /// Text bytes held (line breaks not counted, as the sink counts them).
+    text: u64,
+    /// Set once a read did not fit: everything after it is counted only.
+    full: bool,
+    dropped_lines: u64,
+    dropped_bytes: u64,
+}
+
+/// Bytes of one pipe read: what `Collected` may go past its limit by.
+const READ_BYTES: u64 = 64 * 1024;
+
 impl Collected {
-    fn buffer(&self, stream: Stream) -> std::sync::MutexGuard<'_, Vec<u8>> {
-        match stream {
-            Stream::Stdout => &self.stdout,
-            Stream::Stderr => &self.stderr,
+    fn new(limit: Option<u64>) -> Self {
+        Self {
+            limit,
+            inner: std::sync::Mutex::default(),
         }
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Hand everything to `sink`: stdout, then stderr, then both ends of file.
+    fn lock(&self) -> std::sync::MutexGuard<'_, CollectedInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hand everything to `sink` on the calling (blocking) thread, a read's worth at a time,
+    /// pausing while the sink has no room: stdout, then stderr, then both ends of file, then
+    /// what was not kept.
     fn deliver(&self, sink: &dyn Sink) {
         for stream in [Stream::Stdout, Stream::Stderr] {
-            let data = std::mem::take(&mut *self.buffer(stream));
-            if !data.is_empty() {
-                sink.write(stream, &data);
+            let data = std::mem::take(&mut self.lock().out[stream_index(stream)]);
+            for piece in data.chunks(READ_BYTES as usize) {
+                while !sink.has_room() {
+                    std::thread::sleep(ROOM_POLL);
+                }
+                sink.write(stream, piece);
             }
         }
         sink.eof(Stream::Stdout);
         sink.eof(Stream::Stderr);
+        let (lines, bytes) = {
+            let inner = self.lock();
+            (inner.dropped_lines, inner.dropped_bytes)
+        };
+        if lines > 0 || bytes > 0 {
+            sink.discarded(lines, bytes);
+        }
+    }
+}
+
+fn stream_index(stream: Stream) -> usize {
+    match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
     }
 }
 
 impl Sink for Collected {
     fn write(&self, stream: Stream, data: &[u8]) {
-        self.buffer(stream).extend_from_slice(data);
+        let breaks = memchr::memchr_iter(b'\n', data).count() as u64;
+        let text = data.len() as u64 - breaks;
+        let mut inner = self.lock();
+        if !inner.full
+            && self
+                .limit
+                .is_none_or(|limit| inner.text + text <= limit + READ_BYTES)
+        {
+            inner.text += text;
+            inner.out[stream_index(stream)].extend_from_slice(data);
+            return;
+        }
+        inner.full = true;
+        inner.dropped_lines += breaks;
+        inner.dropped_bytes += text;
     }
     fn eof(&self, _stream: Stream) {}
 }
 
-/// The threaded driver with the output collected and delivered when the process has ended.
+/// The threaded driver with the output collected and delivered when the process has ended
+/// (on a blocking thread: splitting it into lines is no work for an async thread).
 async fn drive_local(
     child: spawn::Child,
     spec: &ProcSpec,
@@ -748,10 +815,13 @@ async fn drive_local(
     sup: &Supervision<'_>,
     events: &dyn ProcEvents,
 ) -> Waited {
-    let collected = Arc::new(Collected::default());
+    let collected = Arc::new(Collected::new(sink.keep_limit()));
     let into: Arc<dyn Sink> = collected.clone();
     let result = drive_threaded(child, spec, &into, sup, events).await;
-    collected.deliver(&**sink);
+    let to = sink.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || collected.deliver(&*to)).await {
+        tracing::warn!(error = %e, "delivering the output failed");
+    }
     result
 }
 

@@ -199,3 +199,83 @@ async fn large_output_streams_in_bounded_memory() {
     signal(&server.child, Signal::SIGTERM);
     server.child.wait().await.unwrap();
 }
+
+/// `local` mode (when the operator allows it) holds the output back until the process ends,
+/// but no more than `output.max_run_bytes`: 300 MB of stdout, and two 200 MB lines without a
+/// newline at once, leave the server's peak RSS bounded, and it answers `/healthz` meanwhile.
+#[tokio::test]
+async fn local_mode_is_bounded_by_the_output_budget() {
+    let modules = r#"
+[[modules]]
+id = "flood"
+name = "300 MB of lines"
+command = ["sh", "-c", 'yes "$(printf "%079d" 0)" | head -c 300000000']
+[[modules]]
+id = "oneline"
+name = "200 MB without a newline"
+command = ["sh", "-c", 'head -c 200000000 /dev/zero | tr "\0" "a"']
+"#;
+    let toml = format!(
+        "{}{modules}",
+        base_config("request_modes = [\"local\", \"async\"]")
+            .replace("[sse]", "[output]\nmax_run_bytes = \"8MiB\"\n[sse]")
+    );
+    let (mut server, _dir) = start_server(&toml).await;
+    let client = reqwest::Client::new();
+    let post = |module: &'static str| {
+        let client = client.clone();
+        let url = format!("{}/runs?wait=120", server.base);
+        async move {
+            let res = client
+                .post(url)
+                .json(&json!({"module_id": module, "mode": "local"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), reqwest::StatusCode::OK);
+            res.json::<Value>().await.unwrap()
+        }
+    };
+    let health = async {
+        // While the three runs are going, the server answers at once.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = Instant::now();
+        let res = client
+            .get(format!("{}/healthz", server.base))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success());
+        started.elapsed()
+    };
+    let (flood, line1, line2, health_took) =
+        tokio::join!(post("flood"), post("oneline"), post("oneline"), health);
+    eprintln!("/healthz during three local runs: {health_took:?}");
+    for run in [&flood, &line1, &line2] {
+        assert_eq!(run["status"], "succeeded", "{run}");
+        let out: Value = client
+            .get(format!(
+                "{}/runs/{}/output?after={}",
+                server.base,
+                run["id"].as_str().unwrap(),
+                run["output_lines"].as_u64().unwrap() - 1
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let marker = out["lines"][0]["line"].as_str().unwrap();
+        assert!(marker.contains("were not kept"), "{marker}");
+    }
+    let rss = peak_rss_kib(server.child.id().unwrap());
+    eprintln!(
+        "peak RSS with three local runs of 200-300 MB: {} MiB",
+        rss / 1024
+    );
+    assert!(rss < 120 * 1024, "peak RSS {rss} KiB");
+    signal(&server.child, Signal::SIGTERM);
+    server.child.wait().await.unwrap();
+}

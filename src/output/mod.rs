@@ -15,6 +15,10 @@ use tokio::sync::watch;
 
 use crate::run::{Line, Stream};
 
+mod lines;
+
+pub use lines::LineSplitter;
+
 /// Persisted lines kept in memory per live run for readers that follow closely; older ones are
 /// read back from the store.
 pub const WINDOW_BYTES: u64 = 1 << 20;
@@ -50,7 +54,7 @@ pub struct OutputLog {
     inner: Mutex<LogInner>,
     /// Per-stream partial-line buffers. Each stream has a single writer (its pipe pump), so these
     /// are uncontended; they are separate from `inner` so that splitting happens outside it.
-    splitters: [Mutex<Splitter>; 2],
+    splitters: [Mutex<LineSplitter>; 2],
     /// Bumped after every append, close or status change of the run. Overflow policy: a watch
     /// channel holds only the latest value, so nothing ever queues up for a slow reader; a woken
     /// reader re-reads the log from its own cursor.
@@ -99,13 +103,6 @@ impl LogInner {
 #[error("these lines were persisted and dropped from memory")]
 pub struct Evicted;
 
-#[derive(Debug, Default)]
-struct Splitter {
-    /// Bytes of a line whose `\n` has not arrived yet; never longer than `max_line_bytes` plus
-    /// one read chunk, since full-size pieces are cut off as soon as they are complete.
-    partial: Vec<u8>,
-}
-
 fn idx(stream: Stream) -> usize {
     match stream {
         Stream::Stdout => 0,
@@ -118,7 +115,10 @@ impl OutputLog {
     pub fn new(limits: OutputLimits) -> Self {
         Self {
             inner: Mutex::new(LogInner::default()),
-            splitters: Default::default(),
+            splitters: [
+                Mutex::new(LineSplitter::new(limits.max_line_bytes)),
+                Mutex::new(LineSplitter::new(limits.max_line_bytes)),
+            ],
             changes: watch::Sender::new(0),
             limits: OutputLimits {
                 max_line_bytes: limits.max_line_bytes.max(4),
@@ -136,48 +136,29 @@ impl OutputLog {
     /// Feed raw bytes read from a pipe; complete lines are appended.
     pub fn write(&self, stream: Stream, data: &[u8]) {
         let mut texts = Vec::new();
-        {
-            let mut sp = self.splitters[idx(stream)]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            split_lines(
-                &mut sp.partial,
-                data,
-                self.limits.max_line_bytes,
-                &mut texts,
-            );
-        }
+        self.splitter(stream).push(data, &mut texts);
         self.append(stream, texts);
+    }
+
+    fn splitter(&self, stream: Stream) -> MutexGuard<'_, LineSplitter> {
+        self.splitters[idx(stream)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The pipe reached EOF: a final line without `\n` is kept.
     pub fn finish_stream(&self, stream: Stream) {
-        let rest = {
-            let mut sp = self.splitters[idx(stream)]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            std::mem::take(&mut sp.partial)
-        };
-        if !rest.is_empty() {
-            let mut texts = Vec::new();
-            emit_line(&rest, self.limits.max_line_bytes, &mut texts);
-            self.append(stream, texts);
-        }
+        let mut texts = Vec::new();
+        self.splitter(stream).finish(&mut texts);
+        self.append(stream, texts);
     }
 
     /// Append one whole line of text (a message from modrun itself, such as a spawn error).
     pub fn push_line(&self, stream: Stream, text: &str) {
         let mut texts = Vec::new();
-        let mut partial = Vec::new();
-        split_lines(
-            &mut partial,
-            text.as_bytes(),
-            self.limits.max_line_bytes,
-            &mut texts,
-        );
-        if !partial.is_empty() {
-            emit_line(&partial, self.limits.max_line_bytes, &mut texts);
-        }
+        let mut splitter = LineSplitter::new(self.limits.max_line_bytes);
+        splitter.push(text.as_bytes(), &mut texts);
+        splitter.finish(&mut texts);
         self.append(stream, texts);
     }
 
@@ -304,69 +285,24 @@ impl OutputLog {
         self.lock().closed
     }
 
+    /// The limits it applies.
+    pub fn limits(&self) -> OutputLimits {
+        self.limits
+    }
+
+    /// Output that never reached this log (held back and discarded before it was handed
+    /// over) counts as lines not kept for the budget: the closing marker includes it.
+    pub fn count_dropped(&self, lines: u64, bytes: u64) {
+        let mut inner = self.lock();
+        inner.truncated = true;
+        inner.dropped_lines += lines;
+        inner.dropped_bytes += bytes;
+    }
+
     /// Lines and bytes not kept because of the budget.
     pub fn dropped(&self) -> (u64, u64) {
         let inner = self.lock();
         (inner.dropped_lines, inner.dropped_bytes)
-    }
-}
-
-/// Append `data` to `partial`, moving every complete line (and every full-size piece of an
-/// over-long one) to `out`.
-fn split_lines(partial: &mut Vec<u8>, data: &[u8], max: usize, out: &mut Vec<Arc<str>>) {
-    let mut rest = data;
-    while let Some(i) = memchr::memchr(b'\n', rest) {
-        if partial.is_empty() {
-            emit_line(&rest[..i], max, out);
-        } else {
-            partial.extend_from_slice(&rest[..i]);
-            emit_line(partial, max, out);
-            partial.clear();
-        }
-        rest = &rest[i + 1..];
-    }
-    partial.extend_from_slice(rest);
-    // Cut full-size pieces off an over-long unfinished line right away, so that the buffer stays
-    // bounded and subscribers see them live. Keep a possible trailing `\r` for the next read.
-    while partial.len() > max {
-        let cut = utf8_cut(partial, max);
-        out.push(decode(&partial[..cut]));
-        partial.drain(..cut);
-    }
-}
-
-/// Push one complete line (without its `\n`): a trailing `\r` is dropped, and a line longer
-/// than `max` bytes becomes several.
-fn emit_line(line: &[u8], max: usize, out: &mut Vec<Arc<str>>) {
-    let mut line = line.strip_suffix(b"\r").unwrap_or(line);
-    while line.len() > max {
-        let cut = utf8_cut(line, max);
-        out.push(decode(&line[..cut]));
-        line = &line[cut..];
-    }
-    out.push(decode(line));
-}
-
-/// The largest cut `<= max` that does not fall inside a UTF-8 sequence (when the bytes are
-/// valid UTF-8 there; invalid bytes are cut at `max`).
-fn utf8_cut(bytes: &[u8], max: usize) -> usize {
-    let mut cut = max;
-    // A UTF-8 sequence is at most 4 bytes: step back over at most 3 continuation bytes.
-    while cut > max.saturating_sub(3) && cut > 0 && (bytes[cut] & 0xC0) == 0x80 {
-        cut -= 1;
-    }
-    if cut == 0 || (bytes[cut] & 0xC0) == 0x80 {
-        max
-    } else {
-        cut
-    }
-}
-
-fn decode(bytes: &[u8]) -> Arc<str> {
-    // The strict check is much faster than the lossy decoder on valid text.
-    match std::str::from_utf8(bytes) {
-        Ok(s) => Arc::from(s),
-        Err(_) => Arc::from(&*String::from_utf8_lossy(bytes)),
     }
 }
 
