@@ -34,10 +34,14 @@
 //! - [`store`] — the persistence boundary ([`store::RunStore`]): the embedded SQLite store
 //!   (writer thread with group commit, read pool, migrations, lock file) and the memory store.
 //! - [`runner`] — [`runner::ModuleRunner`] (scheduling, supervision, cancel, crash leftovers)
-//!   and [`execute_module`] (one-shot runs), both on the same process code.
+//!   and [`execute_module`] (one-shot runs), both on the same process code: `runner::process`
+//!   (the drivers), `runner::program` (program resolution, spawn errors: in full for the log,
+//!   without server paths for clients), `runner::group` (group signals, `/proc` scans).
 //!   Children are started by `runner::spawn` with `clone(CLONE_VM | CLONE_VFORK)` (not fork:
 //!   see its docs), the crate's one documented exception to `unsafe_code = "deny"`.
-//! - [`api`] — the only code that knows HTTP.
+//! - [`api`] — the only code that knows HTTP. Domain errors become problem+json in one place
+//!   (`api::error`): a store outage is a 503 with a plain reason, an internal failure a 500 that
+//!   shows only the request id.
 //! - [`telemetry`] — logging through a bounded queue drained by one thread: a slow or broken
 //!   log sink drops (and counts) lines, never blocks a request or a run.
 //! - [`app`] — wiring: open the store, recover (running -> lost, queued -> queued again), serve

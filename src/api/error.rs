@@ -1,11 +1,28 @@
 //! Every error response, in one shape: RFC 9457 `application/problem+json`. Errors become
-//! responses here and only here, and are logged here once.
+//! responses here and only here, and are logged here once. Domain errors map to statuses here
+//! (`From` impls), not in handlers. A server error never shows its cause to the client: the
+//! answer says "internal error" with the request id, and the log has the cause under that id.
+
+use std::sync::Arc;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::module::FieldError;
+use crate::runner::{CancelError, SubmitError};
+use crate::store::StoreError;
+
+tokio::task_local! {
+    /// The id of the request being handled (the `x-request-id` the server set or the client
+    /// sent), for error answers and log lines. Set by the router's request-id layer.
+    pub static REQUEST_ID: Arc<str>;
+}
+
+/// A cause known only as text.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Message(pub String);
 
 /// Field errors listed in one 422 answer, at most.
 pub const MAX_FIELD_ERRORS: usize = 20;
@@ -23,6 +40,9 @@ pub struct ApiError {
     detail: String,
     errors: Vec<FieldError>,
     retry_after: Option<u64>,
+    /// What went wrong inside, for the log only.
+    #[source]
+    cause: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 #[derive(Serialize)]
@@ -45,6 +65,7 @@ impl ApiError {
             detail,
             errors: Vec::new(),
             retry_after: None,
+            cause: None,
         }
     }
 
@@ -157,7 +178,7 @@ impl ApiError {
         }
     }
 
-    /// 503: shutting down.
+    /// 503 with `Retry-After`: shutting down, or the store cannot be used for now.
     pub fn unavailable(detail: impl Into<String>) -> Self {
         Self {
             retry_after: Some(5),
@@ -170,29 +191,94 @@ impl ApiError {
         }
     }
 
-    /// 500.
-    pub fn internal(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "Internal error",
-            detail.into(),
-        )
+    /// 500: the client is told nothing but the request id; `cause` goes to the log.
+    pub fn internal(cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self {
+            cause: Some(Arc::new(cause)),
+            ..Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                String::new(),
+            )
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(id) => ApiError::not_found(format!("no run {id}")),
+            StoreError::WrongState(run) => {
+                ApiError::conflict(format!("run {} is {}", run.id, run.status()))
+            }
+            StoreError::IdempotencyConflict => ApiError::conflict(
+                "this Idempotency-Key was already used with a different request body",
+            ),
+            StoreError::Unavailable(outage, _) => Self {
+                cause: Some(Arc::new(e.clone())),
+                ..ApiError::unavailable(format!("the run store {outage}; try again later"))
+            },
+            StoreError::Backend(_) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::QueueFull(n) => {
+                ApiError::too_many(format!("{n} runs are already queued; try again later"), 1)
+            }
+            SubmitError::ShuttingDown => ApiError::unavailable("modrun is shutting down"),
+            SubmitError::IdempotencyConflict => StoreError::IdempotencyConflict.into(),
+            SubmitError::Store(e) => e.into(),
+            e @ SubmitError::EmptyArgv => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<CancelError> for ApiError {
+    fn from(e: CancelError) -> Self {
+        match e {
+            CancelError::NotFound(id) => StoreError::NotFound(id).into(),
+            CancelError::AlreadyFinished(run) => ApiError::conflict(format!(
+                "run {} already finished ({})",
+                run.id,
+                run.status()
+            )),
+            CancelError::Store(e) => e.into(),
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::error!(status = self.status.as_u16(), detail = %self.detail, "request failed");
+        let request_id = REQUEST_ID.try_with(Arc::clone).ok();
+        let id = request_id.as_deref().unwrap_or("-");
+        let detail = if self.status == StatusCode::INTERNAL_SERVER_ERROR {
+            format!(
+                "an internal error occurred; the server's log has the details under request id {id}"
+            )
         } else {
-            tracing::debug!(status = self.status.as_u16(), detail = %self.detail, "request refused");
+            self.detail.clone()
+        };
+        let cause = self.cause.as_ref().map(|c| c.to_string());
+        if self.status.is_server_error() {
+            tracing::error!(status = self.status.as_u16(), request_id = id, detail = ?detail, cause = ?cause, "request failed");
+        } else {
+            tracing::debug!(status = self.status.as_u16(), request_id = id, detail = ?detail, "request refused");
         }
         let body = Problem {
             kind: format!("urn:modrun:problem:{}", self.kind),
             title: self.title,
             status: self.status.as_u16(),
-            detail: &self.detail,
+            detail: &detail,
             errors: &self.errors,
         };
         let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());

@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::{DefaultBodyLimit, OriginalUri, Request, State};
-use axum::http::{HeaderName, Method};
+use axum::http::{HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 pub use dto::{LineDto, ModuleDto, RunDto, run_json};
@@ -74,7 +74,6 @@ impl AppState {
 
 /// The router, without a socket (handler tests can drive it with `tower::ServiceExt::oneshot`).
 pub fn router(state: AppState) -> Router {
-    let request_id = HeaderName::from_static("x-request-id");
     Router::new()
         .route("/healthz", get(healthz))
         .route("/modules", get(list_modules))
@@ -87,17 +86,46 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), refuse_when_draining))
-        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            ApiError::internal(error::Message("a request handler panicked".into())).into_response()
+        }))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let id = req
                 .headers()
-                .get("x-request-id")
+                .get(REQUEST_ID_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
             tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
         }))
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// The header that carries a request's id, both ways.
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Give every request an id: the client's `x-request-id` when it is a plain token (at most 64
+/// of `[A-Za-z0-9._-]`), else a fresh UUID. It is set on the request (for the log span), scoped
+/// for error answers ([`error::REQUEST_ID`]) and sent back on the response.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        })
+        .map(str::to_owned);
+    let id: Arc<str> = given
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+        .into();
+    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    req.headers_mut().insert(REQUEST_ID_HEADER, value.clone());
+    let mut res = error::REQUEST_ID.scope(id, next.run(req)).await;
+    res.headers_mut().insert(REQUEST_ID_HEADER, value);
+    res
 }
 
 async fn refuse_when_draining(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -108,11 +136,14 @@ async fn refuse_when_draining(State(state): State<AppState>, req: Request, next:
 }
 
 async fn no_route(OriginalUri(uri): OriginalUri) -> ApiError {
-    ApiError::no_route(uri.path())
+    ApiError::no_route(&crate::module::echo(uri.path()))
 }
 
 async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
-    ApiError::method_not_allowed(method.as_str(), uri.path())
+    ApiError::method_not_allowed(
+        &crate::module::echo(method.as_str()),
+        &crate::module::echo(uri.path()),
+    )
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -138,7 +169,6 @@ async fn get_module(
         .module(&id)
         .ok_or_else(|| ApiError::not_found(format!("no module `{}`", crate::module::echo(&id))))?;
     Ok(Json(
-        serde_json::to_value(ModuleDto::new(m, c.module_timeout(m)))
-            .map_err(|e| ApiError::internal(e.to_string()))?,
+        serde_json::to_value(ModuleDto::new(m, c.module_timeout(m))).map_err(ApiError::internal)?,
     ))
 }

@@ -11,12 +11,12 @@ use serde_json::{Map, Value, json};
 
 use super::AppState;
 use super::dto::{LineDto, run_json};
-use super::error::ApiError;
+use super::error::{ApiError, Message};
 use super::extract::{JsonBody, QueryPairs, RunIdPath};
 use crate::module::{FieldError, echo, exec_size, json_type};
 use crate::run::{Run, RunId, RunMode, RunStatus};
-use crate::runner::{self, CancelError, RunRequest, SubmitError, Submitted};
-use crate::store::{IdempotencyKey, ListQuery, StoreError};
+use crate::runner::{self, RunRequest, Submitted};
+use crate::store::{IdempotencyKey, ListQuery};
 
 fn run_response(status: StatusCode, run: &Run) -> Response {
     let mut res = (status, Json(run_json(run))).into_response();
@@ -256,26 +256,9 @@ pub async fn create(
     run_req.stdin = req.stdin;
     run_req.idempotency = key;
 
-    let (handle, existing) = match state.runner.submit(run_req).await {
-        Ok(Submitted::New(h)) => (h, false),
-        Ok(Submitted::Existing(h)) => (h, true),
-        Err(SubmitError::QueueFull(n)) => {
-            return Err(ApiError::too_many(
-                format!("{n} runs are already queued; try again later"),
-                1,
-            ));
-        }
-        Err(SubmitError::ShuttingDown) => {
-            return Err(ApiError::unavailable("modrun is shutting down"));
-        }
-        Err(SubmitError::IdempotencyConflict) => {
-            return Err(ApiError::conflict(
-                "this Idempotency-Key was already used with a different request body",
-            ));
-        }
-        Err(e @ (SubmitError::EmptyArgv | SubmitError::Store(_))) => {
-            return Err(ApiError::internal(e.to_string()));
-        }
+    let (handle, existing) = match state.runner.submit(run_req).await? {
+        Submitted::New(h) => (h, false),
+        Submitted::Existing(h) => (h, true),
     };
     let id = handle.id();
     if let Some(secs) = wait {
@@ -290,9 +273,8 @@ pub async fn create(
     let run = state
         .runner
         .get(id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(|| ApiError::internal(format!("run {id} vanished")))?;
+        .await?
+        .ok_or_else(|| ApiError::internal(Message(format!("run {id} vanished"))))?;
     let status = if existing {
         StatusCode::OK
     } else {
@@ -346,8 +328,7 @@ pub async fn list(State(state): State<AppState>, query: QueryPairs) -> Result<Re
             before,
             limit,
         })
-        .await
-        .map_err(store_error)?;
+        .await?;
     let runs: Vec<Value> = page.runs.iter().map(run_json).collect();
     Ok(Json(json!({
         "runs": runs,
@@ -360,22 +341,12 @@ fn not_found(id: RunId) -> ApiError {
     ApiError::not_found(format!("no run {id}"))
 }
 
-/// A store failure is the server's problem.
-pub(super) fn store_error(e: StoreError) -> ApiError {
-    ApiError::internal(e.to_string())
-}
-
 /// `GET /runs/{id}`.
 pub async fn get(
     State(state): State<AppState>,
     RunIdPath(id): RunIdPath,
 ) -> Result<Response, ApiError> {
-    let run = state
-        .runner
-        .get(id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(|| not_found(id))?;
+    let run = state.runner.get(id).await?.ok_or_else(|| not_found(id))?;
     Ok(Json(run_json(&run)).into_response())
 }
 
@@ -384,15 +355,8 @@ pub async fn cancel(
     State(state): State<AppState>,
     RunIdPath(id): RunIdPath,
 ) -> Result<Response, ApiError> {
-    match state.runner.cancel(id).await {
-        Ok(run) => Ok(run_response(StatusCode::ACCEPTED, &run)),
-        Err(CancelError::NotFound(_)) => Err(not_found(id)),
-        Err(CancelError::AlreadyFinished(run)) => Err(ApiError::conflict(format!(
-            "run {id} already finished ({})",
-            run.status()
-        ))),
-        Err(e @ CancelError::Store(_)) => Err(ApiError::internal(e.to_string())),
-    }
+    let run = state.runner.cancel(id).await?;
+    Ok(run_response(StatusCode::ACCEPTED, &run))
 }
 
 fn wants_text(headers: &HeaderMap) -> bool {
@@ -411,12 +375,7 @@ pub async fn output(
 ) -> Result<Response, ApiError> {
     let after = query.u64("after")?.unwrap_or(0);
     let limit = query.u64_in("limit", 1..=10_000)?.unwrap_or(1000) as usize;
-    let run = state
-        .runner
-        .get(id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(|| not_found(id))?;
+    let run = state.runner.get(id).await?.ok_or_else(|| not_found(id))?;
     let registry = state.runner.registry().clone();
     if wants_text(&headers) {
         // Stream the text in batches rather than building it whole.
@@ -449,8 +408,7 @@ pub async fn output(
     }
     let lines = registry
         .read_output(id, after, limit)
-        .await
-        .map_err(store_error)?
+        .await?
         .ok_or_else(|| not_found(id))?;
     let next_after = lines.last().map_or(after, |l| l.seq);
     // A finished run's log was closed before its final status was recorded: its line count

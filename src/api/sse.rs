@@ -54,8 +54,7 @@ pub async fn stream(
     let cursor = Cursor::new(registry.clone(), id, after);
     registry
         .get(id)
-        .await
-        .map_err(super::runs::store_error)?
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("no run {id}")))?;
     let follow = Follow {
         registry,

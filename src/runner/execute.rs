@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::process::{self, ProcEvents, ProcSpec, Sink, SpawnError, Supervision};
+use super::process::{self, ProcEvents, ProcSpec, Sink, Supervision};
+use super::program::{SpawnError, SpawnReason, command_line};
 use crate::run::{RunMode, Stream};
 
 const TARGET: &str = "modrun::execute";
@@ -195,7 +196,7 @@ where
     };
     let mode = mode.resolve();
     tracing::info!(target: TARGET, script = %script.display(), %mode, "executing module");
-    tracing::debug!(target: TARGET, command = %process::command_line(&spec), cwd = %spec.cwd.display(), "command line");
+    tracing::debug!(target: TARGET, command = %command_line(&spec), cwd = %spec.cwd.display(), "command line");
 
     if mode != RunMode::DryRun {
         check_script(&script, is_python).inspect_err(|e| {
@@ -269,28 +270,34 @@ fn check_script(script: &Path, is_python: bool) -> Result<(), ExecError> {
 
 fn to_exec_error(script: &Path, spec: &ProcSpec, e: SpawnError) -> ExecError {
     let interpreter = Path::new(&spec.program) != script;
-    match e {
-        SpawnError::NotFound { program, detail } if interpreter => ExecError::Spawn {
-            path: script.to_owned(),
-            detail: format!("interpreter `{program}` {detail}"),
-        },
-        SpawnError::NotFound { .. } if !script.exists() => ExecError::NotFound {
-            path: script.to_owned(),
-        },
-        SpawnError::NotFound { detail, .. } => ExecError::Spawn {
-            path: script.to_owned(),
-            detail: format!("its interpreter could not be started: {detail}"),
-        },
-        SpawnError::PermissionDenied { detail, .. } if !interpreter => {
-            ExecError::PermissionDenied {
+    let SpawnError { program, reason } = e;
+    match reason {
+        r @ (SpawnReason::NotOnPath { .. } | SpawnReason::NoSuchFile) if interpreter => {
+            ExecError::Spawn {
                 path: script.to_owned(),
-                detail,
+                detail: format!("interpreter `{program}` {r}"),
             }
         }
-        SpawnError::PermissionDenied { program, detail }
-        | SpawnError::Other { program, detail } => ExecError::Spawn {
+        SpawnReason::NotOnPath { .. } | SpawnReason::NoSuchFile | SpawnReason::NoInterpreter(_)
+            if !script.exists() =>
+        {
+            ExecError::NotFound {
+                path: script.to_owned(),
+            }
+        }
+        r @ (SpawnReason::NotOnPath { .. }
+        | SpawnReason::NoSuchFile
+        | SpawnReason::NoInterpreter(_)) => ExecError::Spawn {
             path: script.to_owned(),
-            detail: format!("{program}: {detail}"),
+            detail: format!("its interpreter could not be started: {r}"),
+        },
+        SpawnReason::PermissionDenied(detail) if !interpreter => ExecError::PermissionDenied {
+            path: script.to_owned(),
+            detail,
+        },
+        r @ (SpawnReason::PermissionDenied(_) | SpawnReason::Os(_)) => ExecError::Spawn {
+            path: script.to_owned(),
+            detail: format!("{program}: {r}"),
         },
     }
 }

@@ -35,7 +35,9 @@
 //! ```
 
 mod execute;
+mod group;
 pub(crate) mod process;
+mod program;
 mod spawn;
 
 pub use execute::{ExecError, ModuleOutput, execute_module};
@@ -65,7 +67,7 @@ use process::{ProcEvents, ProcSpec, Stopped, Supervision};
 /// The system's limit on a child's argv and environment together, in the terms of
 /// [`crate::module::exec_size`] (the run marker comes on top: [`RUN_MARKER_BYTES`]).
 pub fn arg_max() -> usize {
-    process::arg_max()
+    program::arg_max()
 }
 
 /// What the run marker (`MODRUN_RUN_ID=<uuid>`, see [`RUN_MARKER`]) adds to a child's
@@ -203,9 +205,9 @@ pub enum SubmitError {
     /// The idempotency key was used with a different request.
     #[error("the idempotency key was already used with a different request")]
     IdempotencyConflict,
-    /// The store refused.
-    #[error("the run store failed: {0}")]
-    Store(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
 }
 
 /// Why a cancel did nothing.
@@ -218,8 +220,8 @@ pub enum CancelError {
     #[error("run {} already finished ({})", .0.id, .0.status())]
     AlreadyFinished(Box<Run>),
     /// The store failed.
-    #[error("the run store failed: {0}")]
-    Store(String),
+    #[error(transparent)]
+    Store(StoreError),
 }
 
 /// What [`ModuleRunner::submit`] did.
@@ -352,7 +354,11 @@ impl ModuleRunner {
             .tasks
             .spawn(async move { inner.record(req).await }.instrument(span))
             .await
-            .unwrap_or_else(|e| Err(SubmitError::Store(format!("recording the run failed: {e}"))));
+            .unwrap_or_else(|e| {
+                Err(SubmitError::Store(StoreError::Backend(format!(
+                    "recording the run failed: {e}"
+                ))))
+            });
         Ok(match recorded? {
             (id, true) => Submitted::New(self.handle(id)),
             (id, false) => Submitted::Existing(self.handle(id)),
@@ -401,7 +407,11 @@ impl ModuleRunner {
             .tasks
             .spawn(async move { this.cancel_now(id).await }.instrument(span))
             .await
-            .unwrap_or_else(|e| Err(CancelError::Store(format!("cancelling failed: {e}"))))
+            .unwrap_or_else(|e| {
+                Err(CancelError::Store(StoreError::Backend(format!(
+                    "cancelling failed: {e}"
+                ))))
+            })
     }
 
     async fn cancel_now(&self, id: RunId) -> Result<Run, CancelError> {
@@ -438,7 +448,7 @@ impl ModuleRunner {
                 Ok(run) => Ok(run),
                 Err(StoreError::WrongState(run)) => Ok(*run),
                 Err(StoreError::NotFound(_)) => Err(CancelError::NotFound(id)),
-                Err(e) => Err(CancelError::Store(e.to_string())),
+                Err(e) => Err(CancelError::Store(e)),
             };
         }
         match registry.get(id).await {
@@ -449,7 +459,7 @@ impl ModuleRunner {
                 Err(CancelError::AlreadyFinished(Box::new(run)))
             }
             Ok(Some(run)) => Ok(run),
-            Err(e) => Err(CancelError::Store(e.to_string())),
+            Err(e) => Err(CancelError::Store(e)),
         }
     }
 
@@ -499,7 +509,7 @@ impl ModuleRunner {
 pub async fn kill_leftovers(runs: &[Run], limit: Duration) -> Vec<usize> {
     let ids: Vec<String> = runs.iter().map(|r| r.id.to_string()).collect();
     let n = ids.len();
-    tokio::task::spawn_blocking(move || process::kill_leftovers(&ids, limit))
+    tokio::task::spawn_blocking(move || group::kill_leftovers(&ids, limit))
         .await
         .unwrap_or_else(|_| vec![0; n])
 }
@@ -507,7 +517,7 @@ pub async fn kill_leftovers(runs: &[Run], limit: Duration) -> Vec<usize> {
 fn submit_error(e: StoreError) -> SubmitError {
     match e {
         StoreError::IdempotencyConflict => SubmitError::IdempotencyConflict,
-        other => SubmitError::Store(other.to_string()),
+        other => SubmitError::Store(other),
     }
 }
 
@@ -795,8 +805,9 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<Syst
                 },
             },
             Err(e) => {
-                let msg = e.to_string();
-                tracing::warn!(error = %msg, "run could not start");
+                // The log has the whole story; the run (seen by clients) names no server path.
+                tracing::warn!(error = %e, "run could not start");
+                let msg = e.public_message(&spec);
                 log.push_line(Stream::Stderr, &msg);
                 Outcome::SpawnFailed(msg)
             }
@@ -837,7 +848,7 @@ where
     let mut attempt = 1;
     loop {
         match op().await {
-            Err(e @ StoreError::Backend(_)) if attempt < FINAL_ATTEMPTS => {
+            Err(e) if e.is_failure() && attempt < FINAL_ATTEMPTS => {
                 tracing::warn!(attempt, error = %e, "cannot {what}; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;

@@ -362,7 +362,7 @@ impl Drop for Child {
     fn drop(&mut self) {
         if !self.reaped {
             // Unreaped, the group id cannot have been reused: kill the group, then reap.
-            let _ = super::process::signal_group(self.pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = super::group::signal_group(self.pid, nix::sys::signal::Signal::SIGKILL);
             reap_later(self.pid);
         }
     }

@@ -130,9 +130,50 @@ pub enum StoreError {
     /// The idempotency key was used with a different request body.
     #[error("the idempotency key was already used with a different request")]
     IdempotencyConflict,
-    /// The engine failed (I/O, corruption, ...).
+    /// The store cannot be used for now: an operating condition that passes (a full disk, a
+    /// read-only file system, a database locked by someone else, an I/O error, a database
+    /// server that cannot be reached). The text is for the log; clients are told the outage
+    /// only.
+    #[error("the run store {0}: {1}")]
+    Unavailable(Outage, String),
+    /// The engine failed in a way that is not expected to pass (corrupt data, a bug).
     #[error("run store: {0}")]
     Backend(String),
+}
+
+impl StoreError {
+    /// True for a failure of the engine (an outage or worse), as opposed to a refusal of the
+    /// request (not found, wrong state, key conflict).
+    pub fn is_failure(&self) -> bool {
+        matches!(self, StoreError::Unavailable(..) | StoreError::Backend(_))
+    }
+}
+
+/// Why a store cannot be used for now, in words a client may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// The disk (or the quota) is full.
+    DiskFull,
+    /// The file system is read-only.
+    ReadOnly,
+    /// The database is locked by someone else.
+    Busy,
+    /// The disk or file system reported an error.
+    Io,
+    /// The database server cannot be reached.
+    Unreachable,
+}
+
+impl std::fmt::Display for Outage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outage::DiskFull => "cannot write: disk full",
+            Outage::ReadOnly => "cannot write: read-only file system",
+            Outage::Busy => "is busy: the database is locked",
+            Outage::Io => "has an I/O error",
+            Outage::Unreachable => "cannot be reached",
+        })
+    }
 }
 
 /// Persistence of run records and their output.

@@ -14,8 +14,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, param
 use tokio::sync::oneshot;
 
 use super::{
-    Created, Expect, IdempotencyKey, ListQuery, NewRun, Page, Recovered, Retention, RunStore,
-    StoreError, StoreFuture,
+    Created, Expect, IdempotencyKey, ListQuery, NewRun, Outage, Page, Recovered, Retention,
+    RunStore, StoreError, StoreFuture,
 };
 use crate::run::{
     CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, RunStatus, Stream,
@@ -159,7 +159,28 @@ fn from_micros(us: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
+/// An SQLite error as a store error: the ones that pass (full disk, read-only file system,
+/// locked database, I/O error) are an outage; anything else is a failure of the store.
+fn backend(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode;
+    let outage = match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            ErrorCode::DiskFull => Some(Outage::DiskFull),
+            ErrorCode::ReadOnly => Some(Outage::ReadOnly),
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => Some(Outage::Busy),
+            ErrorCode::SystemIoFailure | ErrorCode::CannotOpen => Some(Outage::Io),
+            _ => None,
+        },
+        _ => None,
+    };
+    match outage {
+        Some(o) => StoreError::Unavailable(o, e.to_string()),
+        None => StoreError::Backend(e.to_string()),
+    }
+}
+
+/// Any other failure of the store.
+fn failure(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
@@ -227,9 +248,9 @@ impl SqliteStore {
         let (tx, rx) = oneshot::channel();
         let sent = self.writer.send(make(tx));
         Box::pin(async move {
-            sent.map_err(|_| backend("the store's writer has stopped"))?;
+            sent.map_err(|_| failure("the store's writer has stopped"))?;
             rx.await
-                .map_err(|_| backend("the store's writer has stopped"))?
+                .map_err(|_| failure("the store's writer has stopped"))?
         })
     }
 
@@ -255,7 +276,7 @@ impl SqliteStore {
                 out
             })
             .await
-            .map_err(backend)?
+            .map_err(failure)?
         })
     }
 }
@@ -362,7 +383,9 @@ fn apply(
         r: Result<T, StoreError>,
         failed: &mut Option<StoreError>,
     ) -> Box<dyn FnOnce(Option<StoreError>) + Send> {
-        if let Err(e @ StoreError::Backend(_)) = &r {
+        if let Err(e) = &r
+            && e.is_failure()
+        {
             failed.get_or_insert_with(|| e.clone());
         }
         Box::new(move |commit_error| {
@@ -413,7 +436,7 @@ fn create(c: &Connection, new: NewRun) -> Result<Created, StoreError> {
         r.module_id,
         r.module_name,
         serde_json::Value::Object(r.parameters.clone()).to_string(),
-        serde_json::to_string(&r.argv).map_err(backend)?,
+        serde_json::to_string(&r.argv).map_err(failure)?,
         r.mode.as_str(),
         i64::try_from(r.timeout.as_millis()).unwrap_or(i64::MAX),
         micros(r.created_at),
@@ -442,7 +465,7 @@ fn by_key(c: &Connection, k: &IdempotencyKey) -> Result<Option<Run>, StoreError>
         None => Ok(None),
         Some((_, fp)) if fp != k.fingerprint as i64 => Err(StoreError::IdempotencyConflict),
         Some((id, _)) => {
-            let id = RunId::from_bytes(&id).ok_or_else(|| backend("bad run id in the store"))?;
+            let id = RunId::from_bytes(&id).ok_or_else(|| failure("bad run id in the store"))?;
             get_run(c, id)
         }
     }
@@ -520,7 +543,7 @@ fn transition(c: &Connection, id: RunId, expect: Expect, next: RunState) -> Resu
     let status = status.ok_or(StoreError::NotFound(id))?;
     let status: RunStatus = status
         .parse()
-        .map_err(|_| backend(format!("bad status {status:?} in the store")))?;
+        .map_err(|_| failure(format!("bad status {status:?} in the store")))?;
     if !expect.allows_status(status) {
         let run = get_run(c, id)?.ok_or(StoreError::NotFound(id))?;
         return Err(StoreError::WrongState(Box::new(run)));
@@ -586,7 +609,7 @@ fn decode_chunk(
     limit: usize,
     out: &mut Vec<Line>,
 ) -> Result<(), StoreError> {
-    let corrupt = || backend("a stored output chunk is corrupt");
+    let corrupt = || failure("a stored output chunk is corrupt");
     let mut pos = 0;
     let mut seq = first_seq;
     while pos < data.len() && out.len() < limit {

@@ -150,13 +150,16 @@ async fn timeout_stops_the_group() {
 }
 
 /// A missing program or a non-executable file makes the run failed with a clear error, which
-/// is also its one stderr line.
+/// is also its one stderr line, and which names no server path nor the server's PATH.
 #[tokio::test]
 async fn spawn_failures_are_outcomes() {
     let app = spawn_app().await;
     for (module, needle) in [
-        ("missing", "not found on PATH"),
-        ("noexec", "permission denied"),
+        (
+            "missing",
+            "cannot start `no-such-program-modrun-test`: not found on the module's PATH",
+        ),
+        ("noexec", "cannot start `./noexec.sh`: permission denied"),
     ] {
         let res = app
             .post_to("/runs?wait=5", json!({"module_id": module}))
@@ -168,6 +171,8 @@ async fn spawn_failures_are_outcomes() {
         assert_eq!(run["pid"], Value::Null);
         let error = run["error"].as_str().unwrap();
         assert!(error.contains(needle), "{error}");
+        assert!(!error.contains("/usr/bin"), "no PATH: {error}");
+        assert!(!error.contains("/tmp"), "no server path: {error}");
         let lines = app.output(run["id"].as_str().unwrap()).await;
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0]["stream"], "stderr");

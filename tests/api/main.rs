@@ -2,7 +2,9 @@
 
 mod basics;
 mod cancel;
+mod errors;
 mod faults;
+mod faulty;
 mod helpers;
 mod library;
 mod limits;
