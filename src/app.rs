@@ -13,12 +13,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::api::{self, AppState};
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::output::OutputLimits;
 use crate::registry::Registry;
 use crate::run::{Outcome, Run, RunState};
 use crate::runner::{self, ModuleRunner, RunRequest, RunnerSettings};
-use crate::store::{Expect, MemoryStore, Retention, RunStore, SqliteStore, StoreError};
+use crate::store::{Expect, Held, MemoryStore, Retention, RunStore, SqliteStore, StoreError};
 
 /// How long start-up waits for the SIGKILLed leftovers of lost runs to die before it goes on.
 const LEFTOVER_KILL_LIMIT: Duration = Duration::from_secs(2);
@@ -90,13 +91,13 @@ impl App {
         for (run, killed) in recovered.lost.iter().zip(killed) {
             tracing::warn!(run_id = %run.id, module = %run.module_id, killed, "run was executing when modrun stopped: marked lost");
         }
-        for (run, stdin) in recovered.queued {
-            app.requeue(run, stdin).await?;
+        for (run, held) in recovered.queued {
+            app.requeue(run, held).await?;
         }
         Ok(app)
     }
 
-    async fn requeue(&self, run: Run, stdin: Option<String>) -> Result<(), StoreError> {
+    async fn requeue(&self, run: Run, held: Held) -> Result<(), StoreError> {
         let id = run.id;
         let problem = match self.config.module(&run.module_id) {
             None => Some(format!(
@@ -121,7 +122,7 @@ impl App {
                         run.timeout.min(self.config.module_timeout(module)),
                         run.mode,
                     );
-                    req.stdin = stdin;
+                    req.stdin = held.stdin;
                     self.registry.adopt(run);
                     self.runner.requeue(id, req);
                     None
@@ -165,7 +166,23 @@ impl App {
             runner,
             base_env,
         } = self;
-        let state = AppState::new(config.clone(), runner.clone(), base_env);
+        let ip = listener.local_addr()?.ip();
+        let anonymous = config
+            .auth
+            .anonymous_on(ip)
+            .map_err(std::io::Error::other)?;
+        let auth = Auth::new(&config.auth.tokens, anonymous);
+        tracing::info!(
+            tokens = config.auth.tokens.len(),
+            anonymous,
+            "API access: {}",
+            match (config.auth.tokens.is_empty(), anonymous) {
+                (true, _) => "anyone who reaches the port (no token configured)",
+                (false, true) => "tokens, and anonymous requests (auth.allow_anonymous)",
+                (false, false) => "API tokens only",
+            }
+        );
+        let state = AppState::new(config.clone(), runner.clone(), base_env).with_auth(auth);
         let router = api::router(state.clone());
 
         let background = TaskTracker::new();

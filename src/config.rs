@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer};
 use serde_json::Value;
 
+use crate::auth::{ModulePattern, Scope, TokenEntry, parse_sha256_hex};
 use crate::module::{MAX_ARG_BYTES, Module, ParamKind, Parameter, Passing, Pattern};
 use crate::output::OutputLimits;
 use crate::run::RunMode;
@@ -35,6 +36,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// `[storage]`.
     pub storage: StorageConfig,
+    /// `[auth]`.
+    pub auth: AuthConfig,
     /// `[[modules]]`, in file order.
     pub modules: Vec<Arc<Module>>,
 }
@@ -88,6 +91,41 @@ pub struct RetentionConfig {
     pub keep_runs: usize,
     /// Finished runs older than this go.
     pub keep_for: Duration,
+}
+
+/// `[auth]`: API tokens.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Serve requests without a token (as the anonymous caller, who may do everything) even
+    /// when tokens exist or modrun listens beyond loopback.
+    pub allow_anonymous: bool,
+    /// The tokens: `[[auth.tokens]]` and those of `tokens_file`.
+    pub tokens: Vec<TokenEntry>,
+    /// The file the other tokens came from (absolute), if any.
+    pub tokens_file: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    /// Whether a server listening on `ip` serves requests without a token: when
+    /// `allow_anonymous` says so, or when no token is configured and it listens on loopback
+    /// only. `Err` (a sentence for the operator) when no token is configured and it listens
+    /// beyond loopback without `allow_anonymous`: modrun refuses to start.
+    pub fn anonymous_on(&self, ip: std::net::IpAddr) -> Result<bool, String> {
+        if self.allow_anonymous {
+            return Ok(true);
+        }
+        if !self.tokens.is_empty() {
+            return Ok(false);
+        }
+        if ip.is_loopback() {
+            return Ok(true);
+        }
+        Err(format!(
+            "modrun would listen on {ip} with no API token: anyone who reaches the port could run every module. \
+             Add a token (`modrun token new --name NAME` prints one and its [[auth.tokens]] entry), \
+             or set auth.allow_anonymous = true if the network is trusted"
+        ))
+    }
 }
 
 /// `[storage]`.
@@ -159,7 +197,36 @@ struct RawConfig {
     #[serde(default)]
     storage: RawStorage,
     #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
     modules: Vec<RawModule>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    allow_anonymous: bool,
+    #[serde(default)]
+    tokens: Vec<RawToken>,
+    tokens_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: String,
+    sha256: String,
+    scopes: Vec<String>,
+    modules: Option<Vec<String>>,
+}
+
+/// `auth.tokens_file`: the same table format, at the top level.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokensFile {
+    #[serde(default)]
+    tokens: Vec<RawToken>,
 }
 
 #[derive(Deserialize, Default)]
@@ -355,13 +422,112 @@ impl Config {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let tokens_file = raw.auth.tokens_file.as_ref().map(|f| base.join(f));
         let mut config = build(raw, &base).map_err(|(key, message)| err(Some(key), message))?;
         config.file = file.to_owned();
+        if let Some(path) = tokens_file {
+            let more = load_tokens_file(&path)?;
+            for (i, t) in more.into_iter().enumerate() {
+                check_token_unique(&config.auth.tokens, &t).map_err(|(field, message)| {
+                    ConfigError {
+                        file: path.clone(),
+                        key: Some(format!("tokens[{i}].{field}")),
+                        message,
+                    }
+                })?;
+                config.auth.tokens.push(t);
+            }
+            config.auth.tokens_file = Some(path);
+        }
         Ok(config)
     }
 }
 
 type KeyError = (String, String);
+
+/// The tokens of an `auth.tokens_file`; errors name that file.
+fn load_tokens_file(path: &Path) -> Result<Vec<TokenEntry>, ConfigError> {
+    let err = |key: Option<String>, message: String| ConfigError {
+        file: path.to_owned(),
+        key,
+        message,
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(None, format!("cannot read the tokens file: {e}")))?;
+    let de = toml::Deserializer::parse(&text).map_err(|e| err(None, e.to_string()))?;
+    let raw: RawTokensFile = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let msg = e.into_inner().message().trim().to_owned();
+        err((key != ".").then_some(key), msg)
+    })?;
+    let mut out: Vec<TokenEntry> = Vec::new();
+    for (i, t) in raw.tokens.into_iter().enumerate() {
+        let key = format!("tokens[{i}]");
+        let entry = build_token(t, &key).map_err(|(k, m)| err(Some(k), m))?;
+        check_token_unique(&out, &entry).map_err(|(f, m)| err(Some(format!("{key}.{f}")), m))?;
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+/// One `[[auth.tokens]]` entry.
+fn build_token(t: RawToken, key: &str) -> Result<TokenEntry, KeyError> {
+    let ok_name = (1..=64).contains(&t.name.len())
+        && t.name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+    if !ok_name {
+        return Err((
+            format!("{key}.name"),
+            format!("`{}` is not a token name ([A-Za-z0-9._-]{{1,64}})", t.name),
+        ));
+    }
+    let sha256 = parse_sha256_hex(&t.sha256.to_ascii_lowercase()).ok_or_else(|| {
+        let hint = if t.sha256.starts_with(crate::auth::TOKEN_PREFIX) {
+            " (this looks like a token itself: write its SHA-256, never the token)"
+        } else {
+            ""
+        };
+        (
+            format!("{key}.sha256"),
+            format!("must be the SHA-256 of the token as 64 hex digits{hint}"),
+        )
+    })?;
+    let mut scopes = Vec::new();
+    for (i, s) in t.scopes.iter().enumerate() {
+        let scope: Scope = s.parse().map_err(|m| (format!("{key}.scopes[{i}]"), m))?;
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    let modules = t
+        .modules
+        .unwrap_or_else(|| vec!["*".to_owned()])
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ModulePattern::new(p).map_err(|m| (format!("{key}.modules[{i}]"), m)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TokenEntry {
+        name: t.name,
+        sha256,
+        scopes,
+        modules,
+    })
+}
+
+/// A token's name and hash must be unique; `Err` names the field.
+fn check_token_unique(have: &[TokenEntry], t: &TokenEntry) -> Result<(), KeyError> {
+    if have.iter().any(|h| h.name == t.name) {
+        return Err(("name".into(), format!("duplicate token name `{}`", t.name)));
+    }
+    if have.iter().any(|h| h.sha256 == t.sha256) {
+        return Err((
+            "sha256".into(),
+            format!("token `{}` has the same hash as another token", t.name),
+        ));
+    }
+    Ok(())
+}
 
 fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
     let defaults = RunnerConfig::default();
@@ -409,6 +575,13 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
     if keep_alive.is_zero() {
         return Err(("sse.keep_alive".into(), "must be longer than 0s".into()));
     }
+    let mut tokens: Vec<TokenEntry> = Vec::new();
+    for (i, t) in raw.auth.tokens.into_iter().enumerate() {
+        let key = format!("auth.tokens[{i}]");
+        let entry = build_token(t, &key)?;
+        check_token_unique(&tokens, &entry).map_err(|(f, m)| (format!("{key}.{f}"), m))?;
+        tokens.push(entry);
+    }
     let mut seen = HashSet::new();
     let mut modules = Vec::with_capacity(raw.modules.len());
     for (i, m) in raw.modules.into_iter().enumerate() {
@@ -446,6 +619,11 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
                 Some(p) if p.as_os_str().is_empty() => None,
                 Some(p) => Some(base.join(p)),
             },
+        },
+        auth: AuthConfig {
+            allow_anonymous: raw.auth.allow_anonymous,
+            tokens,
+            tokens_file: None,
         },
         modules,
     })

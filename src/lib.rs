@@ -25,6 +25,8 @@
 //! ```
 //!
 //! - [`config`] — the TOML file, validated once into typed settings and the module catalog.
+//! - [`auth`] — API tokens (stored as SHA-256), scopes and module patterns; the API checks every
+//!   route's scope in one middleware (`api::access`), fail closed.
 //! - [`module`] — the catalog's types, request-parameter validation, argv/env building.
 //! - [`run`] — domain types without I/O: ids, run modes, the run state machine, outcomes.
 //! - [`output`] — the per-run output log (budget, persisted window, change signal) and its line
@@ -61,6 +63,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod module;
 pub mod output;

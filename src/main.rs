@@ -29,6 +29,30 @@ enum Command {
         #[arg(long, env = "MODRUN_BIND")]
         bind: Option<SocketAddr>,
     },
+    /// API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a fresh random token, and the `[[auth.tokens]]` entry (with its SHA-256, never the
+    /// token) to add to the config or the tokens file.
+    New {
+        /// The token's name: shown as a run's created_by and in the log.
+        #[arg(long)]
+        name: String,
+        /// A scope it gets (repeat for several); default: modules:read, runs:create, runs:read,
+        /// runs:cancel.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// A module pattern it may see and run (repeat for several; `*` and `?` match); default
+        /// every module.
+        #[arg(long = "module")]
+        modules: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -39,7 +63,84 @@ fn main() -> ExitCode {
     let _log = modrun::telemetry::init("info", std::io::stderr(), ansi);
     match cli.command {
         Command::Serve { config, bind } => serve(config, bind),
+        Command::Token {
+            command:
+                TokenCommand::New {
+                    name,
+                    scopes,
+                    modules,
+                },
+        } => new_token(&name, &scopes, &modules),
     }
+}
+
+/// `modrun token new`: the token on stdout's first line, then the config entry.
+fn new_token(name: &str, scopes: &[String], modules: &[String]) -> ExitCode {
+    use modrun::auth::{ModulePattern, Scope};
+    let scopes: Vec<String> = if scopes.is_empty() {
+        Scope::ALL.iter().map(|s| s.as_str().to_owned()).collect()
+    } else {
+        scopes.to_vec()
+    };
+    for s in &scopes {
+        if let Err(e) = s.parse::<Scope>() {
+            say(format_args!("{e}"));
+            return ExitCode::from(2);
+        }
+    }
+    let modules: Vec<String> = if modules.is_empty() {
+        vec!["*".to_owned()]
+    } else {
+        modules.to_vec()
+    };
+    for m in &modules {
+        if let Err(e) = ModulePattern::new(m) {
+            say(format_args!("{e}"));
+            return ExitCode::from(2);
+        }
+    }
+    let valid_name = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+    if !valid_name {
+        say(format_args!(
+            "`{name}` is not a token name ([A-Za-z0-9._-]{{1,64}})"
+        ));
+        return ExitCode::from(2);
+    }
+    let token = match modrun::auth::new_token() {
+        Ok(t) => t,
+        Err(e) => {
+            say(format_args!("cannot read random bytes: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let list = |items: &[String]| {
+        items
+            .iter()
+            .map(|i| format!("\"{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let text = format!(
+        "{token}\n\n\
+         # Give the line above to the client (Authorization: Bearer <token>); it is shown once.\n\
+         # Add this to the config (or to auth.tokens_file, as [[tokens]]):\n\
+         [[auth.tokens]]\n\
+         name = \"{name}\"\n\
+         sha256 = \"{}\"\n\
+         scopes = [{}]\n\
+         modules = [{}]\n",
+        modrun::auth::hex(&modrun::auth::sha256(token.as_bytes())),
+        list(&scopes),
+        list(&modules)
+    );
+    use std::io::Write;
+    if std::io::stdout().write_all(text.as_bytes()).is_err() {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 /// A message for the operator on stderr, straight (start-up errors, before or after the log

@@ -201,10 +201,12 @@ pub enum Outcome {
     SpawnFailed(String),
     /// Cancelled; `exit` is how the process ended, if one was started.
     Cancelled {
-        /// Who asked.
+        /// Why.
         reason: CancelReason,
         /// How the process ended, if one was started.
         exit: Option<Exit>,
+        /// The name of the API token that asked, if one did.
+        by: Option<String>,
     },
     /// The timeout expired and the process was stopped.
     TimedOut {
@@ -354,6 +356,8 @@ pub struct Run {
     pub state: RunState,
     /// How many output lines it has kept so far.
     pub output_lines: u64,
+    /// The name of the API token that created it; `None` when anonymous.
+    pub created_by: Option<String>,
 }
 
 impl Run {
@@ -404,6 +408,7 @@ impl Run {
             Outcome::Cancelled {
                 reason: CancelReason::Request,
                 exit,
+                ..
             } => match exit {
                 None => "the run was cancelled before it started".to_owned(),
                 Some(_) => "the run was cancelled by request".to_owned(),
@@ -418,6 +423,17 @@ impl Run {
             ),
             Outcome::Lost => "modrun stopped while the run was executing".to_owned(),
         })
+    }
+
+    /// The name of the API token that cancelled it, if a token did.
+    pub fn cancelled_by(&self) -> Option<&str> {
+        match &self.state {
+            RunState::Finished {
+                outcome: Outcome::Cancelled { by, .. },
+                ..
+            } => by.as_deref(),
+            _ => None,
+        }
     }
 
     /// When the process started, if it has.

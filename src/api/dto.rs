@@ -6,25 +6,27 @@ use serde_json::{Map, Value};
 use crate::module::{Module, ParamKind, Parameter};
 use crate::run::{Line, Run, rfc3339};
 
-/// A run as the API shows it.
+/// A run as the API shows it, the most telling keys first.
 #[derive(Debug, Serialize)]
 pub struct RunDto<'a> {
     id: String,
     module_id: &'a str,
     module_name: &'a str,
-    parameters: &'a Map<String, Value>,
-    argv: &'a [String],
-    mode: &'static str,
     status: &'static str,
     created_at: String,
     started_at: Option<String>,
     finished_at: Option<String>,
     exit_code: Option<i32>,
     signal: Option<i32>,
-    pid: Option<u32>,
     error: Option<String>,
-    output_lines: u64,
+    created_by: Option<&'a str>,
+    cancelled_by: Option<&'a str>,
+    parameters: &'a Map<String, Value>,
+    mode: &'static str,
     timeout_s: f64,
+    pid: Option<u32>,
+    output_lines: u64,
+    argv: &'a [String],
 }
 
 impl<'a> From<&'a Run> for RunDto<'a> {
@@ -33,19 +35,21 @@ impl<'a> From<&'a Run> for RunDto<'a> {
             id: r.id.to_string(),
             module_id: &r.module_id,
             module_name: &r.module_name,
-            parameters: &r.parameters,
-            argv: &r.argv,
-            mode: r.mode.as_str(),
             status: r.status().as_str(),
             created_at: rfc3339(r.created_at),
             started_at: r.started_at().map(rfc3339),
             finished_at: r.finished_at().map(rfc3339),
             exit_code: r.exit_code(),
             signal: r.signal(),
-            pid: r.pid(),
             error: r.error(),
-            output_lines: r.output_lines,
+            created_by: r.created_by.as_deref(),
+            cancelled_by: r.cancelled_by(),
+            parameters: &r.parameters,
+            mode: r.mode.as_str(),
             timeout_s: r.timeout.as_secs_f64(),
+            pid: r.pid(),
+            output_lines: r.output_lines,
+            argv: &r.argv,
         }
     }
 }

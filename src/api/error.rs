@@ -79,6 +79,26 @@ impl ApiError {
         )
     }
 
+    /// 401: no valid API token (the caller adds the `WWW-Authenticate` challenge).
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            detail.into(),
+        )
+    }
+
+    /// 403: the token may not do this.
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Forbidden",
+            detail.into(),
+        )
+    }
+
     /// 404: no such resource.
     pub fn not_found(detail: impl Into<String>) -> Self {
         Self::new(

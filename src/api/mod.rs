@@ -1,5 +1,6 @@
 //! The HTTP API: the router, its state, and the handlers. The only code that knows HTTP.
 
+mod access;
 mod dto;
 mod error;
 mod extract;
@@ -14,31 +15,19 @@ use axum::http::{HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
+pub use access::ROUTES;
 pub use dto::{LineDto, ModuleDto, RunDto, run_json};
 pub use error::{ApiError, PROBLEM_JSON};
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::runner::ModuleRunner;
-
-/// Every route the router serves, as (method, path template). `openapi.yaml` documents exactly
-/// these; a test keeps the two in step.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/healthz"),
-    ("GET", "/modules"),
-    ("GET", "/modules/{id}"),
-    ("POST", "/runs"),
-    ("GET", "/runs"),
-    ("GET", "/runs/{id}"),
-    ("DELETE", "/runs/{id}"),
-    ("GET", "/runs/{id}/output"),
-    ("GET", "/runs/{id}/stream"),
-];
 
 /// What the handlers share. Cheap to clone.
 #[derive(Clone)]
@@ -53,6 +42,8 @@ pub struct AppState {
     pub streams_end: CancellationToken,
     /// Set at shutdown: every new request gets 503.
     pub draining: Arc<AtomicBool>,
+    /// API tokens and the anonymous policy.
+    pub auth: Arc<Auth>,
 }
 
 impl AppState {
@@ -68,7 +59,15 @@ impl AppState {
             base_env,
             streams_end: CancellationToken::new(),
             draining: Arc::new(AtomicBool::new(false)),
+            auth: Arc::new(Auth::new(&[], true)),
         }
+    }
+
+    /// Check requests against `auth` (the default serves everyone anonymously, as on a
+    /// loopback address with no token configured).
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = Arc::new(auth);
+        self
     }
 }
 
@@ -82,6 +81,10 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{id}", get(runs::get).delete(runs::cancel))
         .route("/runs/{id}/output", get(runs::output))
         .route("/runs/{id}/stream", get(sse::stream))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            access::authorize,
+        ))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
@@ -150,11 +153,15 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-async fn list_modules(State(state): State<AppState>) -> Json<serde_json::Value> {
+async fn list_modules(
+    State(state): State<AppState>,
+    Extension(caller): access::CallerExt,
+) -> Json<serde_json::Value> {
     let c = &state.config;
     let modules: Vec<ModuleDto> = c
         .modules
         .iter()
+        .filter(|m| caller.sees_module(&m.id))
         .map(|m| ModuleDto::new(m, c.module_timeout(m)))
         .collect();
     Json(json!({ "modules": modules }))
@@ -162,11 +169,13 @@ async fn list_modules(State(state): State<AppState>) -> Json<serde_json::Value> 
 
 async fn get_module(
     State(state): State<AppState>,
+    Extension(caller): access::CallerExt,
     extract::IdPath(id): extract::IdPath,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let c = &state.config;
     let m = c
         .module(&id)
+        .filter(|m| caller.sees_module(&m.id))
         .ok_or_else(|| ApiError::not_found(format!("no module `{}`", crate::module::echo(&id))))?;
     Ok(Json(
         serde_json::to_value(ModuleDto::new(m, c.module_timeout(m))).map_err(ApiError::internal)?,

@@ -2,17 +2,19 @@
 
 use std::time::Duration;
 
-use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde_json::{Map, Value, json};
 
 use super::AppState;
+use super::access::CallerExt;
 use super::dto::{LineDto, run_json};
 use super::error::{ApiError, Message};
 use super::extract::{JsonBody, QueryPairs, RunIdPath};
+use crate::auth::Caller;
 use crate::module::{FieldError, echo, exec_size, json_type};
 use crate::run::{Run, RunId, RunMode, RunStatus};
 use crate::runner::{self, RunRequest, Submitted};
@@ -185,6 +187,7 @@ fn idempotency_key(headers: &HeaderMap, body: &Value) -> Result<Option<Idempoten
 /// `POST /runs`.
 pub async fn create(
     State(state): State<AppState>,
+    Extension(caller): CallerExt,
     query: QueryPairs,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
@@ -195,6 +198,7 @@ pub async fn create(
     let config = &state.config;
     let module = config
         .module(&req.module_id)
+        .filter(|m| caller.sees_module(&m.id))
         .ok_or_else(|| ApiError::not_found(format!("no module `{}`", echo(&req.module_id))))?;
 
     let params = module
@@ -255,6 +259,7 @@ pub async fn create(
     }
     run_req.stdin = req.stdin;
     run_req.idempotency = key;
+    run_req.created_by = caller.name().map(str::to_owned);
 
     let (handle, existing) = match state.runner.submit(run_req).await? {
         Submitted::New(h) => (h, false),
@@ -284,7 +289,11 @@ pub async fn create(
 }
 
 /// `GET /runs`.
-pub async fn list(State(state): State<AppState>, query: QueryPairs) -> Result<Response, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(caller): CallerExt,
+    query: QueryPairs,
+) -> Result<Response, ApiError> {
     let limit = query.u64_in("limit", 1..=1000)?.unwrap_or(50) as usize;
     let before =
         match query.get("cursor").filter(|c| !c.is_empty()) {
@@ -327,6 +336,7 @@ pub async fn list(State(state): State<AppState>, query: QueryPairs) -> Result<Re
                 .map(String::from),
             before,
             limit,
+            modules: caller.module_patterns().map(<[_]>::to_vec),
         })
         .await?;
     let runs: Vec<Value> = page.runs.iter().map(run_json).collect();
@@ -341,21 +351,42 @@ fn not_found(id: RunId) -> ApiError {
     ApiError::not_found(format!("no run {id}"))
 }
 
+/// The run `id` as the caller may see it: 404 when it does not exist or belongs to a module
+/// outside the caller's patterns (the two look the same).
+pub(super) async fn visible_run(
+    state: &AppState,
+    caller: &Caller,
+    id: RunId,
+) -> Result<Run, ApiError> {
+    state
+        .runner
+        .get(id)
+        .await?
+        .filter(|run| caller.sees_module(&run.module_id))
+        .ok_or_else(|| not_found(id))
+}
+
 /// `GET /runs/{id}`.
 pub async fn get(
     State(state): State<AppState>,
+    Extension(caller): CallerExt,
     RunIdPath(id): RunIdPath,
 ) -> Result<Response, ApiError> {
-    let run = state.runner.get(id).await?.ok_or_else(|| not_found(id))?;
+    let run = visible_run(&state, &caller, id).await?;
     Ok(Json(run_json(&run)).into_response())
 }
 
 /// `DELETE /runs/{id}`.
 pub async fn cancel(
     State(state): State<AppState>,
+    Extension(caller): CallerExt,
     RunIdPath(id): RunIdPath,
 ) -> Result<Response, ApiError> {
-    let run = state.runner.cancel(id).await?;
+    visible_run(&state, &caller, id).await?;
+    let run = state
+        .runner
+        .cancel_by(id, caller.name().map(str::to_owned))
+        .await?;
     Ok(run_response(StatusCode::ACCEPTED, &run))
 }
 
@@ -369,13 +400,14 @@ fn wants_text(headers: &HeaderMap) -> bool {
 /// `GET /runs/{id}/output`.
 pub async fn output(
     State(state): State<AppState>,
+    Extension(caller): CallerExt,
     RunIdPath(id): RunIdPath,
     query: QueryPairs,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let after = query.u64("after")?.unwrap_or(0);
     let limit = query.u64_in("limit", 1..=10_000)?.unwrap_or(1000) as usize;
-    let run = state.runner.get(id).await?.ok_or_else(|| not_found(id))?;
+    let run = visible_run(&state, &caller, id).await?;
     let registry = state.runner.registry().clone();
     if wants_text(&headers) {
         // Stream the text in batches rather than building it whole.

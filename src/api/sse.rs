@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
@@ -17,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
+use super::access::CallerExt;
 use super::dto::run_json;
 use super::error::ApiError;
 use super::extract::{QueryPairs, RunIdPath};
@@ -29,6 +31,7 @@ const BATCH: usize = 2048;
 /// `GET /runs/{id}/stream`.
 pub async fn stream(
     State(state): State<AppState>,
+    Extension(caller): CallerExt,
     RunIdPath(id): RunIdPath,
     query: QueryPairs,
     headers: HeaderMap,
@@ -52,10 +55,7 @@ pub async fn stream(
     // Make the cursor before looking the run up, so that a run that finishes in between is
     // read from the store, not missed.
     let cursor = Cursor::new(registry.clone(), id, after);
-    registry
-        .get(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no run {id}")))?;
+    super::runs::visible_run(&state, &caller, id).await?;
     let follow = Follow {
         registry,
         id,
@@ -276,13 +276,14 @@ mod tests {
             created_at: SystemTime::now(),
             state: RunState::Queued,
             output_lines: 0,
+            created_by: None,
         };
         let id = run.id;
         registry
             .create(NewRun {
                 run,
                 key: None,
-                stdin: None,
+                held: Default::default(),
             })
             .await
             .unwrap();

@@ -58,9 +58,9 @@ use tracing::Instrument;
 use crate::module::{Module, ValidParams};
 use crate::output::{OutputLimits, OutputLog};
 use crate::registry::{Cursor, Registry};
-use crate::run::{CancelReason, Line, Outcome, Run, RunId, RunMode, RunState, Stream};
+use crate::run::{CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, Stream};
 use crate::store::{
-    Created, Expect, IdempotencyKey, ListQuery, MemoryStore, NewRun, Page, StoreError,
+    Created, Expect, Held, IdempotencyKey, ListQuery, MemoryStore, NewRun, Page, StoreError,
 };
 use process::{ProcEvents, ProcSpec, Stopped, Supervision};
 
@@ -132,6 +132,8 @@ pub struct RunRequest {
     pub max_concurrent: Option<NonZeroUsize>,
     /// Deduplicates submissions: a known key with an equal fingerprint returns the first run.
     pub idempotency: Option<IdempotencyKey>,
+    /// The name of the API token that asked for it (recorded as the run's `created_by`).
+    pub created_by: Option<String>,
 }
 
 impl RunRequest {
@@ -155,6 +157,7 @@ impl RunRequest {
             mode: RunMode::Auto,
             max_concurrent: None,
             idempotency: None,
+            created_by: None,
         }
     }
 
@@ -186,6 +189,7 @@ impl RunRequest {
             mode,
             max_concurrent: module.max_concurrent,
             idempotency: None,
+            created_by: None,
         }
     }
 }
@@ -289,8 +293,20 @@ struct Pending {
 #[derive(Clone)]
 struct Control {
     cancel: CancellationToken,
-    /// Why it was cancelled; the first reason wins.
-    reason: Arc<OnceLock<CancelReason>>,
+    /// Why it was cancelled, and by which token; the first reason wins.
+    reason: Arc<OnceLock<(CancelReason, Option<String>)>>,
+}
+
+impl Control {
+    /// The outcome of a cancelled run that ended with `exit`.
+    fn cancelled(&self, exit: Option<Exit>) -> Outcome {
+        let (reason, by) = self
+            .reason
+            .get()
+            .cloned()
+            .unwrap_or((CancelReason::Request, None));
+        Outcome::Cancelled { reason, exit, by }
+    }
 }
 
 impl ModuleRunner {
@@ -401,11 +417,17 @@ impl ModuleRunner {
     /// Like [`ModuleRunner::submit`], the work runs in a task of its own: a caller that stops
     /// waiting cannot leave a run taken off the queue but never recorded as cancelled.
     pub async fn cancel(&self, id: RunId) -> Result<Run, CancelError> {
+        self.cancel_by(id, None).await
+    }
+
+    /// [`ModuleRunner::cancel`] on behalf of the API token named `by` (recorded as the run's
+    /// `cancelled_by`).
+    pub async fn cancel_by(&self, id: RunId, by: Option<String>) -> Result<Run, CancelError> {
         let this = self.clone();
         let span = tracing::debug_span!("cancel", run_id = %id);
         self.inner
             .tasks
-            .spawn(async move { this.cancel_now(id).await }.instrument(span))
+            .spawn(async move { this.cancel_now(id, by).await }.instrument(span))
             .await
             .unwrap_or_else(|e| {
                 Err(CancelError::Store(StoreError::Backend(format!(
@@ -414,7 +436,7 @@ impl ModuleRunner {
             })
     }
 
-    async fn cancel_now(&self, id: RunId) -> Result<Run, CancelError> {
+    async fn cancel_now(&self, id: RunId, by: Option<String>) -> Result<Run, CancelError> {
         let registry = &self.inner.registry;
         let (was_queued, signalled) = {
             let mut s = self.inner.lock();
@@ -422,7 +444,7 @@ impl ModuleRunner {
                 s.queue.remove(pos);
                 (true, false)
             } else if let Some(ctl) = s.active.get(&id) {
-                let _ = ctl.reason.set(CancelReason::Request);
+                let _ = ctl.reason.set((CancelReason::Request, by.clone()));
                 ctl.cancel.cancel();
                 (false, true)
             } else {
@@ -437,6 +459,7 @@ impl ModuleRunner {
                 outcome: Outcome::Cancelled {
                     reason: CancelReason::Request,
                     exit: None,
+                    by,
                 },
             };
             if let Some(log) = registry.live_log(id) {
@@ -488,7 +511,7 @@ impl ModuleRunner {
         let mut s = self.inner.lock();
         s.open = false;
         for ctl in s.active.values() {
-            let _ = ctl.reason.set(CancelReason::Shutdown);
+            let _ = ctl.reason.set((CancelReason::Shutdown, None));
             ctl.cancel.cancel();
         }
     }
@@ -583,13 +606,17 @@ impl Inner {
             created_at: now,
             state,
             output_lines: 0,
+            created_by: req.created_by.clone(),
         };
         let created = self
             .registry
             .create(NewRun {
                 run,
                 key: req.idempotency.clone(),
-                stdin: req.stdin.clone(),
+                held: Held {
+                    stdin: req.stdin.clone(),
+                    secrets: Map::new(),
+                },
             })
             .await;
         let not_new = match created {
@@ -763,10 +790,7 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<Syst
         started: Mutex::new(started.map(|t| (t, None))),
     };
     let outcome = if ctl.cancel.is_cancelled() {
-        Outcome::Cancelled {
-            reason: ctl.reason.get().copied().unwrap_or(CancelReason::Request),
-            exit: None,
-        }
+        ctl.cancelled(None)
     } else {
         let mode = req.mode.resolve();
         if started.is_none() {
@@ -796,10 +820,7 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<Syst
         match process::run_process(&spec, mode, sink, sup, &events).await {
             Ok(end) => match end.stopped {
                 None => Outcome::Exited(end.exit),
-                Some(Stopped::Cancelled) => Outcome::Cancelled {
-                    reason: ctl.reason.get().copied().unwrap_or(CancelReason::Request),
-                    exit: Some(end.exit),
-                },
+                Some(Stopped::Cancelled) => ctl.cancelled(Some(end.exit)),
                 Some(Stopped::TimedOut) => Outcome::TimedOut {
                     exit: Some(end.exit),
                 },

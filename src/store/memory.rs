@@ -165,6 +165,10 @@ impl RunStore for MemoryStore {
                     .statuses
                     .as_ref()
                     .is_some_and(|s| !s.contains(&entry.run.status()))
+                || query
+                    .modules
+                    .as_ref()
+                    .is_some_and(|ps| !ps.iter().any(|p| p.matches(&entry.run.module_id)))
             {
                 continue;
             }
@@ -228,6 +232,7 @@ mod tests {
             created_at: SystemTime::now(),
             state: RunState::Queued,
             output_lines: 0,
+            created_by: None,
         }
     }
 
@@ -238,7 +243,7 @@ mod tests {
                 key: k.into(),
                 fingerprint: 1,
             }),
-            stdin: None,
+            held: Default::default(),
         }
     }
 
@@ -349,6 +354,7 @@ mod tests {
             module_id: module.map(String::from),
             before,
             limit,
+            modules: None,
         };
         let p1 = s.list(q(None, None, 2)).await.unwrap();
         let p1_ids: Vec<RunId> = p1.runs.iter().map(|r| r.id).collect();
@@ -362,5 +368,22 @@ mod tests {
         let last = s.list(q(Some(ids[1]), None, 1)).await.unwrap();
         assert_eq!(last.runs[0].id, ids[0]);
         assert!(last.next_cursor.is_none());
+        let pattern = |p: &str| Some(vec![crate::auth::ModulePattern::new(p).unwrap()]);
+        let seen = s
+            .list(ListQuery {
+                modules: pattern("o*"),
+                ..q(None, None, 10)
+            })
+            .await
+            .unwrap();
+        assert_eq!(seen.runs.len(), 3);
+        let none = s
+            .list(ListQuery {
+                modules: Some(vec![]),
+                ..q(None, None, 10)
+            })
+            .await
+            .unwrap();
+        assert!(none.runs.is_empty());
     }
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 pub use memory::MemoryStore;
 pub use sqlite::{OpenError, SCHEMA_VERSION, SqliteStore};
 
+use crate::auth::ModulePattern;
 use crate::run::{Line, Run, RunId, RunState, RunStatus};
 
 /// What store methods return.
@@ -37,9 +38,19 @@ pub struct NewRun {
     pub run: Run,
     /// Its idempotency key, if the client sent one.
     pub key: Option<IdempotencyKey>,
-    /// Text for the child's stdin, kept until the run starts (so a queued run survives a
-    /// restart).
+    /// What it needs to start that its record does not show.
+    pub held: Held,
+}
+
+/// What a queued run needs to start and its record does not show: kept by the store only while
+/// the run is queued (so that a queued run survives a restart), dropped when it leaves the
+/// queue.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Held {
+    /// Text for the child's stdin.
     pub stdin: Option<String>,
+    /// Secret parameter values (the record shows them as `***`).
+    pub secrets: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What [`RunStore::create`] did.
@@ -85,6 +96,9 @@ pub struct ListQuery {
     pub statuses: Option<Vec<RunStatus>>,
     /// Only this module.
     pub module_id: Option<String>,
+    /// Only modules matching one of these patterns (what an API token may see); `None` for
+    /// all.
+    pub modules: Option<Vec<ModulePattern>>,
     /// Only runs created before this one (the cursor of the previous page).
     pub before: Option<RunId>,
     /// Page size.
@@ -114,8 +128,8 @@ pub struct Retention {
 pub struct Recovered {
     /// Runs that were `running`: now `lost` (with their pid, for cleaning up their group).
     pub lost: Vec<Run>,
-    /// Runs still `queued`, oldest first, with their stdin.
-    pub queued: Vec<(Run, Option<String>)>,
+    /// Runs still `queued`, oldest first, with what they hold.
+    pub queued: Vec<(Run, Held)>,
 }
 
 /// Store failures.

@@ -14,7 +14,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, param
 use tokio::sync::oneshot;
 
 use super::{
-    Created, Expect, IdempotencyKey, ListQuery, NewRun, Outage, Page, Recovered, Retention,
+    Created, Expect, Held, IdempotencyKey, ListQuery, NewRun, Outage, Page, Recovered, Retention,
     RunStore, StoreError, StoreFuture,
 };
 use crate::run::{
@@ -22,7 +22,7 @@ use crate::run::{
 };
 
 /// The schema version this binary writes (migration `i` upgrades from version `i`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -62,6 +62,11 @@ const MIGRATIONS: &[&str] = &[
         data BLOB NOT NULL,             -- per line: stream u8, ts i64 LE (µs), len u32 LE, text
         PRIMARY KEY (run_id, last_seq)
     );",
+    // 1 -> 2: who created and who cancelled a run (API token names); a queued run's secret
+    // parameter values, kept (like stdin) only until it starts.
+    "ALTER TABLE runs ADD COLUMN created_by TEXT;
+    ALTER TABLE runs ADD COLUMN cancelled_by TEXT;
+    ALTER TABLE runs ADD COLUMN secrets TEXT;",
 ];
 
 /// Commands group-committed per transaction, at most.
@@ -76,7 +81,7 @@ const CHUNK_LINES: usize = 4096;
 
 const RUN_COLUMNS: &str = "id, module_id, module_name, parameters, argv, mode, timeout_ms, \
     created_at, status, started_at, finished_at, pid, stopping, outcome, exit_code, signal, \
-    cancel_reason, message, output_lines";
+    cancel_reason, message, output_lines, created_by, cancelled_by";
 
 /// Why the store could not be opened. modrun refuses to start; it never replaces or resets a
 /// store it cannot read.
@@ -427,8 +432,8 @@ fn create(c: &Connection, new: NewRun) -> Result<Created, StoreError> {
     };
     c.prepare_cached(
         "INSERT INTO runs (id, module_id, module_name, parameters, argv, mode, timeout_ms,
-             created_at, status, idem_key, idem_fp, stdin)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+             created_at, status, idem_key, idem_fp, stdin, created_by, secrets)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )
     .map_err(backend)?
     .execute(params![
@@ -443,7 +448,10 @@ fn create(c: &Connection, new: NewRun) -> Result<Created, StoreError> {
         r.status().as_str(),
         key,
         fp,
-        new.stdin,
+        new.held.stdin,
+        r.created_by,
+        (!new.held.secrets.is_empty())
+            .then(|| serde_json::Value::Object(new.held.secrets.clone()).to_string()),
     ])
     .map_err(backend)?;
     let mut run = new.run;
@@ -486,11 +494,11 @@ fn write_state(c: &Connection, id: RunId, state: &RunState) -> Result<(), StoreE
             outcome,
         } => (*started_at, Some(*finished_at), *pid, false, Some(outcome)),
     };
-    let (kind, exit, reason, message) = match outcome {
-        None => (None, None, None, None),
-        Some(Outcome::Exited(e)) => (Some("exited"), Some(*e), None, None),
-        Some(Outcome::SpawnFailed(m)) => (Some("spawn_failed"), None, None, Some(m.as_str())),
-        Some(Outcome::Cancelled { reason, exit }) => (
+    let (kind, exit, reason, message, by) = match outcome {
+        None => (None, None, None, None, None),
+        Some(Outcome::Exited(e)) => (Some("exited"), Some(*e), None, None, None),
+        Some(Outcome::SpawnFailed(m)) => (Some("spawn_failed"), None, None, Some(m.as_str()), None),
+        Some(Outcome::Cancelled { reason, exit, by }) => (
             Some("cancelled"),
             *exit,
             Some(match reason {
@@ -498,9 +506,10 @@ fn write_state(c: &Connection, id: RunId, state: &RunState) -> Result<(), StoreE
                 CancelReason::Shutdown => "shutdown",
             }),
             None,
+            by.as_deref(),
         ),
-        Some(Outcome::TimedOut { exit }) => (Some("timed_out"), *exit, None, None),
-        Some(Outcome::Lost) => (Some("lost"), None, None, None),
+        Some(Outcome::TimedOut { exit }) => (Some("timed_out"), *exit, None, None, None),
+        Some(Outcome::Lost) => (Some("lost"), None, None, None, None),
     };
     let (code, signal) = match exit {
         Some(Exit::Code(c)) => (Some(c), None),
@@ -510,7 +519,9 @@ fn write_state(c: &Connection, id: RunId, state: &RunState) -> Result<(), StoreE
     c.prepare_cached(
         "UPDATE runs SET status = ?2, started_at = ?3, finished_at = ?4, pid = ?5, stopping = ?6,
              outcome = ?7, exit_code = ?8, signal = ?9, cancel_reason = ?10, message = ?11,
-             stdin = CASE WHEN ?2 = 'queued' THEN stdin ELSE NULL END
+             cancelled_by = ?12,
+             stdin = CASE WHEN ?2 = 'queued' THEN stdin ELSE NULL END,
+             secrets = CASE WHEN ?2 = 'queued' THEN secrets ELSE NULL END
          WHERE id = ?1",
     )
     .map_err(backend)?
@@ -526,6 +537,7 @@ fn write_state(c: &Connection, id: RunId, state: &RunState) -> Result<(), StoreE
         signal,
         reason,
         message,
+        by,
     ])
     .map_err(backend)?;
     Ok(())
@@ -715,13 +727,35 @@ fn purge(c: &Connection, policy: Retention, now: SystemTime) -> Result<usize, St
 }
 
 fn recover(c: &Connection) -> Result<Recovered, StoreError> {
-    let select = |status: &str| -> Result<Vec<(Run, Option<String>)>, StoreError> {
+    let select = |status: &str| -> Result<Vec<(Run, Held)>, StoreError> {
         c.prepare(&format!(
-            "SELECT {RUN_COLUMNS}, stdin FROM runs WHERE status = ?1 ORDER BY id"
+            "SELECT {RUN_COLUMNS}, stdin, secrets FROM runs WHERE status = ?1 ORDER BY id"
         ))
         .and_then(|mut s| {
-            s.query_map([status], |r| Ok((run_from_row(r)?, r.get(19)?)))?
-                .collect()
+            s.query_map([status], |r| {
+                let secrets = match r
+                    .get::<_, Option<String>>(22)?
+                    .map(|t| serde_json::from_str(&t))
+                {
+                    None => serde_json::Map::new(),
+                    Some(Ok(serde_json::Value::Object(m))) => m,
+                    Some(_) => {
+                        return Err(rusqlite::Error::FromSqlConversionFailure(
+                            22,
+                            rusqlite::types::Type::Text,
+                            "bad secrets in the store".into(),
+                        ));
+                    }
+                };
+                Ok((
+                    run_from_row(r)?,
+                    Held {
+                        stdin: r.get(21)?,
+                        secrets,
+                    },
+                ))
+            })?
+            .collect()
         })
         .map_err(backend)
     };
@@ -793,6 +827,7 @@ fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
                         CancelReason::Request
                     },
                     exit,
+                    by: r.get(20)?,
                 },
                 Some("timed_out") => Outcome::TimedOut { exit },
                 Some("lost") => Outcome::Lost,
@@ -817,6 +852,7 @@ fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
         created_at: from_micros(r.get(7)?),
         state,
         output_lines: r.get::<_, i64>(18)?.max(0) as u64,
+        created_by: r.get(19)?,
     })
 }
 
@@ -860,6 +896,15 @@ impl RunStore for SqliteStore {
             if let Some(m) = &query.module_id {
                 sql.push_str(" AND module_id = ?");
                 args.push(m.clone().into());
+            }
+            if let Some(patterns) = &query.modules {
+                if patterns.is_empty() {
+                    sql.push_str(" AND 0");
+                } else {
+                    let any = vec!["module_id GLOB ?"; patterns.len()].join(" OR ");
+                    sql.push_str(&format!(" AND ({any})"));
+                    args.extend(patterns.iter().map(|p| p.as_str().to_owned().into()));
+                }
             }
             if let Some(statuses) = &query.statuses {
                 let marks = vec!["?"; statuses.len()].join(", ");

@@ -484,6 +484,8 @@ pub struct Server {
     pub child: tokio::process::Child,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// Every line it has written to stderr so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// Start the binary with a config written to a fresh folder.
@@ -494,26 +496,37 @@ pub async fn start_server(toml: &str) -> (Server, TempDir) {
 
 /// Start the binary on an existing config file (a restart keeps its storage folder).
 pub async fn start_server_at(config: &Path) -> Server {
+    start_server_with(config, "127.0.0.1:0", &[("RUST_LOG", "info")]).await
+}
+
+/// Start the binary on `config`, listening on `bind`, with extra environment variables.
+pub async fn start_server_with(config: &Path, bind: &str, env: &[(&str, &str)]) -> Server {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = tokio::process::Command::new(binary())
-        .args(["serve", "--bind", "127.0.0.1:0", "--config"])
+        .args(["serve", "--bind", bind, "--config"])
         .arg(config)
-        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn modrun");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = log.clone();
     let addr = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = lines.next_line().await.expect("read stderr") {
             if std::env::var_os("TEST_LOG").is_some() {
                 eprintln!("server: {line}");
             }
+            keep.lock().unwrap().push(line.clone());
             if let Some(rest) = line.split("listening on http://").nth(1) {
                 return rest.split_whitespace().next().expect("addr").to_owned();
             }
         }
-        panic!("the server exited before listening");
+        panic!(
+            "the server exited before listening:\n{}",
+            keep.lock().unwrap().join("\n")
+        );
     })
     .await
     .expect("listening line");
@@ -523,12 +536,15 @@ pub async fn start_server_at(config: &Path) -> Server {
             if std::env::var_os("TEST_LOG").is_some() {
                 eprintln!("server: {line}");
             }
+            keep.lock().unwrap().push(line);
         }
     });
     assert!(!addr.ends_with(":0"), "the real port is shown: {addr}");
+    let addr = addr.replace("0.0.0.0", "127.0.0.1");
     Server {
         child,
         base: format!("http://{addr}"),
+        log,
     }
 }
 

@@ -7,18 +7,24 @@ use serde_json::Value;
 
 use crate::helpers::spawn_app;
 
-fn documented() -> BTreeSet<(String, String)> {
+/// (method, path, scope) of every operation in openapi.yaml; the scope is what its one-line
+/// `security:` names (`None` for `security: []`).
+fn documented() -> BTreeSet<(String, String, Option<String>)> {
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
     let mut in_paths = false;
     let mut path = None;
+    let mut method: Option<String> = None;
     let mut out = BTreeSet::new();
     for line in text.lines() {
         if line == "paths:" {
             in_paths = true;
             continue;
         }
-        if in_paths && !line.starts_with(' ') && !line.is_empty() {
+        if !in_paths {
+            continue;
+        }
+        if !line.starts_with(' ') && !line.is_empty() {
             break;
         }
         if let Some(p) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':'))
@@ -28,20 +34,29 @@ fn documented() -> BTreeSet<(String, String)> {
         } else if let Some(m) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':'))
             && ["get", "post", "put", "patch", "delete"].contains(&m)
         {
-            out.insert((m.to_uppercase(), path.clone().expect("method under a path")));
+            method = Some(m.to_uppercase());
+        } else if let Some(sec) = line.trim().strip_prefix("security:") {
+            let m = method.take().expect("security under an operation");
+            let scope = sec.split('"').nth(1).map(str::to_owned);
+            out.insert((m, path.clone().expect("method under a path"), scope));
         }
     }
     out
 }
 
-/// The documented (method, path) pairs are exactly the router's, and each one is served.
+/// The documented (method, path, scope) triples are exactly the router's access table, each
+/// one is served, and each protected one refuses a request without a token.
 #[tokio::test]
 async fn openapi_matches_the_router() {
-    let served: BTreeSet<(String, String)> = modrun::api::ROUTES
+    let table: BTreeSet<(String, String, Option<String>)> = modrun::api::ROUTES
         .iter()
-        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .map(|(m, p, s)| (m.to_string(), p.to_string(), s.map(|s| s.to_string())))
         .collect();
-    assert_eq!(documented(), served);
+    assert_eq!(documented(), table);
+    let served: BTreeSet<(String, String)> = table
+        .iter()
+        .map(|(m, p, _)| (m.clone(), p.clone()))
+        .collect();
 
     let app = spawn_app().await;
     for (method, path) in &served {

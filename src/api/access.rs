@@ -1,0 +1,98 @@
+//! Access control for every route: the scope each (method, route) needs, checked in one
+//! middleware before any handler runs, so that a route cannot forget it. A route missing from
+//! [`ROUTES`] is refused (fail closed); a test keeps the table, the router and `openapi.yaml` in
+//! step.
+
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::auth::{AuthError, Caller, Scope};
+
+/// Every route the router serves, as (method, path template, scope it needs; `None`: open to
+/// all). `openapi.yaml` documents exactly these.
+pub const ROUTES: &[(&str, &str, Option<Scope>)] = &[
+    ("GET", "/healthz", None),
+    ("GET", "/modules", Some(Scope::ModulesRead)),
+    ("GET", "/modules/{id}", Some(Scope::ModulesRead)),
+    ("POST", "/runs", Some(Scope::RunsCreate)),
+    ("GET", "/runs", Some(Scope::RunsRead)),
+    ("GET", "/runs/{id}", Some(Scope::RunsRead)),
+    ("DELETE", "/runs/{id}", Some(Scope::RunsCancel)),
+    ("GET", "/runs/{id}/output", Some(Scope::RunsRead)),
+    ("GET", "/runs/{id}/stream", Some(Scope::RunsRead)),
+];
+
+/// The scope a matched route needs: `Ok(None)` for an open route, `Err` for a route that is not
+/// in the table.
+fn required(method: &Method, path: &str) -> Result<Option<Scope>, ()> {
+    let method = if method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    ROUTES
+        .iter()
+        .find(|(m, p, _)| *m == method && *p == path)
+        .map(|(_, _, scope)| *scope)
+        .ok_or(())
+}
+
+/// The middleware: authenticate the caller (`Authorization: Bearer <token>`), check the
+/// route's scope, and hand the [`Caller`] to the handler as a request extension.
+pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let Some(path) = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+    else {
+        return next.run(req).await;
+    };
+    let scope = match required(req.method(), &path) {
+        Ok(None) => return next.run(req).await,
+        Ok(Some(scope)) => scope,
+        Err(()) => {
+            return ApiError::forbidden(format!("`{path}` has no access rule")).into_response();
+        }
+    };
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    let caller = match state.auth.authenticate(header) {
+        Ok(caller) => caller,
+        Err(e) => return unauthorized(e),
+    };
+    if !caller.can(scope) {
+        return ApiError::forbidden(format!(
+            "the token `{}` lacks the scope `{scope}`",
+            caller.name().unwrap_or("-")
+        ))
+        .into_response();
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// 401 with the challenge RFC 6750 asks for.
+fn unauthorized(e: AuthError) -> Response {
+    let challenge = match e {
+        AuthError::Missing => r#"Bearer realm="modrun""#,
+        AuthError::Invalid => r#"Bearer realm="modrun", error="invalid_token""#,
+    };
+    let mut res = ApiError::unauthorized(e.to_string()).into_response();
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    debug_assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    res
+}
+
+/// The caller of a request that passed [`authorize`] (a handler's extractor).
+pub type CallerExt = axum::Extension<Arc<Caller>>;
