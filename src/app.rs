@@ -15,7 +15,7 @@ use tracing::Instrument;
 use crate::api::{self, AppState};
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::output::OutputLimits;
+use crate::output::{OutputLimits, Redactor};
 use crate::registry::Registry;
 use crate::run::{Outcome, Run, RunState};
 use crate::runner::{self, ModuleRunner, RunRequest, RunnerSettings};
@@ -99,12 +99,14 @@ impl App {
 
     async fn requeue(&self, run: Run, held: Held) -> Result<(), StoreError> {
         let id = run.id;
+        let mut parameters = run.parameters.clone();
+        parameters.extend(held.secrets);
         let problem = match self.config.module(&run.module_id) {
             None => Some(format!(
                 "module `{}` is no longer in the configuration",
                 run.module_id
             )),
-            Some(module) => match module.validate(&run.parameters) {
+            Some(module) => match module.validate(&parameters) {
                 Err(errors) => Some(format!(
                     "the parameters are no longer valid for module `{}`: {}",
                     module.id,
@@ -122,8 +124,11 @@ impl App {
                         run.timeout.min(self.config.module_timeout(module)),
                         run.mode,
                     );
-                    req.stdin = held.stdin;
-                    self.registry.adopt(run);
+                    if module.stdin_parameter().is_none() {
+                        req.stdin = held.stdin;
+                    }
+                    let redactor = Redactor::new(&req.secrets).map(Arc::new);
+                    self.registry.adopt(run, redactor);
                     self.runner.requeue(id, req);
                     None
                 }

@@ -285,10 +285,10 @@ struct RawModule {
     id: String,
     name: Option<String>,
     description: Option<String>,
-    command: Vec<String>,
+    command: Vec<RawValue>,
     cwd: Option<PathBuf>,
     #[serde(default)]
-    env: BTreeMap<String, String>,
+    env: BTreeMap<String, RawValue>,
     #[serde(default, deserialize_with = "de_opt_duration")]
     timeout: Option<Duration>,
     max_concurrent: Option<NonZeroUsize>,
@@ -321,6 +321,67 @@ struct RawParameter {
     multiline: bool,
     #[serde(default)]
     allow_leading_dash: bool,
+    #[serde(default)]
+    secret: bool,
+    #[serde(default)]
+    stdin: bool,
+}
+
+/// A fixed argument or environment value: text, or a table that says where the value comes
+/// from (`{ from_env = "VAR" }`, `{ from_file = "path" }`, `{ value = "...", secret = true }`).
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string, or a table with one of value, from_env, from_file"
+)]
+enum RawValue {
+    Text(String),
+    Table(RawSource),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    value: Option<String>,
+    from_env: Option<String>,
+    from_file: Option<PathBuf>,
+    secret: Option<bool>,
+}
+
+/// A value and whether it is a secret. Values from the environment or a file always are (they
+/// are kept out of the config text for that reason); a file's one trailing line break is
+/// dropped.
+fn resolve(v: RawValue, base: &Path, key: &str) -> Result<(String, bool), KeyError> {
+    let s = match v {
+        RawValue::Text(t) => return Ok((t, false)),
+        RawValue::Table(s) => s,
+    };
+    let fail = |m: String| Err((key.to_owned(), m));
+    match (s.value, s.from_env, s.from_file) {
+        (Some(v), None, None) => Ok((v, s.secret.unwrap_or(false))),
+        (None, Some(var), None) => match std::env::var(&var) {
+            Ok(v) => Ok((v, true)),
+            Err(_) => fail(format!(
+                "from_env: the server's environment has no variable `{var}` (or it is not UTF-8)"
+            )),
+        },
+        (None, None, Some(file)) => {
+            let path = base.join(&file);
+            match std::fs::read_to_string(&path) {
+                Ok(mut v) => {
+                    if v.ends_with('\n') {
+                        v.pop();
+                        if v.ends_with('\r') {
+                            v.pop();
+                        }
+                    }
+                    Ok((v, true))
+                }
+                Err(e) => fail(format!("from_file: cannot read `{}`: {e}", path.display())),
+            }
+        }
+        _ => fail("give exactly one of value, from_env, from_file".into()),
+    }
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -666,7 +727,30 @@ fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Module, KeyError
             ),
         ));
     }
-    if m.command.is_empty() || m.command[0].is_empty() {
+    let mut secrets = Vec::new();
+    let mut command = Vec::with_capacity(m.command.len());
+    for (i, raw) in m.command.into_iter().enumerate() {
+        let (arg, secret) = resolve(raw, base, &format!("{key}.command[{i}]"))?;
+        if secret {
+            if i == 0 {
+                return Err((
+                    format!("{key}.command[0]"),
+                    "the program cannot be a secret".into(),
+                ));
+            }
+            secrets.push(arg.clone());
+        }
+        command.push(arg);
+    }
+    let mut env = BTreeMap::new();
+    for (name, raw) in m.env {
+        let (value, secret) = resolve(raw, base, &format!("{key}.env.{name}"))?;
+        if secret {
+            secrets.push(value.clone());
+        }
+        env.insert(name, value);
+    }
+    if command.is_empty() || command[0].is_empty() {
         return Err((
             format!("{key}.command"),
             "must name a program: command = [\"program\", \"arg\", ...]".into(),
@@ -682,7 +766,7 @@ fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Module, KeyError
             format!("`{}` is not a directory", cwd.display()),
         ));
     }
-    for (i, arg) in m.command.iter().enumerate() {
+    for (i, arg) in command.iter().enumerate() {
         if arg.len() > MAX_ARG_BYTES || arg.contains('\0') {
             return Err((
                 format!("{key}.command[{i}]"),
@@ -690,7 +774,7 @@ fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Module, KeyError
             ));
         }
     }
-    for (name, value) in &m.env {
+    for (name, value) in &env {
         check_env_name(name).map_err(|msg| (format!("{key}.env.{name}"), msg))?;
         if name.len() + 1 + value.len() > MAX_ARG_BYTES || value.contains('\0') {
             return Err((
@@ -716,13 +800,27 @@ fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Module, KeyError
         }
         parameters.push(param);
     }
+    if let [_, second, ..] = parameters
+        .iter()
+        .filter(|p| matches!(p.passing, Passing::Stdin))
+        .collect::<Vec<_>>()[..]
+    {
+        return Err((
+            format!("{key}.parameters"),
+            format!(
+                "only one parameter can be passed on stdin (`{}` is a second one)",
+                second.name
+            ),
+        ));
+    }
     Ok(Module {
         name: m.name.unwrap_or_else(|| m.id.clone()),
         id: m.id,
         description: m.description,
-        command: m.command,
+        command,
         cwd,
-        env: m.env,
+        env,
+        secrets,
         timeout: m.timeout,
         max_concurrent: m.max_concurrent,
         parameters,
@@ -861,38 +959,41 @@ fn build_parameter(p: RawParameter, key: &str) -> Result<Parameter, KeyError> {
         kind.check(d)
             .map_err(|m| (k("default"), format!("the default {m}")))?;
     }
-    let passing = match (p.env, p.positional, p.arg) {
-        (Some(_), true, _) | (Some(_), _, Some(_)) => {
-            return Err((
-                k("env"),
-                "a parameter is passed either as env, as positional or as an option, not several"
-                    .into(),
-            ));
+    let ways = [p.env.is_some(), p.positional, p.arg.is_some(), p.stdin]
+        .iter()
+        .filter(|w| **w)
+        .count();
+    if ways > 1 {
+        return Err((
+            k("env"),
+            "a parameter is passed either as env, as positional, as an option or on stdin, not several"
+                .into(),
+        ));
+    }
+    let passing = if let Some(var) = p.env {
+        check_env_name(&var).map_err(|m| (k("env"), m))?;
+        Passing::Env(var)
+    } else if p.stdin {
+        Passing::Stdin
+    } else if p.positional {
+        if matches!(kind, ParamKind::Boolean) {
+            return Err((k("positional"), "a boolean cannot be positional".into()));
         }
-        (None, true, Some(_)) => {
-            return Err((
-                k("arg"),
-                "a positional parameter takes no option name".into(),
-            ));
+        Passing::Positional
+    } else {
+        let flag = p.arg.unwrap_or_else(|| format!("--{}", p.name));
+        if flag.is_empty() {
+            return Err((k("arg"), "must not be empty".into()));
         }
-        (Some(var), false, None) => {
-            check_env_name(&var).map_err(|m| (k("env"), m))?;
-            Passing::Env(var)
-        }
-        (None, true, None) => {
-            if matches!(kind, ParamKind::Boolean) {
-                return Err((k("positional"), "a boolean cannot be positional".into()));
-            }
-            Passing::Positional
-        }
-        (None, false, arg) => {
-            let flag = arg.unwrap_or_else(|| format!("--{}", p.name));
-            if flag.is_empty() {
-                return Err((k("arg"), "must not be empty".into()));
-            }
-            Passing::Option(flag)
-        }
+        Passing::Option(flag)
     };
+    if p.secret && !matches!(passing, Passing::Env(_) | Passing::Stdin) {
+        return Err((
+            k("secret"),
+            "a secret parameter must be passed by env or stdin: argv is readable by every local user in /proc"
+                .into(),
+        ));
+    }
     Ok(Parameter {
         name: p.name,
         kind,
@@ -900,6 +1001,7 @@ fn build_parameter(p: RawParameter, key: &str) -> Result<Parameter, KeyError> {
         default: p.default,
         description: p.description,
         passing,
+        secret: p.secret,
     })
 }
 
@@ -1025,6 +1127,26 @@ mod tests {
             (
                 "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"integer\"\nmultiline = true",
                 "modules[0].parameters[0].multiline",
+            ),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"string\"\nsecret = true\npositional = true",
+                "modules[0].parameters[0].secret",
+            ),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\n[[modules.parameters]]\nname = \"n\"\ntype = \"string\"\nstdin = true\n[[modules.parameters]]\nname = \"m\"\ntype = \"string\"\nstdin = true",
+                "modules[0].parameters",
+            ),
+            (
+                "id = \"a\"\ncommand = [\"true\", { from_env = \"MODRUN_NO_SUCH_VARIABLE_X\" }]",
+                "modules[0].command[1]",
+            ),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\nenv = { K = { from_file = \"/nonexistent/secret\" } }",
+                "modules[0].env.K",
+            ),
+            (
+                "id = \"a\"\ncommand = [\"true\"]\nenv = { K = { value = \"x\", from_env = \"HOME\" } }",
+                "modules[0].env.K",
             ),
         ];
         for (module, key) in bad {

@@ -29,8 +29,9 @@
 //!   route's scope in one middleware (`api::access`), fail closed.
 //! - [`module`] — the catalog's types, request-parameter validation, argv/env building.
 //! - [`run`] — domain types without I/O: ids, run modes, the run state machine, outcomes.
-//! - [`output`] — the per-run output log (budget, persisted window, change signal) and its line
-//!   splitter (`output::lines`, linear in the bytes however long a line gets).
+//! - [`output`] — the per-run output log (budget, persisted window, change signal), its line
+//!   splitter (`output::lines`, linear in the bytes however long a line gets) and the redactor
+//!   that masks a run's secrets in every line, also across reads and cuts (`output::redact`).
 //! - [`registry`] — live runs in front of the store; the output flusher, retention purger and
 //!   reader cursors.
 //! - [`store`] — the persistence boundary ([`store::RunStore`]): the embedded SQLite store

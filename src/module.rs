@@ -19,12 +19,15 @@ pub struct Module {
     pub name: String,
     /// What it does.
     pub description: Option<String>,
-    /// Program and fixed args; never run through a shell by modrun.
+    /// Program and fixed args (secret ones resolved); never run through a shell by modrun.
     pub command: Vec<String>,
     /// Absolute working directory.
     pub cwd: PathBuf,
-    /// Extra environment for the child.
+    /// Extra environment for the child (values resolved).
     pub env: BTreeMap<String, String>,
+    /// The secret values among `command` and `env` (from the server's environment, a file, or
+    /// marked secret): masked in a run's argv and output.
+    pub secrets: Vec<String>,
     /// The module's own timeout, if it sets one.
     pub timeout: Option<Duration>,
     /// Per-module concurrency limit, within the global one.
@@ -50,6 +53,9 @@ pub struct Parameter {
     pub description: Option<String>,
     /// How the value reaches the child.
     pub passing: Passing,
+    /// The value is a secret: passed by env or stdin only (argv is readable by every local
+    /// user), shown as `***` in the run, masked in its output.
+    pub secret: bool,
 }
 
 impl Parameter {
@@ -199,6 +205,8 @@ pub enum Passing {
     Positional,
     /// An environment variable.
     Env(String),
+    /// The child's standard input (the value, then end of file).
+    Stdin,
 }
 
 impl ParamKind {
@@ -353,18 +361,60 @@ impl ValidParams {
     pub fn into_map(self) -> Map<String, Value> {
         self.0
     }
+
+    /// The values as a run shows them: secret parameters as `***`.
+    pub fn shown(&self, module: &Module) -> Map<String, Value> {
+        let mut out = self.0.clone();
+        for p in module.parameters.iter().filter(|p| p.secret) {
+            if let Some(v) = out.get_mut(&p.name) {
+                *v = Value::String(crate::output::MASK.to_owned());
+            }
+        }
+        out
+    }
+
+    /// The values of the secret parameters only.
+    pub fn secret_values(&self, module: &Module) -> Map<String, Value> {
+        module
+            .parameters
+            .iter()
+            .filter(|p| p.secret)
+            .filter_map(|p| Some((p.name.clone(), self.0.get(&p.name)?.clone())))
+            .collect()
+    }
 }
 
-/// What the child receives: extra argv after `command`, and environment variables.
+/// What the child receives: argv, environment variables and stdin.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Invocation {
     /// `command` followed by options then positionals.
     pub argv: Vec<String>,
     /// Module env then env parameters.
     pub env: Vec<(String, String)>,
+    /// The value of the stdin parameter, if the module has one and it has a value.
+    pub stdin: Option<String>,
 }
 
 impl Module {
+    /// The parameter passed on stdin, if the module has one.
+    pub fn stdin_parameter(&self) -> Option<&Parameter> {
+        self.parameters
+            .iter()
+            .find(|p| matches!(p.passing, Passing::Stdin))
+    }
+
+    /// Every secret of a run with these parameters: the module's own and the values of its
+    /// secret parameters.
+    pub fn secrets_of(&self, params: &ValidParams) -> Vec<String> {
+        let mut out = self.secrets.clone();
+        for p in self.parameters.iter().filter(|p| p.secret) {
+            if let Some(v) = params.0.get(&p.name) {
+                out.push(arg_text(v));
+            }
+        }
+        out
+    }
+
     /// Check a request's parameters: unknown names, types, constraints and required ones.
     /// Every bad field is reported, not just the first.
     pub fn validate(&self, given: &Map<String, Value>) -> Result<ValidParams, Vec<FieldError>> {
@@ -384,6 +434,12 @@ impl Module {
                     Ok(()) => {
                         out.insert(p.name.clone(), v.clone());
                     }
+                    // A secret's value is never echoed.
+                    Err(_) if p.secret && matches!(p.kind, ParamKind::Choice { .. }) => errors
+                        .push(FieldError::new(
+                            format!("parameters.{}", p.name),
+                            "must be one of the allowed values",
+                        )),
                     Err(msg) => errors.push(FieldError::new(format!("parameters.{}", p.name), msg)),
                 },
                 None if p.required => errors.push(FieldError::new(
@@ -411,6 +467,7 @@ impl Module {
     pub fn invocation(&self, params: &ValidParams) -> Invocation {
         let mut argv = self.command.clone();
         let mut positionals = Vec::new();
+        let mut stdin = None;
         let mut env: Vec<(String, String)> = self
             .env
             .iter()
@@ -432,13 +489,14 @@ impl Module {
                 }
                 (Passing::Positional, v) => positionals.push(arg_text(v)),
                 (Passing::Env(var), v) => env.push((var.clone(), arg_text(v))),
+                (Passing::Stdin, v) => stdin = Some(arg_text(v)),
             }
         }
         if self.end_of_options {
             argv.push("--".to_owned());
         }
         argv.extend(positionals);
-        Invocation { argv, env }
+        Invocation { argv, env, stdin }
     }
 }
 
@@ -464,6 +522,7 @@ mod tests {
             default: None,
             description: None,
             passing,
+            secret: false,
         }
     }
 
@@ -475,6 +534,7 @@ mod tests {
             command: vec!["prog".into(), "fixed".into()],
             cwd: "/".into(),
             env: BTreeMap::from([("A".into(), "1".into())]),
+            secrets: vec![],
             timeout: None,
             max_concurrent: None,
             parameters,

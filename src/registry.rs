@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::output::{Evicted, OutputLimits, OutputLog};
+use crate::output::{Evicted, OutputLimits, OutputLog, Redactor};
 use crate::run::{Line, Run, RunId, RunState};
 use crate::store::{
     Created, Expect, IdempotencyKey, ListQuery, NewRun, Page, Retention, RunStore, StoreError,
@@ -90,18 +90,23 @@ impl Registry {
         &self.store
     }
 
-    /// Record a new run (durably) and make it live.
-    pub async fn create(&self, new: NewRun) -> Result<Created, StoreError> {
+    /// Record a new run (durably) and make it live; its output masks the secrets of
+    /// `redactor`.
+    pub async fn create(
+        &self,
+        new: NewRun,
+        redactor: Option<Arc<Redactor>>,
+    ) -> Result<Created, StoreError> {
         let created = self.store.create(new).await?;
         if let Created::New(run) = &created {
-            self.adopt(run.clone());
+            self.adopt(run.clone(), redactor);
         }
         Ok(created)
     }
 
     /// Make a stored run live again (a queued run found at start-up).
-    pub fn adopt(&self, run: Run) {
-        let log = Arc::new(OutputLog::new(self.limits));
+    pub fn adopt(&self, run: Run, redactor: Option<Arc<Redactor>>) {
+        let log = Arc::new(OutputLog::redacting(self.limits, redactor));
         self.lock().insert(run.id, Live { run, log });
     }
 

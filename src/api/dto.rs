@@ -104,6 +104,7 @@ pub struct ParameterDto<'a> {
     pattern: Option<&'a str>,
     max_length: Option<usize>,
     multiline: bool,
+    secret: bool,
     description: Option<&'a str>,
 }
 
@@ -148,7 +149,8 @@ impl<'a> From<&'a Parameter> for ParameterDto<'a> {
             name: &p.name,
             kind: p.kind.type_name(),
             required: p.required,
-            default: p.default.as_ref(),
+            // A secret's default is never shown.
+            default: p.default.as_ref().filter(|_| !p.secret),
             min,
             max,
             choices,
@@ -161,6 +163,7 @@ impl<'a> From<&'a Parameter> for ParameterDto<'a> {
                     ..
                 }
             ),
+            secret: p.secret,
             description: p.description.as_deref(),
         }
     }

@@ -257,7 +257,18 @@ pub async fn create(
             ),
         ));
     }
-    run_req.stdin = req.stdin;
+    if req.stdin.is_some() {
+        if let Some(p) = module.stdin_parameter() {
+            return Err(ApiError::invalid_field(
+                "stdin",
+                format!(
+                    "module `{}` takes its stdin from the parameter `{}`",
+                    module.id, p.name
+                ),
+            ));
+        }
+        run_req.stdin = req.stdin;
+    }
     run_req.idempotency = key;
     run_req.created_by = caller.name().map(str::to_owned);
 

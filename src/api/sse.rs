@@ -280,11 +280,14 @@ mod tests {
         };
         let id = run.id;
         registry
-            .create(NewRun {
-                run,
-                key: None,
-                held: Default::default(),
-            })
+            .create(
+                NewRun {
+                    run,
+                    key: None,
+                    held: Default::default(),
+                },
+                None,
+            )
             .await
             .unwrap();
         let mut follow = Follow {

@@ -4,13 +4,17 @@
 
 use std::sync::Arc;
 
+use super::redact::Redactor;
+
 /// One pipe's line splitter: keeps the bytes of a line whose `\n` has not arrived yet.
 #[derive(Debug)]
 pub struct LineSplitter {
-    /// Bytes of the unfinished line; at most `max` plus one read, since full-size pieces are
-    /// cut off as soon as they are complete.
+    /// Bytes of the unfinished line, as read (not yet redacted); at most `max` plus one read
+    /// plus the longest secret, since full-size pieces are cut off as soon as they are
+    /// complete.
     partial: Vec<u8>,
     max: usize,
+    redactor: Option<Arc<Redactor>>,
 }
 
 impl LineSplitter {
@@ -20,19 +24,29 @@ impl LineSplitter {
         Self {
             partial: Vec::new(),
             max: max.max(4),
+            redactor: None,
+        }
+    }
+
+    /// The same, with secrets masked in every line it gives.
+    pub fn redacting(max: usize, redactor: Option<Arc<Redactor>>) -> Self {
+        Self {
+            redactor,
+            ..Self::new(max)
         }
     }
 
     /// Take `data`: every complete line (and every full-size piece of an over-long unfinished
     /// one) goes to `out`.
     pub fn push(&mut self, data: &[u8], out: &mut Vec<Arc<str>>) {
+        let r = self.redactor.as_deref();
         let mut rest = data;
         while let Some(i) = memchr::memchr(b'\n', rest) {
             if self.partial.is_empty() {
-                emit_line(&rest[..i], self.max, out);
+                emit_line(&rest[..i], self.max, r, out);
             } else {
                 self.partial.extend_from_slice(&rest[..i]);
-                emit_line(&self.partial, self.max, out);
+                emit_line(&self.partial, self.max, r, out);
                 self.partial.clear();
             }
             rest = &rest[i + 1..];
@@ -40,11 +54,18 @@ impl LineSplitter {
         self.partial.extend_from_slice(rest);
         // Cut full-size pieces off an over-long unfinished line right away, so that the buffer
         // stays bounded and readers see them live; one drain at the end keeps this linear.
+        // With secrets, a cut never falls inside one, and a tail that may begin one waits.
         let mut start = 0;
         while self.partial.len() - start > self.max {
             let piece = &self.partial[start..];
-            let cut = utf8_cut(piece, self.max);
-            out.push(decode(&piece[..cut]));
+            let mut cut = utf8_cut(piece, self.max);
+            if let Some(r) = r {
+                cut = r.safe_cut(piece, cut.min(piece.len() - r.held_tail(piece)));
+            }
+            if cut == 0 {
+                break;
+            }
+            out.push(decode_redacted(&piece[..cut], r));
             start += cut;
         }
         self.partial.drain(..start);
@@ -54,7 +75,7 @@ impl LineSplitter {
     pub fn finish(&mut self, out: &mut Vec<Arc<str>>) {
         if !self.partial.is_empty() {
             let rest = std::mem::take(&mut self.partial);
-            emit_line(&rest, self.max, out);
+            emit_line(&rest, self.max, self.redactor.as_deref(), out);
         }
     }
 
@@ -64,16 +85,28 @@ impl LineSplitter {
     }
 }
 
-/// Push one complete line (without its `\n`): a trailing `\r` is dropped, and a line longer
-/// than `max` bytes becomes several.
-fn emit_line(line: &[u8], max: usize, out: &mut Vec<Arc<str>>) {
-    let mut line = line.strip_suffix(b"\r").unwrap_or(line);
+/// Push one complete line (without its `\n`): a trailing `\r` is dropped, secrets are masked,
+/// and a line longer than `max` bytes becomes several.
+fn emit_line(line: &[u8], max: usize, r: Option<&Redactor>, out: &mut Vec<Arc<str>>) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let redacted = match r {
+        Some(r) => r.redact(line),
+        None => std::borrow::Cow::Borrowed(line),
+    };
+    let mut line = &redacted[..];
     while line.len() > max {
         let cut = utf8_cut(line, max);
         out.push(decode(&line[..cut]));
         line = &line[cut..];
     }
     out.push(decode(line));
+}
+
+fn decode_redacted(piece: &[u8], r: Option<&Redactor>) -> Arc<str> {
+    match r {
+        Some(r) => decode(&r.redact(piece)),
+        None => decode(piece),
+    }
 }
 
 /// The largest cut `<= max` that does not fall inside a UTF-8 sequence (when the bytes are
@@ -142,6 +175,36 @@ mod tests {
         prop::collection::vec(prop::collection::vec(byte, 0..40), 0..12)
     }
 
+    /// A secret is masked wherever the reads and the cuts of long lines fall.
+    #[test]
+    fn secrets_split_across_reads_and_cuts_are_masked() {
+        let r = Arc::new(Redactor::new(["hunter2-secret"]).unwrap());
+        let text = b"a hunter2-secret b\nxxxxhunter2-secretyyyyhunter2-secret\nhunter2-secret";
+        for max in [4usize, 5, 8, 13, 64] {
+            for split in 0..text.len() {
+                let mut s = LineSplitter::redacting(max, Some(r.clone()));
+                let mut out = Vec::new();
+                s.push(&text[..split], &mut out);
+                s.push(&text[split..], &mut out);
+                s.finish(&mut out);
+                let joined: String = out.iter().map(|p| p.to_string()).collect();
+                assert!(
+                    !joined.contains("hunter2"),
+                    "max {max} split {split}: {out:?}"
+                );
+                assert!(
+                    !joined.contains("secret"),
+                    "max {max} split {split}: {out:?}"
+                );
+                assert_eq!(
+                    joined.matches("***").count(),
+                    4,
+                    "max {max} split {split}: {out:?}"
+                );
+            }
+        }
+    }
+
     proptest! {
         /// For valid UTF-8 input without `\r`: the pieces, joined back with the line breaks that
         /// ended lines, equal the input, however it was chunked; no piece is longer than `max`.
@@ -179,6 +242,33 @@ mod tests {
                 }
             }
             prop_assert!(it.next().is_none());
+        }
+
+        /// Any text with a secret in it, any chunking and line length: the secret never
+        /// comes out, whole or in a piece that a cut made.
+        #[test]
+        fn secrets_never_come_out(
+            before in "[a-z ]{0,20}", after in "[a-z ]{0,20}",
+            secret in "[a-z]{2,10}", cuts in prop::collection::vec(0usize..60, 0..6),
+            max in 4usize..12,
+        ) {
+            let text = format!("{before}{secret}{after}");
+            let bytes = text.as_bytes();
+            let mut points: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            points.sort_unstable();
+            let r = Arc::new(Redactor::new([secret.as_str()]).unwrap());
+            let mut s = LineSplitter::redacting(max, Some(r));
+            let mut out = Vec::new();
+            let mut last = 0;
+            for p in points.into_iter().chain([bytes.len()]) {
+                s.push(&bytes[last..p], &mut out);
+                last = p;
+            }
+            s.finish(&mut out);
+            // One line: its pieces join back to what a reader sees.
+            let joined: String = out.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("");
+            prop_assert!(!joined.contains(secret.as_str()), "{:?}", out);
+            prop_assert!(out.iter().all(|p| p.len() <= max.max(3) + secret.len()));
         }
 
         /// Any bytes, any chunking: never panics, no piece over `max` bytes of text (a

@@ -16,8 +16,10 @@ use tokio::sync::watch;
 use crate::run::{Line, Stream};
 
 mod lines;
+mod redact;
 
 pub use lines::LineSplitter;
+pub use redact::{MASK, Redactor};
 
 /// Persisted lines kept in memory per live run for readers that follow closely; older ones are
 /// read back from the store.
@@ -60,6 +62,8 @@ pub struct OutputLog {
     /// reader re-reads the log from its own cursor.
     changes: watch::Sender<u64>,
     limits: OutputLimits,
+    /// The run's secrets, masked in every line (also in lines modrun adds).
+    redactor: Option<Arc<Redactor>>,
 }
 
 #[derive(Debug, Default)]
@@ -113,12 +117,24 @@ fn idx(stream: Stream) -> usize {
 impl OutputLog {
     /// An empty log.
     pub fn new(limits: OutputLimits) -> Self {
+        Self::redacting(limits, None)
+    }
+
+    /// An empty log that masks the secrets of `redactor` in every line.
+    pub fn redacting(limits: OutputLimits, redactor: Option<Arc<Redactor>>) -> Self {
         Self {
             inner: Mutex::new(LogInner::default()),
             splitters: [
-                Mutex::new(LineSplitter::new(limits.max_line_bytes)),
-                Mutex::new(LineSplitter::new(limits.max_line_bytes)),
+                Mutex::new(LineSplitter::redacting(
+                    limits.max_line_bytes,
+                    redactor.clone(),
+                )),
+                Mutex::new(LineSplitter::redacting(
+                    limits.max_line_bytes,
+                    redactor.clone(),
+                )),
             ],
+            redactor,
             changes: watch::Sender::new(0),
             limits: OutputLimits {
                 max_line_bytes: limits.max_line_bytes.max(4),
@@ -156,7 +172,8 @@ impl OutputLog {
     /// Append one whole line of text (a message from modrun itself, such as a spawn error).
     pub fn push_line(&self, stream: Stream, text: &str) {
         let mut texts = Vec::new();
-        let mut splitter = LineSplitter::new(self.limits.max_line_bytes);
+        let mut splitter =
+            LineSplitter::redacting(self.limits.max_line_bytes, self.redactor.clone());
         splitter.push(text.as_bytes(), &mut texts);
         splitter.finish(&mut texts);
         self.append(stream, texts);

@@ -56,7 +56,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::module::{Module, ValidParams};
-use crate::output::{OutputLimits, OutputLog};
+use crate::output::{OutputLimits, OutputLog, Redactor};
 use crate::registry::{Cursor, Registry};
 use crate::run::{CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, Stream};
 use crate::store::{
@@ -134,6 +134,12 @@ pub struct RunRequest {
     pub idempotency: Option<IdempotencyKey>,
     /// The name of the API token that asked for it (recorded as the run's `created_by`).
     pub created_by: Option<String>,
+    /// Values masked as `***` in the run's argv and output (a module's secrets, secret
+    /// parameter values).
+    pub secrets: Vec<String>,
+    /// The secret parameters' values (`parameters` shows them as `***`), kept by the store
+    /// while the run is queued.
+    pub secret_params: Map<String, Value>,
 }
 
 impl RunRequest {
@@ -158,12 +164,15 @@ impl RunRequest {
             max_concurrent: None,
             idempotency: None,
             created_by: None,
+            secrets: Vec::new(),
+            secret_params: Map::new(),
         }
     }
 
     /// A run of a declared module with parameters that passed [`Module::validate`]. The child's
     /// environment is `base_env` (the variables the operator allows it to inherit), then the
-    /// module's env, then env parameters.
+    /// module's env, then env parameters; its stdin is the stdin parameter's value, if the
+    /// module has one. Secret parameters are recorded as `***`, their values kept aside.
     pub fn for_module(
         module: &Module,
         params: ValidParams,
@@ -172,6 +181,9 @@ impl RunRequest {
         mode: RunMode,
     ) -> Self {
         let inv = module.invocation(&params);
+        let secrets = module.secrets_of(&params);
+        let secret_params = params.secret_values(module);
+        let parameters = params.shown(module);
         let mut env: Vec<(String, String)> = base_env.to_vec();
         for (k, v) in inv.env {
             env.retain(|(name, _)| *name != k);
@@ -181,15 +193,17 @@ impl RunRequest {
             module_id: module.id.clone(),
             module_name: module.name.clone(),
             argv: inv.argv,
-            parameters: params.into_map(),
+            parameters,
             cwd: module.cwd.clone(),
             env,
-            stdin: None,
+            stdin: inv.stdin,
             timeout,
             mode,
             max_concurrent: module.max_concurrent,
             idempotency: None,
             created_by: None,
+            secrets,
+            secret_params,
         }
     }
 }
@@ -595,12 +609,17 @@ impl Inner {
             },
             None => RunState::Queued,
         };
+        let redactor = Redactor::new(&req.secrets).map(Arc::new);
+        let argv = match &redactor {
+            Some(r) => req.argv.iter().map(|a| r.redact_str(a)).collect(),
+            None => req.argv.clone(),
+        };
         let run = Run {
             id,
             module_id: req.module_id.clone(),
             module_name: req.module_name.clone(),
             parameters: req.parameters.clone(),
-            argv: req.argv.clone(),
+            argv,
             mode: req.mode.resolve(),
             timeout: req.timeout,
             created_at: now,
@@ -610,14 +629,17 @@ impl Inner {
         };
         let created = self
             .registry
-            .create(NewRun {
-                run,
-                key: req.idempotency.clone(),
-                held: Held {
-                    stdin: req.stdin.clone(),
-                    secrets: Map::new(),
+            .create(
+                NewRun {
+                    run,
+                    key: req.idempotency.clone(),
+                    held: Held {
+                        stdin: req.stdin.clone(),
+                        secrets: req.secret_params.clone(),
+                    },
                 },
-            })
+                redactor,
+            )
             .await;
         let not_new = match created {
             Ok(Created::New(_)) => None,

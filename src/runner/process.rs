@@ -149,8 +149,9 @@ pub(crate) async fn run_process(
     events: &dyn ProcEvents,
 ) -> Result<ProcEnd, SpawnError> {
     if mode == RunMode::DryRun {
+        // The command line goes to the run's output (where secrets are masked), not the log.
         let line = command_line(spec);
-        tracing::info!(command = %line, "dry run: nothing spawned");
+        tracing::info!("dry run: nothing spawned");
         sink.write(Stream::Stdout, format!("{line}\n").as_bytes());
         sink.eof(Stream::Stdout);
         sink.eof(Stream::Stderr);

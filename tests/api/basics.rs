@@ -41,6 +41,7 @@ async fn health_and_modules() {
         count,
         &json!({"name": "count", "type": "integer", "required": false, "default": 3, "min": 1,
                 "max": 100, "choices": null, "pattern": null, "max_length": null, "multiline": false,
+                "secret": false,
                 "description": null})
     );
     assert_eq!(echo["parameters"][3]["choices"], json!(["red", "green"]));

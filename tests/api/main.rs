@@ -13,4 +13,5 @@ mod openapi;
 mod persistence;
 mod process;
 mod requests;
+mod secrets;
 mod streaming;
