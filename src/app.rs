@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::api::server::ServerSettings;
 use crate::api::{self, AppState};
 use crate::auth::Auth;
 use crate::config::Config;
@@ -187,7 +187,20 @@ impl App {
                 (false, false) => "API tokens only",
             }
         );
-        let state = AppState::new(config.clone(), runner.clone(), base_env).with_auth(auth);
+        let connections = connection_limit(&config);
+        let streams = config
+            .sse
+            .max_streams
+            .map_or((connections / 2).max(1), |n| n.get());
+        tracing::info!(
+            max_connections = connections,
+            max_streams = streams,
+            tls = config.server.tls.is_some(),
+            "connection limits"
+        );
+        let state = AppState::new(config.clone(), runner.clone(), base_env)
+            .with_auth(auth)
+            .with_stream_limit(streams);
         let router = api::router(state.clone());
 
         let background = TaskTracker::new();
@@ -213,16 +226,17 @@ impl App {
         background.close();
 
         let stop_accepting = CancellationToken::new();
-        // No Nagle: SSE writes are small and latency-bound (the last chunk of a stream was
-        // held ~40 ms waiting for a delayed ACK).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
-            .into_future();
+        let server = api::server::serve(
+            listener,
+            router,
+            ServerSettings {
+                header_timeout: config.server.header_timeout,
+                idle_timeout: config.server.idle_timeout,
+                max_connections: connections,
+                tls: config.server.tls.as_ref().map(|t| t.config.clone()),
+            },
+            stop_accepting.clone(),
+        );
         tokio::pin!(server);
 
         let mut served = None;
@@ -269,6 +283,19 @@ impl App {
         served.transpose()?;
         Ok(())
     }
+}
+
+/// `server.max_connections`, or, when it is not set, what the file-descriptor limit leaves
+/// after room for the runs (their pipes), the store and the log: three quarters of the rest.
+pub fn connection_limit(config: &Config) -> usize {
+    if let Some(n) = config.server.max_connections {
+        return n.get();
+    }
+    let fds = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    let reserved = 256 + 8 * config.runner.max_concurrent.get() as u64;
+    let left = fds.saturating_sub(reserved) * 3 / 4;
+    usize::try_from(left.clamp(16, 1 << 20)).unwrap_or(16)
 }
 
 /// Build and serve in one step (see [`App::build`] and [`App::serve`]).

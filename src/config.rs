@@ -47,6 +47,25 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address to listen on.
     pub bind: SocketAddr,
+    /// A request header must be complete this long after it began (or the connection opened).
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// Open connections at most; `None`: derived from the file-descriptor limit at start.
+    pub max_connections: Option<NonZeroUsize>,
+    /// HTTPS: the certificate and key files, loaded.
+    pub tls: Option<TlsFiles>,
+}
+
+/// `server.tls`.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain (PEM), absolute.
+    pub cert: PathBuf,
+    /// The private key (PEM), absolute.
+    pub key: PathBuf,
+    /// Both, loaded and checked.
+    pub config: crate::tls::TlsConfig,
 }
 
 /// `[runner]`.
@@ -82,6 +101,8 @@ pub struct OutputConfig {
 pub struct SseConfig {
     /// A comment is sent when a stream has been quiet this long.
     pub keep_alive: Duration,
+    /// Open SSE streams at most (past it 429); `None`: half of the connection limit.
+    pub max_streams: Option<NonZeroUsize>,
 }
 
 /// `[retention]`.
@@ -233,6 +254,19 @@ struct RawTokensFile {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     bind: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    header_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    idle_timeout: Option<Duration>,
+    max_connections: Option<NonZeroUsize>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Deserialize, Default)]
@@ -263,6 +297,7 @@ struct RawOutput {
 struct RawSse {
     #[serde(default, deserialize_with = "de_opt_duration")]
     keep_alive: Option<Duration>,
+    max_streams: Option<NonZeroUsize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -636,6 +671,24 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
     if keep_alive.is_zero() {
         return Err(("sse.keep_alive".into(), "must be longer than 0s".into()));
     }
+    let header_timeout = raw.server.header_timeout.unwrap_or(Duration::from_secs(10));
+    let idle_timeout = raw.server.idle_timeout.unwrap_or(Duration::from_secs(60));
+    for (key, d) in [
+        ("server.header_timeout", header_timeout),
+        ("server.idle_timeout", idle_timeout),
+    ] {
+        if d.is_zero() {
+            return Err((key.into(), "must be longer than 0s".into()));
+        }
+    }
+    let tls = match raw.server.tls {
+        None => None,
+        Some(t) => {
+            let (cert, key) = (base.join(t.cert), base.join(t.key));
+            let config = crate::tls::load(&cert, &key).map_err(|m| ("server.tls".to_owned(), m))?;
+            Some(TlsFiles { cert, key, config })
+        }
+    };
     let mut tokens: Vec<TokenEntry> = Vec::new();
     for (i, t) in raw.auth.tokens.into_iter().enumerate() {
         let key = format!("auth.tokens[{i}]");
@@ -663,10 +716,17 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
                 .server
                 .bind
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            header_timeout,
+            idle_timeout,
+            max_connections: raw.server.max_connections,
+            tls,
         },
         runner,
         output,
-        sse: SseConfig { keep_alive },
+        sse: SseConfig {
+            keep_alive,
+            max_streams: raw.sse.max_streams,
+        },
         retention: RetentionConfig {
             keep_runs: raw.retention.keep_runs.unwrap_or(10_000),
             keep_for: raw

@@ -42,7 +42,9 @@
 //!   without server paths for clients), `runner::group` (group signals, `/proc` scans).
 //!   Children are started by `runner::spawn` with `clone(CLONE_VM | CLONE_VFORK)` (not fork:
 //!   see its docs), the crate's one documented exception to `unsafe_code = "deny"`.
-//! - [`api`] — the only code that knows HTTP. Domain errors become problem+json in one place
+//! - [`api`] — the only code that knows HTTP. `api::server` is the connection loop (hyper under
+//!   the router): header and idle timeouts, the connection limit (503 past it, even out of file
+//!   descriptors), TLS ([`tls`]), graceful shutdown. Domain errors become problem+json in one place
 //!   (`api::error`): a store outage is a 503 with a plain reason, an internal failure a 500 that
 //!   shows only the request id.
 //! - [`telemetry`] — logging through a bounded queue drained by one thread: a slow or broken
@@ -73,6 +75,7 @@ pub mod run;
 pub mod runner;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 pub use run::RunMode;
 pub use runner::{ExecError, ModuleOutput, execute_module};

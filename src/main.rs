@@ -161,6 +161,7 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
     if let Some(addr) = bind {
         config.server.bind = addr;
     }
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -202,6 +203,18 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
             }
         }
     })
+}
+
+/// Raise the soft limit on open files to the hard limit: connections, pipes and the store all
+/// need descriptors, and the connection limit is derived from this one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit");
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

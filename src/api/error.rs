@@ -198,6 +198,19 @@ impl ApiError {
         }
     }
 
+    /// 429 with `Retry-After`: `sse.max_streams` streams are open.
+    pub fn too_many_streams() -> Self {
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-streams",
+                "Too many open streams",
+                "the server's limit of open event streams is reached; try again later".into(),
+            )
+        }
+    }
+
     /// 503 with `Retry-After`: shutting down, or the store cannot be used for now.
     pub fn unavailable(detail: impl Into<String>) -> Self {
         Self {

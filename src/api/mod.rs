@@ -5,6 +5,7 @@ mod dto;
 mod error;
 mod extract;
 mod runs;
+pub mod server;
 mod sse;
 
 use std::sync::Arc;
@@ -29,6 +30,9 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::runner::ModuleRunner;
 
+/// Open SSE streams allowed when no limit is set.
+const DEFAULT_STREAMS: usize = 1024;
+
 /// What the handlers share. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -44,6 +48,9 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// API tokens and the anonymous policy.
     pub auth: Arc<Auth>,
+    /// Open SSE streams hold a permit each (`sse.max_streams`). Overflow policy: a stream that
+    /// finds none is refused with 429 and Retry-After.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -60,7 +67,14 @@ impl AppState {
             streams_end: CancellationToken::new(),
             draining: Arc::new(AtomicBool::new(false)),
             auth: Arc::new(Auth::new(&[], true)),
+            streams: Arc::new(tokio::sync::Semaphore::new(DEFAULT_STREAMS)),
         }
+    }
+
+    /// Allow at most `n` open SSE streams.
+    pub fn with_stream_limit(mut self, n: usize) -> Self {
+        self.streams = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self
     }
 
     /// Check requests against `auth` (the default serves everyone anonymously, as on a

@@ -51,6 +51,9 @@ pub async fn stream(
         Some(n) => n,
         None => query.u64("after")?.unwrap_or(0),
     };
+    let Ok(slot) = state.streams.clone().try_acquire_owned() else {
+        return Err(ApiError::too_many_streams());
+    };
     let registry = state.runner.registry().clone();
     // Make the cursor before looking the run up, so that a run that finishes in between is
     // read from the store, not missed.
@@ -65,6 +68,7 @@ pub async fn stream(
         shutdown: state.streams_end.clone(),
         keep_alive: state.config.sse.keep_alive,
         ts_cache: None,
+        _slot: Some(slot),
     };
     let body = futures_util::stream::unfold(follow, |mut f| async move {
         let chunk = f.next_chunk().await?;
@@ -93,6 +97,8 @@ struct Follow {
     keep_alive: Duration,
     /// The last timestamp formatted (lines of one read batch share it).
     ts_cache: Option<(SystemTime, String)>,
+    /// The stream's place under `sse.max_streams`, given back when the stream is dropped.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// A JSON string literal: copied as is when nothing needs escaping (the common case), else
@@ -299,6 +305,7 @@ mod tests {
             shutdown: CancellationToken::new(),
             keep_alive: Duration::from_secs(60),
             ts_cache: None,
+            _slot: None,
         };
         let events = |chunk: &[u8]| -> Vec<(String, String)> {
             String::from_utf8_lossy(chunk)

@@ -501,11 +501,18 @@ pub async fn start_server_at(config: &Path) -> Server {
 
 /// Start the binary on `config`, listening on `bind`, with extra environment variables.
 pub async fn start_server_with(config: &Path, bind: &str, env: &[(&str, &str)]) -> Server {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut child = tokio::process::Command::new(binary())
-        .args(["serve", "--bind", bind, "--config"])
+    let mut cmd = tokio::process::Command::new(binary());
+    cmd.args(["serve", "--bind", bind, "--config"])
         .arg(config)
-        .envs(env.iter().copied())
+        .envs(env.iter().copied());
+    start_command(cmd).await
+}
+
+/// Start a command that runs `modrun serve` (possibly through a wrapper), and wait for its
+/// listening line.
+pub async fn start_command(mut cmd: tokio::process::Command) -> Server {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = cmd
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

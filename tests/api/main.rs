@@ -3,6 +3,7 @@
 mod auth;
 mod basics;
 mod cancel;
+mod connections;
 mod errors;
 mod faults;
 mod faulty;
