@@ -33,6 +33,9 @@ pub enum StartError {
     /// Recovery failed.
     #[error("cannot recover the runs of the previous start: {0}")]
     Recover(#[from] StoreError),
+    /// `runner.containment` cannot be had here.
+    #[error("runner.containment: {0}")]
+    Containment(String),
 }
 
 /// The parent environment variables a child may inherit.
@@ -56,6 +59,9 @@ impl App {
     /// and their leftover processes are killed; queued runs are queued again, oldest first),
     /// and build the runner.
     pub async fn build(config: Config) -> Result<App, StartError> {
+        let containment =
+            runner::jail::init(config.runner.containment).map_err(StartError::Containment)?;
+        tracing::info!(?containment, "how runs are held");
         let store: Arc<dyn RunStore> = match &config.storage.path {
             None => Arc::new(MemoryStore::new()),
             Some(dir) => {

@@ -14,10 +14,11 @@ use serde::de::{self, Deserializer};
 use serde_json::Value;
 
 use crate::auth::{ModulePattern, Scope, TokenEntry, parse_sha256_hex};
-use crate::module::{MAX_ARG_BYTES, Module, ParamKind, Parameter, Passing, Pattern};
+use crate::module::{Limits, MAX_ARG_BYTES, Module, ParamKind, Parameter, Passing, Pattern, RunAs};
 use crate::output::OutputLimits;
 use crate::run::RunMode;
 use crate::runner::RunnerSettings;
+use crate::runner::jail::Containment;
 
 /// The whole configuration, validated.
 #[derive(Debug, Clone)]
@@ -85,6 +86,8 @@ pub struct RunnerConfig {
     pub env_allow: Vec<String>,
     /// The run modes a request may ask for (`mode` in `POST /runs`).
     pub request_modes: Vec<RunMode>,
+    /// How a run's processes are held beyond its process group.
+    pub containment: Containment,
 }
 
 /// `[output]`.
@@ -173,6 +176,7 @@ impl Default for RunnerConfig {
                 RunMode::Threaded,
                 RunMode::DryRun,
             ],
+            containment: Containment::Auto,
         }
     }
 }
@@ -281,6 +285,7 @@ struct RawRunner {
     mode: Option<RunMode>,
     env_allow: Option<Vec<String>>,
     request_modes: Option<Vec<RunMode>>,
+    containment: Option<Containment>,
 }
 
 #[derive(Deserialize, Default)]
@@ -331,6 +336,23 @@ struct RawModule {
     parameters: Vec<RawParameter>,
     #[serde(default)]
     end_of_options: bool,
+    #[serde(default)]
+    limits: RawLimits,
+    user: Option<String>,
+    group: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default, deserialize_with = "de_opt_size")]
+    memory: Option<u64>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    cpu: Option<Duration>,
+    open_files: Option<u64>,
+    processes: Option<u64>,
+    #[serde(default, deserialize_with = "de_opt_size")]
+    file_size: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -638,6 +660,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
         mode: raw.runner.mode.unwrap_or(defaults.mode),
         env_allow: raw.runner.env_allow.unwrap_or(defaults.env_allow),
         request_modes: raw.runner.request_modes.unwrap_or(defaults.request_modes),
+        containment: raw.runner.containment.unwrap_or(defaults.containment),
     };
     if runner.default_timeout.is_zero() {
         return Err((
@@ -845,6 +868,8 @@ fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Module, KeyError
             ));
         }
     }
+    let limits = build_limits(&m.limits, key)?;
+    let run_as = build_run_as(m.user.as_deref(), m.group.as_deref(), key)?;
     if m.timeout.is_some_and(|t| t.is_zero()) {
         return Err((format!("{key}.timeout"), "must be longer than 0s".into()));
     }
@@ -885,7 +910,86 @@ fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Module, KeyError
         max_concurrent: m.max_concurrent,
         parameters,
         end_of_options: m.end_of_options,
+        limits,
+        run_as,
     })
+}
+
+fn build_limits(l: &RawLimits, key: &str) -> Result<Limits, KeyError> {
+    let positive = |field: &str, v: Option<u64>| -> Result<Option<u64>, KeyError> {
+        match v {
+            Some(0) => Err((
+                format!("{key}.limits.{field}"),
+                "must be more than 0".into(),
+            )),
+            other => Ok(other),
+        }
+    };
+    if l.cpu.is_some_and(|c| c.as_secs() == 0) {
+        return Err((
+            format!("{key}.limits.cpu"),
+            "must be at least 1s (the kernel counts CPU time in seconds)".into(),
+        ));
+    }
+    Ok(Limits {
+        memory: positive("memory", l.memory)?,
+        cpu: l.cpu,
+        open_files: positive("open_files", l.open_files)?,
+        processes: positive("processes", l.processes)?,
+        file_size: positive("file_size", l.file_size)?,
+    })
+}
+
+/// `user` / `group` of a module: looked up once, here; only root can switch to them.
+fn build_run_as(
+    user: Option<&str>,
+    group: Option<&str>,
+    key: &str,
+) -> Result<Option<RunAs>, KeyError> {
+    use nix::unistd::{Group, User};
+    let Some(name) = user else {
+        if group.is_some() {
+            return Err((format!("{key}.group"), "is only allowed with user".into()));
+        }
+        return Ok(None);
+    };
+    if !nix::unistd::geteuid().is_root() {
+        return Err((
+            format!("{key}.user"),
+            "modrun can switch users only when it runs as root".into(),
+        ));
+    }
+    let u = User::from_name(name).ok().flatten().ok_or_else(|| {
+        (
+            format!("{key}.user"),
+            format!("no user `{name}` on this system"),
+        )
+    })?;
+    let gid = match group {
+        None => u.gid.as_raw(),
+        Some(g) => Group::from_name(g)
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                (
+                    format!("{key}.group"),
+                    format!("no group `{g}` on this system"),
+                )
+            })?
+            .gid
+            .as_raw(),
+    };
+    if u.uid.is_root() {
+        return Err((
+            format!("{key}.user"),
+            "names root: leave user out to run as modrun's own user".into(),
+        ));
+    }
+    Ok(Some(RunAs {
+        user: name.to_owned(),
+        uid: u.uid.as_raw(),
+        gid,
+    }))
 }
 
 fn build_parameter(p: RawParameter, key: &str) -> Result<Parameter, KeyError> {

@@ -209,11 +209,14 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
 /// need descriptors, and the connection limit is derived from this one.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit");
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        // Children get the limit modrun was given, not the raised one.
+        modrun::runner::jail::set_child_open_files(soft);
+        if soft < hard
+            && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit");
+        }
     }
 }
 

@@ -36,6 +36,37 @@ pub struct Module {
     pub parameters: Vec<Parameter>,
     /// Put `--` between the options and the positional parameters.
     pub end_of_options: bool,
+    /// Resource limits of its runs.
+    pub limits: Limits,
+    /// The user its runs execute as (`None`: modrun's own).
+    pub run_as: Option<RunAs>,
+}
+
+/// Per-module resource limits, set in the child before exec (`setrlimit`; see the README for
+/// what each one measures).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Address space (`RLIMIT_AS`), in bytes.
+    pub memory: Option<u64>,
+    /// CPU time (`RLIMIT_CPU`): SIGXCPU, then SIGKILL a second later.
+    pub cpu: Option<Duration>,
+    /// Open files (`RLIMIT_NOFILE`).
+    pub open_files: Option<u64>,
+    /// Processes of the run's user (`RLIMIT_NPROC`; not enforced for root).
+    pub processes: Option<u64>,
+    /// Largest file it may write (`RLIMIT_FSIZE`): SIGXFSZ past it.
+    pub file_size: Option<u64>,
+}
+
+/// A user (and group) a module's runs execute as; only when modrun runs as root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// The user's name, as configured.
+    pub user: String,
+    /// Its uid.
+    pub uid: u32,
+    /// The group's gid (the `group` key, else the user's primary group).
+    pub gid: u32,
 }
 
 /// A typed parameter of a module.
@@ -539,6 +570,8 @@ mod tests {
             max_concurrent: None,
             parameters,
             end_of_options: false,
+            limits: Limits::default(),
+            run_as: None,
         }
     }
 

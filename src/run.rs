@@ -215,6 +215,14 @@ pub enum Outcome {
     },
     /// modrun stopped while the run was executing.
     Lost,
+    /// The process ran into one of its module's resource limits (`limit` names it, with its
+    /// value: `cpu (1m)`).
+    LimitExceeded {
+        /// How the process ended.
+        exit: Exit,
+        /// The limit.
+        limit: String,
+    },
 }
 
 /// The status of a run, as the API names it.
@@ -319,7 +327,9 @@ impl RunState {
             RunState::Running { .. } => RunStatus::Running,
             RunState::Finished { outcome, .. } => match outcome {
                 Outcome::Exited(Exit::Code(0)) => RunStatus::Succeeded,
-                Outcome::Exited(_) | Outcome::SpawnFailed(_) => RunStatus::Failed,
+                Outcome::Exited(_) | Outcome::SpawnFailed(_) | Outcome::LimitExceeded { .. } => {
+                    RunStatus::Failed
+                }
                 Outcome::Cancelled { .. } => RunStatus::Cancelled,
                 Outcome::TimedOut { .. } => RunStatus::TimedOut,
                 Outcome::Lost => RunStatus::Lost,
@@ -387,6 +397,7 @@ impl Run {
             RunState::Finished { outcome, .. } => match outcome {
                 Outcome::Exited(e) => Some(*e),
                 Outcome::Cancelled { exit, .. } | Outcome::TimedOut { exit } => *exit,
+                Outcome::LimitExceeded { exit, .. } => Some(*exit),
                 Outcome::SpawnFailed(_) | Outcome::Lost => None,
             },
             _ => None,
@@ -422,6 +433,13 @@ impl Run {
                 humantime::format_duration(self.timeout)
             ),
             Outcome::Lost => "modrun stopped while the run was executing".to_owned(),
+            Outcome::LimitExceeded { exit, limit } => format!(
+                "the process exceeded its {limit} limit ({})",
+                match exit {
+                    Exit::Code(c) => format!("exit code {c}"),
+                    Exit::Signal(s) => format!("killed by {}", signal_name(*s)),
+                }
+            ),
         })
     }
 

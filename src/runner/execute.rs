@@ -193,6 +193,9 @@ where
         cwd,
         env: None,
         stdin: None,
+        run_id: None,
+        limits: Default::default(),
+        creds: None,
     };
     let mode = mode.resolve();
     tracing::info!(target: TARGET, script = %script.display(), %mode, "executing module");

@@ -162,30 +162,6 @@ fn is_alive(pid: i32) -> bool {
     is_live_state(stat_fields(&stat).next())
 }
 
-/// SIGKILLs the group when dropped while armed: the safety net that makes dropping a running
-/// `run_process` future leave no process behind.
-pub(crate) struct GroupGuard {
-    pgid: u32,
-    armed: bool,
-}
-
-impl GroupGuard {
-    pub(crate) fn new(pgid: u32) -> Self {
-        Self { pgid, armed: true }
-    }
-    pub(crate) fn disarm(&mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = signal_group(self.pgid, Signal::SIGKILL);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,6 +36,7 @@
 
 mod execute;
 mod group;
+pub mod jail;
 pub(crate) mod process;
 mod program;
 mod spawn;
@@ -55,7 +56,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::module::{Module, ValidParams};
+use crate::module::{Limits, Module, RunAs, ValidParams};
 use crate::output::{OutputLimits, OutputLog, Redactor};
 use crate::registry::{Cursor, Registry};
 use crate::run::{CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, Stream};
@@ -140,6 +141,10 @@ pub struct RunRequest {
     /// The secret parameters' values (`parameters` shows them as `***`), kept by the store
     /// while the run is queued.
     pub secret_params: Map<String, Value>,
+    /// Resource limits set in the child.
+    pub limits: Limits,
+    /// The user the child runs as (`None`: modrun's own).
+    pub run_as: Option<RunAs>,
 }
 
 impl RunRequest {
@@ -166,6 +171,8 @@ impl RunRequest {
             created_by: None,
             secrets: Vec::new(),
             secret_params: Map::new(),
+            limits: Limits::default(),
+            run_as: None,
         }
     }
 
@@ -204,6 +211,8 @@ impl RunRequest {
             created_by: None,
             secrets,
             secret_params,
+            limits: module.limits,
+            run_as: module.run_as.clone(),
         }
     }
 }
@@ -539,16 +548,24 @@ impl ModuleRunner {
     }
 }
 
-/// After a crash: kill what is left of the lost runs `runs`: every process that carries one's
-/// `MODRUN_RUN_ID` marker in its environment (see `process::kill_leftovers`), and wait (at most
-/// `limit`) until they are dead. Returns how many processes were killed per run, in the order of
+/// After a crash: kill what is left of the lost runs `runs`: every process in one's cgroup and
+/// every process that carries one's `MODRUN_RUN_ID` marker in its environment, and wait (at
+/// most `limit`) until they are dead; empty run cgroups are removed. Returns how many processes were killed per run, in the order of
 /// `runs`. Runs on a blocking thread.
 pub async fn kill_leftovers(runs: &[Run], limit: Duration) -> Vec<usize> {
     let ids: Vec<String> = runs.iter().map(|r| r.id.to_string()).collect();
     let n = ids.len();
-    tokio::task::spawn_blocking(move || group::kill_leftovers(&ids, limit))
-        .await
-        .unwrap_or_else(|_| vec![0; n])
+    tokio::task::spawn_blocking(move || {
+        let in_cgroups = jail::sweep(&ids, limit);
+        let by_marker = group::kill_leftovers(&ids, limit);
+        in_cgroups
+            .into_iter()
+            .zip(by_marker)
+            .map(|(a, b)| a.max(b))
+            .collect()
+    })
+    .await
+    .unwrap_or_else(|_| vec![0; n])
 }
 
 fn submit_error(e: StoreError) -> SubmitError {
@@ -832,6 +849,9 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<Syst
             cwd: req.cwd.clone(),
             env: Some(env),
             stdin: req.stdin.clone().map(String::into_bytes),
+            run_id: Some(id.to_string()),
+            limits: req.limits,
+            creds: req.run_as.as_ref().map(|u| (u.gid, u.uid)),
         };
         let sup = Supervision {
             cancel: &ctl.cancel,
@@ -841,7 +861,13 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<Syst
         let sink: Arc<dyn process::Sink> = log.clone();
         match process::run_process(&spec, mode, sink, sup, &events).await {
             Ok(end) => match end.stopped {
-                None => Outcome::Exited(end.exit),
+                None => match end.limit {
+                    Some(limit) => Outcome::LimitExceeded {
+                        exit: end.exit,
+                        limit,
+                    },
+                    None => Outcome::Exited(end.exit),
+                },
                 Some(Stopped::Cancelled) => ctl.cancelled(Some(end.exit)),
                 Some(Stopped::TimedOut) => Outcome::TimedOut {
                     exit: Some(end.exit),

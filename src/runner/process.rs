@@ -23,9 +23,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe::{Receiver as PipeReader, Sender as PipeWriter};
 use tokio_util::sync::CancellationToken;
 
-use super::group::{GroupGuard, kill_rest, signal_group};
+use super::jail::{self, Jail};
 use super::program::{SpawnError, command_line, resolve_program, spawn_error};
-use super::spawn;
+use super::spawn::{self, Setup, Step};
+use crate::module::Limits;
 use crate::run::{Exit, RunMode, Stream};
 
 /// Where a process's output goes, as raw byte chunks per pipe.
@@ -97,6 +98,13 @@ pub(crate) struct ProcSpec {
     pub env: Option<Vec<(OsString, OsString)>>,
     /// Bytes written to stdin, then closed; `None` for a null stdin.
     pub stdin: Option<Vec<u8>>,
+    /// The run's id: its processes are held by a cgroup or found by their marker (see
+    /// `jail`); `None` (one-shot runs) holds them by process group only.
+    pub run_id: Option<String>,
+    /// Resource limits set in the child.
+    pub limits: Limits,
+    /// (gid, uid) the child switches to.
+    pub creds: Option<(u32, u32)>,
 }
 
 /// How a process was stopped by modrun, if it was.
@@ -109,12 +117,14 @@ pub(crate) enum Stopped {
 }
 
 /// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ProcEnd {
     /// As the OS reported it.
     pub exit: Exit,
     /// Set when modrun stopped it.
     pub stopped: Option<Stopped>,
+    /// The resource limit it ran into, when that is what ended it (`cpu (60s)`).
+    pub limit: Option<String>,
 }
 
 /// Stop conditions for [`run_process`].
@@ -158,67 +168,236 @@ pub(crate) async fn run_process(
         return Ok(ProcEnd {
             exit: Exit::Code(0),
             stopped: None,
+            limit: None,
         });
     }
     let program = resolve_program(spec)?;
-    let child = spawn::spawn(&program, spec).map_err(|e| spawn_error(&program, &e))?;
-    let pid = child.pid;
-    // Kills the group if this future is dropped before the run is over (the child itself
-    // does the same when dropped unreaped; the threaded mode's wait thread holds it, though).
-    let mut guard = GroupGuard::new(pid);
-    events.spawned(pid).await;
-    let result = match mode.resolve() {
-        RunMode::Threaded => drive_threaded(child, spec, &sink, &sup, events).await,
-        RunMode::Local => drive_local(child, spec, &sink, &sup, events).await,
-        _ => drive_async(child, spec, &sink, &sup, events).await,
+    let mut jail = Jail::for_run(spec.run_id.as_deref());
+    let mut setup = Setup {
+        cgroup_procs: None,
+        rlimits: jail::rlimits(&spec.limits),
+        creds: spec.creds,
     };
-    guard.disarm();
-    let (status, stopped) = result.map_err(|e| spawn_error(&program, &e))?;
+    let child = loop {
+        setup.cgroup_procs = jail.procs_file();
+        match spawn::spawn(&program, spec, &setup) {
+            Ok(child) => break child,
+            Err(f) if f.step == Step::Cgroup && setup.cgroup_procs.is_some() => {
+                // No cgroup after all: this run (and the next ones) without one.
+                jail = jail.join_failed(spec.run_id.as_deref(), &f.error);
+            }
+            Err(f) => return Err(spawn_error(&program, &f.error, f.step)),
+        }
+    };
+    let pid = child.pid;
+    // Kills the run if this future is dropped before the run is over (the child itself
+    // does the same when dropped unreaped; the threaded mode's wait thread holds it, though).
+    let mut guard = KillGuard {
+        jail: &jail,
+        pgid: pid,
+        armed: true,
+    };
+    events.spawned(pid).await;
+    let run = Driver {
+        spec,
+        sink: &sink,
+        sup: &sup,
+        events,
+        jail: &jail,
+    };
+    let result = match mode.resolve() {
+        RunMode::Threaded => run.threaded(child).await,
+        RunMode::Local => run.local(child).await,
+        _ => run.asynchronous(child).await,
+    };
+    guard.armed = false;
+    let (status, stopped) = result.map_err(|e| spawn_error(&program, &e, Step::Exec))?;
+    let exit = Exit::from_status(status);
+    let limit = match stopped {
+        None => jail.limit_hit(exit, &spec.limits),
+        Some(_) => None,
+    };
     Ok(ProcEnd {
-        exit: Exit::from_status(status),
+        exit,
         stopped,
+        limit,
     })
+}
+
+/// SIGKILLs the whole run when dropped while armed: the safety net that makes dropping a
+/// running [`run_process`] future leave no process behind.
+struct KillGuard<'a> {
+    jail: &'a Jail,
+    pgid: u32,
+    armed: bool,
+}
+
+impl Drop for KillGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.jail.kill_now(self.pgid);
+        }
+    }
+}
+
+/// What a driver works with.
+struct Driver<'a> {
+    spec: &'a ProcSpec,
+    sink: &'a Arc<dyn Sink>,
+    sup: &'a Supervision<'a>,
+    events: &'a dyn ProcEvents,
+    jail: &'a Jail,
 }
 
 /// How a driver's wait ended: the OS status, and whether modrun stopped the process.
 type Waited = std::io::Result<(std::process::ExitStatus, Option<Stopped>)>;
 
-/// Wait for `exit` while honouring cancel and timeout; on a stop, TERM the group, wait the grace,
-/// KILL it, and wait for `exit` again.
-async fn supervise<F>(pgid: u32, exit: F, sup: &Supervision<'_>, events: &dyn ProcEvents) -> Waited
-where
-    F: std::future::Future<Output = std::io::Result<std::process::ExitStatus>>,
-{
-    tokio::pin!(exit);
-    let stopped = tokio::select! {
-        status = &mut exit => return status.map(|s| (s, None)),
-        () = sup.cancel.cancelled() => Stopped::Cancelled,
-        () = sleep_or_forever(sup.timeout) => Stopped::TimedOut,
-    };
-    let _ = signal_group(pgid, Signal::SIGTERM);
-    events.stopping().await;
-    tokio::select! {
-        status = &mut exit => return status.map(|s| (s, Some(stopped))),
-        () = tokio::time::sleep(sup.kill_grace) => {}
+impl Driver<'_> {
+    /// Wait for `exit` while honouring cancel and timeout; on a stop, TERM the run (its group
+    /// and its cgroup), wait the grace, KILL it, and wait for `exit` again.
+    async fn supervise<F>(&self, pgid: u32, exit: F) -> Waited
+    where
+        F: std::future::Future<Output = std::io::Result<std::process::ExitStatus>>,
+    {
+        let sup = self.sup;
+        tokio::pin!(exit);
+        let stopped = tokio::select! {
+            status = &mut exit => return status.map(|s| (s, None)),
+            () = sup.cancel.cancelled() => Stopped::Cancelled,
+            () = sleep_or_forever(sup.timeout) => Stopped::TimedOut,
+        };
+        self.jail.signal(pgid, Signal::SIGTERM);
+        self.events.stopping().await;
+        tokio::select! {
+            status = &mut exit => return status.map(|s| (s, Some(stopped))),
+            () = tokio::time::sleep(sup.kill_grace) => {}
+        }
+        self.jail.signal(pgid, Signal::SIGKILL);
+        exit.await.map(|s| (s, Some(stopped)))
     }
-    let _ = signal_group(pgid, Signal::SIGKILL);
-    exit.await.map(|s| (s, Some(stopped)))
-}
 
-/// After the leader exited: kill what is left of its group so the pipes close, then wait for
-/// the pumps, at most [`PIPE_DRAIN_LIMIT`], and for the group to be dead.
-async fn finish_pumps<P: std::future::Future<Output = ()>>(pgid: u32, pumps: P, sink: &dyn Sink) {
-    let pumped = tokio::join!(
-        tokio::time::timeout(PIPE_DRAIN_LIMIT, pumps),
-        kill_rest(pgid)
-    )
-    .0;
-    if pumped.is_err() {
-        sink.write(
-            Stream::Stderr,
-            b"\n[modrun] output pipes stayed open after the process group was killed (a process left the group); output cut off\n",
-        );
-        sink.eof(Stream::Stderr);
+    /// After the leader exited: kill what is left of the run so the pipes close, then wait for
+    /// the pumps, at most [`PIPE_DRAIN_LIMIT`], and for the run's processes to be dead.
+    async fn finish_pumps<P: std::future::Future<Output = ()>>(&self, pgid: u32, pumps: P) {
+        let sink = &**self.sink;
+        let pumped = tokio::join!(
+            tokio::time::timeout(PIPE_DRAIN_LIMIT, pumps),
+            self.jail.finish(pgid)
+        )
+        .0;
+        if pumped.is_err() {
+            sink.write(
+                Stream::Stderr,
+                b"\n[modrun] output pipes stayed open after the run's processes were killed; output cut off\n",
+            );
+            sink.eof(Stream::Stderr);
+        }
+    }
+
+    /// Pipes pumped by async tasks of this future; exit awaited through a pidfd.
+    async fn asynchronous(&self, mut child: spawn::Child) -> Waited {
+        let sink = self.sink;
+        let pid = child.pid;
+        let open =
+            |fd: Option<std::os::fd::OwnedFd>| fd.and_then(|fd| PipeReader::from_owned_fd(fd).ok());
+        let stdout = open(child.stdout.take());
+        let stderr = open(child.stderr.take());
+        let stdin = child
+            .stdin
+            .take()
+            .and_then(|fd| PipeWriter::from_owned_fd(fd).ok());
+        let input = self.spec.stdin.clone();
+        let pumps = async {
+            let feed = async move {
+                if let (Some(mut w), Some(data)) = (stdin, input) {
+                    // A child that exits without reading its stdin gives EPIPE: not an error.
+                    let _ = w.write_all(&data).await;
+                }
+            };
+            let out = async {
+                if let Some(o) = stdout {
+                    pump(o, Stream::Stdout, &**sink).await;
+                }
+            };
+            let err = async {
+                if let Some(e) = stderr {
+                    pump(e, Stream::Stderr, &**sink).await;
+                }
+            };
+            tokio::join!(feed, out, err);
+        };
+        tokio::pin!(pumps);
+        let waiting = self.supervise(pid, child.wait());
+        tokio::pin!(waiting);
+        let mut pumps_done = false;
+        let result = loop {
+            tokio::select! {
+                r = &mut waiting => break r,
+                () = &mut pumps, if !pumps_done => pumps_done = true,
+            }
+        };
+        if pumps_done {
+            self.jail.finish(pid).await;
+        } else {
+            self.finish_pumps(pid, &mut pumps).await;
+        }
+        result
+    }
+
+    /// Pipes read on blocking threads; exit awaited on a blocking thread that owns the child.
+    async fn threaded(&self, mut child: spawn::Child) -> Waited {
+        let pid = child.pid;
+        let mut pumps = Vec::new();
+        for (fd, stream) in [
+            (child.stdout.take(), Stream::Stdout),
+            (child.stderr.take(), Stream::Stderr),
+        ] {
+            if let Some(fd) = fd {
+                let s = self.sink.clone();
+                pumps.push(tokio::task::spawn_blocking(move || {
+                    blocking_pump(std::fs::File::from(fd), stream, s)
+                }));
+            }
+        }
+        if let (Some(fd), Some(data)) = (child.stdin.take(), self.spec.stdin.clone()) {
+            pumps.push(tokio::task::spawn_blocking(move || {
+                write_all_blocking(fd, &data)
+            }));
+        }
+        // The blocking wait owns the child: if this future is dropped, the guard kills the run
+        // and that thread still reaps the child.
+        let wait = tokio::task::spawn_blocking(move || child.wait_blocking());
+        let exit = async {
+            match wait.await {
+                Ok(r) => r,
+                Err(e) => Err(std::io::Error::other(e)),
+            }
+        };
+        let result = self.supervise(pid, exit).await;
+        let all_pumps = async {
+            for p in pumps {
+                let _ = p.await;
+            }
+        };
+        self.finish_pumps(pid, all_pumps).await;
+        result
+    }
+
+    /// The threaded driver with the output collected and delivered when the process has
+    /// ended (on a blocking thread: splitting it into lines is no work for an async thread).
+    async fn local(&self, child: spawn::Child) -> Waited {
+        let collected = Arc::new(Collected::new(self.sink.keep_limit()));
+        let into: Arc<dyn Sink> = collected.clone();
+        let threaded = Driver {
+            sink: &into,
+            ..*self
+        };
+        let result = threaded.threaded(child).await;
+        let to = self.sink.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || collected.deliver(&*to)).await {
+            tracing::warn!(error = %e, "delivering the output failed");
+        }
+        result
     }
 }
 
@@ -243,61 +422,6 @@ async fn pump<R: AsyncRead + Unpin>(mut r: R, stream: Stream, sink: &dyn Sink) {
     sink.eof(stream);
 }
 
-/// Pipes pumped by async tasks of this future; exit awaited through a pidfd.
-async fn drive_async(
-    mut child: spawn::Child,
-    spec: &ProcSpec,
-    sink: &Arc<dyn Sink>,
-    sup: &Supervision<'_>,
-    events: &dyn ProcEvents,
-) -> Waited {
-    let pid = child.pid;
-    let open =
-        |fd: Option<std::os::fd::OwnedFd>| fd.and_then(|fd| PipeReader::from_owned_fd(fd).ok());
-    let stdout = open(child.stdout.take());
-    let stderr = open(child.stderr.take());
-    let stdin = child
-        .stdin
-        .take()
-        .and_then(|fd| PipeWriter::from_owned_fd(fd).ok());
-    let input = spec.stdin.clone();
-    let pumps = async {
-        let feed = async move {
-            if let (Some(mut w), Some(data)) = (stdin, input) {
-                // A child that exits without reading its stdin gives EPIPE: not an error here.
-                let _ = w.write_all(&data).await;
-            }
-        };
-        let out = async {
-            if let Some(o) = stdout {
-                pump(o, Stream::Stdout, &**sink).await;
-            }
-        };
-        let err = async {
-            if let Some(e) = stderr {
-                pump(e, Stream::Stderr, &**sink).await;
-            }
-        };
-        tokio::join!(feed, out, err);
-    };
-    tokio::pin!(pumps);
-    let waiting = supervise(pid, child.wait(), sup, events);
-    tokio::pin!(waiting);
-    let mut pumps_done = false;
-    let result = loop {
-        tokio::select! {
-            r = &mut waiting => break r,
-            () = &mut pumps, if !pumps_done => pumps_done = true,
-        }
-    };
-    if pumps_done {
-        kill_rest(pid).await;
-    } else {
-        finish_pumps(pid, &mut pumps, &**sink).await;
-    }
-    result
-}
-
 fn blocking_pump(r: impl Read + Send + 'static, stream: Stream, sink: Arc<dyn Sink>) {
     let mut r = r;
     let mut buf = vec![0u8; 64 * 1024];
@@ -319,51 +443,6 @@ fn write_all_blocking(fd: std::os::fd::OwnedFd, data: &[u8]) {
     use std::io::Write;
     // A child that exits without reading its stdin gives EPIPE: not an error here.
     let _ = std::fs::File::from(fd).write_all(data);
-}
-
-/// Pipes read on blocking threads; exit awaited on a blocking thread that owns the child.
-async fn drive_threaded(
-    mut child: spawn::Child,
-    spec: &ProcSpec,
-    sink: &Arc<dyn Sink>,
-    sup: &Supervision<'_>,
-    events: &dyn ProcEvents,
-) -> Waited {
-    let pid = child.pid;
-    let mut pumps = Vec::new();
-    for (fd, stream) in [
-        (child.stdout.take(), Stream::Stdout),
-        (child.stderr.take(), Stream::Stderr),
-    ] {
-        if let Some(fd) = fd {
-            let s = sink.clone();
-            pumps.push(tokio::task::spawn_blocking(move || {
-                blocking_pump(std::fs::File::from(fd), stream, s)
-            }));
-        }
-    }
-    if let (Some(fd), Some(data)) = (child.stdin.take(), spec.stdin.clone()) {
-        pumps.push(tokio::task::spawn_blocking(move || {
-            write_all_blocking(fd, &data)
-        }));
-    }
-    // The blocking wait owns the child: if this future is dropped, the guard kills the group and
-    // that thread still reaps the child.
-    let wait = tokio::task::spawn_blocking(move || child.wait_blocking());
-    let exit = async {
-        match wait.await {
-            Ok(r) => r,
-            Err(e) => Err(std::io::Error::other(e)),
-        }
-    };
-    let result = supervise(pid, exit, sup, events).await;
-    let all_pumps = async {
-        for p in pumps {
-            let _ = p.await;
-        }
-    };
-    finish_pumps(pid, all_pumps, &**sink).await;
-    result
 }
 
 /// A local-mode child's output, held until the process has ended, then handed over (as
@@ -455,23 +534,4 @@ impl Sink for Collected {
         inner.dropped_bytes += text;
     }
     fn eof(&self, _stream: Stream) {}
-}
-
-/// The threaded driver with the output collected and delivered when the process has ended
-/// (on a blocking thread: splitting it into lines is no work for an async thread).
-async fn drive_local(
-    child: spawn::Child,
-    spec: &ProcSpec,
-    sink: &Arc<dyn Sink>,
-    sup: &Supervision<'_>,
-    events: &dyn ProcEvents,
-) -> Waited {
-    let collected = Arc::new(Collected::new(sink.keep_limit()));
-    let into: Arc<dyn Sink> = collected.clone();
-    let result = drive_threaded(child, spec, &into, sup, events).await;
-    let to = sink.clone();
-    if let Err(e) = tokio::task::spawn_blocking(move || collected.deliver(&*to)).await {
-        tracing::warn!(error = %e, "delivering the output failed");
-    }
-    result
 }

@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use super::process::ProcSpec;
+use super::spawn::Step;
 
 /// Why a process could not be started.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -176,8 +177,14 @@ pub(crate) fn check_executable(p: &Path) -> Result<(), SpawnError> {
     }
 }
 
-/// The error of an `execve` (or set-up) failure of `program`.
-pub(crate) fn spawn_error(program: &Path, e: &std::io::Error) -> SpawnError {
+/// The error of an `execve` (or set-up) failure of `program` at `step`.
+pub(crate) fn spawn_error(program: &Path, e: &std::io::Error, step: Step) -> SpawnError {
+    if step == Step::Limits {
+        return SpawnError::new(
+            program,
+            SpawnReason::Os(format!("cannot apply the module's limits or user: {e}")),
+        );
+    }
     let reason = match e.kind() {
         std::io::ErrorKind::NotFound => SpawnReason::NoInterpreter(e.to_string()),
         std::io::ErrorKind::PermissionDenied => SpawnReason::PermissionDenied(e.to_string()),
@@ -229,6 +236,9 @@ mod tests {
             cwd: "/".into(),
             env: Some(vec![("PATH".into(), "/nonexistent:/bin:/usr/bin".into())]),
             stdin: None,
+            run_id: None,
+            limits: Default::default(),
+            creds: None,
         };
         assert!(resolve_program(&spec).unwrap().ends_with("sh"));
         let missing = ProcSpec {
@@ -260,6 +270,9 @@ mod tests {
             cwd: "/srv/modules".into(),
             env: Some(vec![("PATH".into(), path.into())]),
             stdin: None,
+            run_id: None,
+            limits: Default::default(),
+            creds: None,
         };
         let missing = spec("no-such-tool", "/secret/bin:/usr/bin");
         let err = resolve_program(&missing).unwrap_err();

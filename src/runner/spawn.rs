@@ -50,6 +50,9 @@ pub(crate) struct Child {
     reaped: bool,
 }
 
+/// Resource limits a child gets at most, one per kind (`setrlimit`).
+const MAX_RLIMITS: usize = 8;
+
 /// What the child needs, prepared by the parent (the child must not allocate).
 struct ChildArgs {
     path: *const c_char,
@@ -59,16 +62,68 @@ struct ChildArgs {
     stdin: RawFd,
     stdout: RawFd,
     stderr: RawFd,
-    /// Where the child writes its errno if it fails before exec (close-on-exec).
+    /// Where the child writes its step and errno if it fails before exec (close-on-exec).
     status: RawFd,
     parent: libc::pid_t,
+    /// `cgroup.procs` of the run's cgroup, open for writing; -1 for none.
+    cgroup: RawFd,
+    /// Resource limits to set, the first `rlimit_count` of them.
+    rlimits: [(libc::__rlimit_resource_t, libc::rlimit); MAX_RLIMITS],
+    rlimit_count: usize,
+    /// Switch to this group and user (dropping supplementary groups) before exec.
+    creds: Option<(libc::gid_t, libc::uid_t)>,
+}
+
+/// Which set-up step in the child failed (reported with its errno).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Joining the run's cgroup.
+    Cgroup,
+    /// Setting a resource limit or dropping privileges.
+    Limits,
+    /// Anything else (process group, stdio, cwd, exec).
+    Exec,
+}
+
+const STEP_CGROUP: c_int = 1;
+const STEP_LIMITS: c_int = 2;
+const STEP_EXEC: c_int = 3;
+
+/// Why a child could not be started.
+#[derive(Debug)]
+pub(crate) struct SpawnFailure {
+    /// The step that failed.
+    pub step: Step,
+    /// The OS error.
+    pub error: io::Error,
+}
+
+impl From<io::Error> for SpawnFailure {
+    fn from(error: io::Error) -> Self {
+        Self {
+            step: Step::Exec,
+            error,
+        }
+    }
+}
+
+/// What a child is set up with before exec, beyond `ProcSpec`.
+#[derive(Debug, Default)]
+pub(crate) struct Setup {
+    /// `cgroup.procs` of the run's cgroup (the child moves itself in).
+    pub cgroup_procs: Option<OwnedFd>,
+    /// Resource limits (resource, soft, hard).
+    pub rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
+    /// Group and user to switch to.
+    pub creds: Option<(u32, u32)>,
 }
 
 fn cstring(s: &OsStr) -> io::Result<CString> {
+    // The text is not shown: it may be a secret.
     CString::new(s.as_bytes()).map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{} contains a NUL byte", s.to_string_lossy()),
+            "an argument or environment value contains a NUL byte",
         )
     })
 }
@@ -118,9 +173,10 @@ fn dev_null() -> io::Result<OwnedFd> {
 
 /// Start `program` as `spec` describes: own process group, parent-death signal SIGKILL, stdin
 /// from the returned pipe or /dev/null, stdout and stderr to pipes, cwd, and exactly the
-/// environment of `spec.env` (or the parent's). Fails with the OS error if the program cannot
-/// be executed.
-pub(crate) fn spawn(program: &Path, spec: &ProcSpec) -> io::Result<Child> {
+/// environment of `spec.env` (or the parent's); then what `setup` adds (its cgroup, resource
+/// limits, another user), core dumps off and no new privileges (setuid binaries do not
+/// elevate). Fails with the step and the OS error if the program cannot be executed.
+pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Child, SpawnFailure> {
     let path = cstring(program.as_os_str())?;
     let argv_c = std::iter::once(spec.program.as_os_str())
         .chain(spec.args.iter().map(|a| a.as_os_str()))
@@ -153,6 +209,22 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec) -> io::Result<Child> {
         None => (dev_null()?, None),
     };
     let (status_r, status_w) = pipe()?;
+    let mut rlimits = [(
+        0,
+        libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        },
+    ); MAX_RLIMITS];
+    for (slot, (resource, soft, hard)) in rlimits.iter_mut().zip(&setup.rlimits) {
+        *slot = (
+            *resource,
+            libc::rlimit {
+                rlim_cur: *soft,
+                rlim_max: *hard,
+            },
+        );
+    }
     let args = ChildArgs {
         path: path.as_ptr(),
         argv: argv.as_ptr(),
@@ -164,6 +236,10 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec) -> io::Result<Child> {
         status: status_w.as_raw_fd(),
         // SAFETY: getpid cannot fail.
         parent: unsafe { libc::getpid() },
+        cgroup: setup.cgroup_procs.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+        rlimits,
+        rlimit_count: setup.rlimits.len().min(MAX_RLIMITS),
+        creds: setup.creds,
     };
     // The child's stack: it runs there until it execs (or exits), while this thread waits.
     // Never read from Rust, so it need not be initialised.
@@ -180,6 +256,8 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec) -> io::Result<Child> {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
+    // In subreaper mode, held until the child is recorded as a run leader.
+    let leader = super::jail::LeaderGuard::new();
     // SAFETY: CLONE_VFORK suspends this thread until the child has exec'd or exited, so
     // everything `args` points to (owned by this frame) outlives the child's use of it; the
     // child only makes async-signal-safe calls (see `child_main`); all signals are blocked so
@@ -199,8 +277,9 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec) -> io::Result<Child> {
     }
     drop(stack);
     if pid < 0 {
-        return Err(clone_error);
+        return Err(clone_error.into());
     }
+    leader.started(pid as u32);
     // Our copies of the child's ends: closing them lets EOF and EPIPE work.
     drop((out_w, err_w, in_r, status_w));
     let mut child = Child {
@@ -210,28 +289,39 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec) -> io::Result<Child> {
         stderr: Some(err_r),
         reaped: false,
     };
-    // The exec either happened (the status pipe closed on exec: EOF) or failed (an errno).
-    let mut errno = [0u8; 4];
+    // The exec either happened (the status pipe closed on exec: EOF) or failed (a step and
+    // an errno).
+    let mut report = [0u8; 8];
     let n = loop {
-        // SAFETY: reads at most 4 bytes into a 4-byte buffer from a descriptor we own.
-        let n = unsafe { libc::read(status_r.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
+        // SAFETY: reads at most 8 bytes into an 8-byte buffer from a descriptor we own.
+        let n = unsafe { libc::read(status_r.as_raw_fd(), report.as_mut_ptr().cast(), 8) };
         if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             break n;
         }
     };
-    if n == 4 {
+    if n == 8 {
         let _ = child.wait_blocking();
-        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+        let step = match i32::from_ne_bytes([report[0], report[1], report[2], report[3]]) {
+            STEP_CGROUP => Step::Cgroup,
+            STEP_LIMITS => Step::Limits,
+            _ => Step::Exec,
+        };
+        let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+        return Err(SpawnFailure {
+            step,
+            error: io::Error::from_raw_os_error(errno),
+        });
     }
     Ok(child)
 }
 
-/// Report errno to the parent and exit (child side).
-unsafe fn fail(status: RawFd) -> ! {
+/// Report the failed step and errno to the parent and exit (child side).
+unsafe fn fail(status: RawFd, step: c_int) -> ! {
     // SAFETY: errno location of this (borrowed) thread; write and _exit are async-signal-safe.
     unsafe {
         let e = *libc::__errno_location();
-        libc::write(status, (&e as *const c_int).cast(), 4);
+        let report: [c_int; 2] = [step, e];
+        libc::write(status, report.as_ptr().cast(), 8);
         libc::_exit(127)
     }
 }
@@ -258,7 +348,7 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
             }
         }
         if libc::setpgid(0, 0) != 0 {
-            fail(a.status);
+            fail(a.status, STEP_EXEC);
         }
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,
@@ -268,25 +358,54 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
             0,
         ) != 0
         {
-            fail(a.status);
+            fail(a.status, STEP_EXEC);
         }
         // The parent may have died before the death signal was armed.
         if libc::getppid() != a.parent {
             libc::_exit(127);
         }
-        for (from, to) in [(a.stdin, 0), (a.stdout, 1), (a.stderr, 2)] {
-            if libc::dup2(from, to) < 0 {
-                fail(a.status);
+        // Into the run's cgroup: every descendant stays in it, whatever it does to its
+        // process group or session.
+        if a.cgroup >= 0 && libc::write(a.cgroup, b"0".as_ptr().cast(), 1) != 1 {
+            fail(a.status, STEP_CGROUP);
+        }
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
+            fail(a.status, STEP_LIMITS);
+        }
+        for (resource, limit) in &a.rlimits[..a.rlimit_count] {
+            if libc::setrlimit(*resource, limit) != 0 {
+                fail(a.status, STEP_LIMITS);
             }
         }
+        for (from, to) in [(a.stdin, 0), (a.stdout, 1), (a.stderr, 2)] {
+            if libc::dup2(from, to) < 0 {
+                fail(a.status, STEP_EXEC);
+            }
+        }
+        // Raw system calls, not the libc wrappers: glibc's setuid/setgid signal every thread
+        // of the process to change them all, and this child shares the parent's memory.
+        if let Some((gid, uid)) = a.creds
+            && (libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0)
+        {
+            fail(a.status, STEP_LIMITS);
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail(a.status, STEP_LIMITS);
+        }
         if libc::chdir(a.cwd) != 0 {
-            fail(a.status);
+            fail(a.status, STEP_EXEC);
         }
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         libc::execve(a.path, a.argv, a.envp);
-        fail(a.status)
+        fail(a.status, STEP_EXEC)
     }
 }
 
@@ -298,6 +417,7 @@ impl Child {
             let r = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, flags) };
             if r > 0 {
                 self.reaped = true;
+                super::jail::leader_reaped(self.pid);
                 return Ok(Some(ExitStatus::from_raw(status)));
             }
             if r == 0 {
@@ -331,6 +451,7 @@ impl Child {
                     // SAFETY: as in `reap`.
                     let r = unsafe { libc::waitpid(pid, &mut status, 0) };
                     if r > 0 {
+                        super::jail::leader_reaped(pid as u32);
                         return Ok(ExitStatus::from_raw(status));
                     }
                     let e = io::Error::last_os_error();
@@ -384,6 +505,7 @@ fn reap_later(pid: u32) {
                     while unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) } < 0
                         && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
                     {}
+                    super::jail::leader_reaped(pid);
                 }
             });
         if let Err(e) = spawned {

@@ -40,7 +40,7 @@ const MIGRATIONS: &[&str] = &[
         finished_at INTEGER,
         pid INTEGER,
         stopping INTEGER NOT NULL DEFAULT 0,
-        outcome TEXT,                   -- exited | spawn_failed | cancelled | timed_out | lost
+        outcome TEXT,                   -- exited | spawn_failed | cancelled | timed_out | lost | limit (v2)
         exit_code INTEGER,
         signal INTEGER,
         cancel_reason TEXT,             -- request | shutdown
@@ -509,6 +509,9 @@ fn write_state(c: &Connection, id: RunId, state: &RunState) -> Result<(), StoreE
             by.as_deref(),
         ),
         Some(Outcome::TimedOut { exit }) => (Some("timed_out"), *exit, None, None, None),
+        Some(Outcome::LimitExceeded { exit, limit }) => {
+            (Some("limit"), Some(*exit), None, Some(limit.as_str()), None)
+        }
         Some(Outcome::Lost) => (Some("lost"), None, None, None, None),
     };
     let (code, signal) = match exit {
@@ -830,6 +833,10 @@ fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
                     by: r.get(20)?,
                 },
                 Some("timed_out") => Outcome::TimedOut { exit },
+                Some("limit") => Outcome::LimitExceeded {
+                    exit: exit.ok_or_else(|| bad(14, "exit"))?,
+                    limit: r.get::<_, Option<String>>(17)?.unwrap_or_default(),
+                },
                 Some("lost") => Outcome::Lost,
                 _ => return Err(bad(13, "outcome")),
             };

@@ -4,6 +4,7 @@ mod auth;
 mod basics;
 mod cancel;
 mod connections;
+mod contain;
 mod errors;
 mod faults;
 mod faulty;
