@@ -144,6 +144,26 @@ impl ApiError {
         )
     }
 
+    /// 414: the request target is too long.
+    pub fn uri_too_long(max: usize) -> Self {
+        Self::new(
+            StatusCode::URI_TOO_LONG,
+            "uri-too-long",
+            "URI too long",
+            format!("the request target is longer than {max} bytes"),
+        )
+    }
+
+    /// 431: the request headers are too large.
+    pub fn headers_too_large(max: usize) -> Self {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers-too-large",
+            "Request headers too large",
+            format!("the request headers take more than {max} bytes"),
+        )
+    }
+
     /// 415: the body is not JSON.
     pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
         Self::new(

@@ -115,7 +115,30 @@ pub fn router(state: AppState) -> Router {
             tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
         }))
         .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn(limit_head))
         .with_state(state)
+}
+
+/// The longest request target accepted (414 past it).
+const MAX_URI_BYTES: usize = 8 * 1024;
+/// The most header bytes accepted (431 past it).
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Refuse an over-long target or over-large headers with a problem+json answer (below the
+/// HTTP parser's own, larger limits, where it can only answer with a bare status).
+async fn limit_head(req: Request, next: Next) -> Response {
+    if req.uri().to_string().len() > MAX_URI_BYTES {
+        return ApiError::uri_too_long(MAX_URI_BYTES).into_response();
+    }
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers > MAX_HEADER_BYTES {
+        return ApiError::headers_too_large(MAX_HEADER_BYTES).into_response();
+    }
+    next.run(req).await
 }
 
 /// The header that carries a request's id, both ways.

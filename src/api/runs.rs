@@ -88,7 +88,7 @@ fn parse_create(body: &Value) -> Result<(CreateBody, Vec<FieldError>), ApiError>
             Some(t) if t < MIN_TIMEOUT_S => {
                 errors.push(FieldError::new(
                     "timeout_s",
-                    format!("must be at least {MIN_TIMEOUT_S} seconds (1 ms), got {t}"),
+                    format!("must be at least {MIN_TIMEOUT_S} seconds (1 ms), got {t:e}"),
                 ));
                 None
             }

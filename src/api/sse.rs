@@ -47,10 +47,9 @@ pub async fn stream(
         ),
         None => None,
     };
-    let after = match resume {
-        Some(n) => n,
-        None => query.u64("after")?.unwrap_or(0),
-    };
+    // Both are checked; the header (what a reconnecting EventSource sends) wins.
+    let after_query = query.u64("after")?;
+    let after = resume.or(after_query).unwrap_or(0);
     let Ok(slot) = state.streams.clone().try_acquire_owned() else {
         return Err(ApiError::too_many_streams());
     };

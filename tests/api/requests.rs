@@ -289,3 +289,23 @@ async fn error_answers_stay_small() {
     assert!(body.len() < 2 * 1024, "{} bytes", body.len());
     app.stop().await;
 }
+
+/// An over-long request target is 414 and over-large headers are 431, both problem+json.
+#[tokio::test]
+async fn oversized_request_heads_get_problem_answers() {
+    let app = spawn_app().await;
+    let long = format!("/runs?module_id={}", "m".repeat(9000));
+    let res = app.get(&long).await;
+    let p = problem(res, StatusCode::URI_TOO_LONG).await;
+    assert_eq!(p["status"], 414);
+    let res = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-big", "h".repeat(40_000))
+        .send()
+        .await
+        .unwrap();
+    let p = problem(res, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await;
+    assert_eq!(p["status"], 431);
+    app.stop().await;
+}
