@@ -32,8 +32,9 @@
 //! - [`output`] — the per-run output log (budget, persisted window, change signal), its line
 //!   splitter (`output::lines`, linear in the bytes however long a line gets) and the redactor
 //!   that masks a run's secrets in every line, also across reads and cuts (`output::redact`).
-//! - [`registry`] — live runs in front of the store; the output flusher, retention purger and
-//!   reader cursors.
+//! - [`registry`] — live runs in front of the store; `registry::persist` (the output flusher,
+//!   run ends, the retention purger, store outages: bounded buffering, held-back run ends,
+//!   a probe, [`registry::StoreHealth`] for readiness) and `registry::cursor` (readers).
 //! - [`store`] — the persistence boundary ([`store::RunStore`]): the embedded SQLite store
 //!   (writer thread with group commit, read pool, migrations, lock file) and the memory store.
 //! - [`runner`] — [`runner::ModuleRunner`] (scheduling, supervision, cancel, crash leftovers)

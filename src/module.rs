@@ -166,7 +166,7 @@ pub enum ParamKind {
 pub const MAX_ARG_BYTES: usize = 32 * 4096 - 1;
 
 /// At most this many characters of a client's text are echoed in an error message.
-const ECHO_CHARS: usize = 64;
+pub const ECHO_CHARS: usize = 64;
 
 /// A client's text as an error message may show it: control characters escaped, at most
 /// [`ECHO_CHARS`] characters (then `…`), so that an answer or a log line stays small and cannot

@@ -23,7 +23,7 @@ use tracing_subscriber::fmt::MakeWriter;
 pub const QUEUE_LINES: usize = 16 * 1024;
 
 /// How long [`LogGuard`] gives the drain thread at exit to write what is queued.
-const EXIT_FLUSH: Duration = Duration::from_millis(500);
+pub const EXIT_FLUSH: Duration = Duration::from_millis(500);
 
 /// Counters shared by the writers and the drain thread.
 #[derive(Debug, Default)]

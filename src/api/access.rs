@@ -18,6 +18,7 @@ use crate::auth::{AuthError, Caller, Scope};
 /// all). `openapi.yaml` documents exactly these.
 pub const ROUTES: &[(&str, &str, Option<Scope>)] = &[
     ("GET", "/healthz", None),
+    ("GET", "/readyz", None),
     ("GET", "/modules", Some(Scope::ModulesRead)),
     ("GET", "/modules/{id}", Some(Scope::ModulesRead)),
     ("POST", "/runs", Some(Scope::RunsCreate)),

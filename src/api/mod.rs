@@ -24,7 +24,7 @@ use tower_http::trace::TraceLayer;
 
 pub use access::ROUTES;
 pub use dto::{LineDto, ModuleDto, RunDto, run_json};
-pub use error::{ApiError, PROBLEM_JSON};
+pub use error::{ApiError, MAX_FIELD_ERRORS, PROBLEM_JSON};
 
 use crate::auth::Auth;
 use crate::config::Config;
@@ -89,6 +89,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/modules", get(list_modules))
         .route("/modules/{id}", get(get_module))
         .route("/runs", get(runs::list).post(runs::create))
@@ -188,6 +189,17 @@ async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> Ap
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
+}
+
+/// Ready to accept runs: not shutting down, and the store takes writes.
+async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    if state.draining.load(Ordering::Relaxed) {
+        return Err(ApiError::unavailable("modrun is shutting down"));
+    }
+    if let Some(outage) = state.runner.registry().health().outage() {
+        return Err(ApiError::unavailable(format!("the run store {outage}")));
+    }
+    Ok(Json(json!({"status": "ready"})))
 }
 
 async fn list_modules(

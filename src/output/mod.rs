@@ -69,8 +69,8 @@ pub struct OutputLog {
 #[derive(Debug, Default)]
 struct LogInner {
     /// Lines in memory, contiguous seqs ending at `last_seq`. Bounded: unpersisted lines (at most
-    /// [`BACKLOG_BYTES`] plus one read, since pumps pause past it) plus a window of persisted ones
-    /// ([`WINDOW_BYTES`]).
+    /// [`BACKLOG_BYTES`] plus one read, since pumps pause past it, or lines are dropped past it
+    /// during an outage) plus a window of persisted ones ([`WINDOW_BYTES`]).
     lines: VecDeque<Line>,
     last_seq: u64,
     /// Highest seq persisted by the store.
@@ -85,6 +85,11 @@ struct LogInner {
     dropped_lines: u64,
     dropped_bytes: u64,
     closed: bool,
+    /// The store cannot write: readers do not pause, and past [`BACKLOG_BYTES`] of unpersisted
+    /// text lines are counted here instead of kept (a marker says how many when it ends).
+    outage: bool,
+    outage_lines: u64,
+    outage_bytes: u64,
 }
 
 impl LogInner {
@@ -188,6 +193,11 @@ impl OutputLog {
             let mut inner = self.lock();
             for text in texts {
                 let len = text.len() as u64;
+                if inner.outage && inner.unflushed_bytes >= BACKLOG_BYTES {
+                    inner.outage_lines += 1;
+                    inner.outage_bytes += len;
+                    continue;
+                }
                 if inner.truncated || inner.kept_bytes + len > self.limits.max_run_bytes {
                     inner.truncated = true;
                     inner.dropped_lines += 1;
@@ -201,8 +211,41 @@ impl OutputLog {
         self.changes.send_modify(|v| *v += 1);
     }
 
+    /// The store cannot write (`true`) or writes again (`false`). While it cannot, pipe readers
+    /// keep reading (the child keeps running) and lines past the backlog are counted, not
+    /// kept; when it can again, a marker line on stderr says how many were lost.
+    pub fn set_outage(&self, on: bool) {
+        {
+            let mut inner = self.lock();
+            if inner.outage == on {
+                return;
+            }
+            inner.outage = on;
+            if on {
+                return;
+            }
+            Self::outage_marker(&mut inner);
+        }
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    fn outage_marker(inner: &mut LogInner) {
+        if inner.outage_lines == 0 {
+            return;
+        }
+        let text: Arc<str> = format!(
+            "[modrun] the run store could not be written: {} lines ({} bytes) of output were not kept",
+            inner.outage_lines, inner.outage_bytes
+        )
+        .into();
+        inner.outage_lines = 0;
+        inner.outage_bytes = 0;
+        inner.push(Stream::Stderr, SystemTime::now(), text);
+    }
+
     /// No more output will come. If lines were dropped for the budget, one marker line on
-    /// stderr says how many lines and bytes were not kept.
+    /// stderr says how many lines and bytes were not kept (and one for lines an outage of the
+    /// store cost).
     pub fn close(&self) {
         {
             let mut inner = self.lock();
@@ -210,6 +253,7 @@ impl OutputLog {
                 return;
             }
             inner.closed = true;
+            Self::outage_marker(&mut inner);
             if inner.dropped_lines > 0 {
                 let text: Arc<str> = format!(
                     "[modrun] output limit of {} bytes reached: {} more lines ({} bytes) were not kept",
@@ -292,9 +336,11 @@ impl OutputLog {
         self.lock().flushed
     }
 
-    /// False while the unpersisted backlog is full: pipe readers should pause.
+    /// False while the unpersisted backlog is full and the store is writing: pipe readers
+    /// should pause (during an outage they go on; see [`OutputLog::set_outage`]).
     pub fn has_room(&self) -> bool {
-        self.lock().unflushed_bytes < BACKLOG_BYTES
+        let inner = self.lock();
+        inner.unflushed_bytes < BACKLOG_BYTES || inner.outage
     }
 
     /// True once [`OutputLog::close`] ran: every line is in.
@@ -446,6 +492,42 @@ mod tests {
         assert!(l.unflushed(10).is_empty());
         assert_eq!(l.read_after(2999, 10).unwrap()[0].seq, 3000);
         assert!(l.read_after(3000, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_outage_keeps_readers_going_and_counts_what_it_cannot_hold() {
+        let l = log(1 << 20, 1 << 40);
+        let line = "x".repeat(1024);
+        let fill = (BACKLOG_BYTES / 1024) as usize;
+        for _ in 0..fill {
+            l.push_line(Stream::Stdout, &line);
+        }
+        assert!(!l.has_room(), "a writing store makes readers pause");
+        l.set_outage(true);
+        assert!(l.has_room(), "during an outage they go on");
+        for _ in 0..100 {
+            l.push_line(Stream::Stdout, &line);
+        }
+        let kept = l.last_seq();
+        assert!(
+            kept <= fill as u64 + 9,
+            "past the backlog lines are not kept: {kept}"
+        );
+        l.mark_flushed(kept);
+        l.set_outage(false);
+        let last = l.read_after(l.last_seq() - 1, 1).unwrap();
+        assert_eq!(last[0].stream, Stream::Stderr);
+        assert!(
+            last[0].text.contains("could not be written"),
+            "{}",
+            last[0].text
+        );
+        assert!(last[0].text.contains("lines"), "{}", last[0].text);
+        assert_eq!(
+            last[0].seq,
+            kept + 1,
+            "the marker takes the next seq: no gap"
+        );
     }
 
     #[tokio::test]

@@ -411,7 +411,8 @@ pub(crate) fn sweep(run_ids: &[String], limit: Duration) -> Vec<usize> {
 /// it was before modrun raised it (programs that use `select()` expect no more than that).
 static CHILD_OPEN_FILES: OnceLock<u64> = OnceLock::new();
 
-/// Record modrun's soft open-files limit before it raised it (see [`CHILD_OPEN_FILES`]).
+/// Record modrun's soft open-files limit before it raised it: what children get when their
+/// module sets no `open_files` limit (programs that use `select()` expect no more than that).
 pub fn set_child_open_files(soft: u64) {
     let _ = CHILD_OPEN_FILES.set(soft);
 }

@@ -340,7 +340,9 @@ impl ModuleRunner {
     }
 
     /// A runner over the given registry (and through it, its store). Output is persisted by the
-    /// registry's flusher (see [`Registry::flush_loop`]) and at the end of each run.
+    /// registry's flusher (see [`Registry::flush_loop`], which the embedding program runs) and
+    /// at the end of each run; a run's end that the store could not take is written by the
+    /// flusher too, once the store takes writes again.
     pub fn with_registry(settings: RunnerSettings, registry: Arc<Registry>) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -766,16 +768,41 @@ impl RunEvents {
 
     /// Record the run as `running` before anything is spawned, so that a crash from here on
     /// leaves it `lost`, never `queued` (a queued run would run a second time after a restart).
-    async fn mark_running(&self) {
-        let started_at = SystemTime::now();
-        *self.started_mut() = Some((started_at, None));
-        let next = RunState::Running {
-            started_at,
-            pid: None,
-            stopping: false,
-        };
-        self.record(Expect::Queued, next, "cannot record the run as running")
-            .await;
+    /// While the store cannot write, the run waits for it (holding its slot), since a start
+    /// that is not recorded must not happen; `false` if it was cancelled meanwhile.
+    async fn mark_running(&self, cancel: &CancellationToken) -> bool {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let started_at = SystemTime::now();
+            let next = RunState::Running {
+                started_at,
+                pid: None,
+                stopping: false,
+            };
+            match self
+                .registry
+                .transition(self.id, Expect::Queued, next)
+                .await
+            {
+                Ok(_) => {
+                    *self.started_mut() = Some((started_at, None));
+                    return true;
+                }
+                Err(e) if e.is_failure() => {
+                    tracing::warn!(error = %e, "cannot record the run as running; it waits for the store");
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = cancel.cancelled() => return false,
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot record the run as running");
+                    *self.started_mut() = Some((started_at, None));
+                    return true;
+                }
+            }
+        }
     }
 
     /// Record that a stop has begun (with the pid, if there is one by then).
@@ -828,13 +855,12 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<Syst
         id,
         started: Mutex::new(started.map(|t| (t, None))),
     };
-    let outcome = if ctl.cancel.is_cancelled() {
+    let outcome = if ctl.cancel.is_cancelled()
+        || (started.is_none() && !events.mark_running(&ctl.cancel).await)
+    {
         ctl.cancelled(None)
     } else {
         let mode = req.mode.resolve();
-        if started.is_none() {
-            events.mark_running().await;
-        }
         let mut env: Vec<(OsString, OsString)> = req
             .env
             .iter()
@@ -883,9 +909,6 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<Syst
         }
     };
     log.close();
-    if let Err(e) = with_retries("persist the run's output", || registry.flush(id)).await {
-        tracing::error!(error = %e, "cannot persist the run's output");
-    }
     let (started_at, pid) = match events.started() {
         Some((t, pid)) => (Some(t), pid),
         None => (None, None),
@@ -896,56 +919,9 @@ async fn drive(inner: Arc<Inner>, p: Pending, ctl: Control, started: Option<Syst
         finished_at: SystemTime::now(),
         outcome,
     };
-    record_final(&registry, id, next).await;
-    registry.retire(id);
+    // Durable now, or (the store cannot write) seen to end now and written once it can.
+    registry.finish(id, next).await;
     inner.release(&inner, id, &req.module_id);
-}
-
-/// Attempts at a store write that ends a run (its last output, its final state): the first,
-/// then retries after 50, 100, 200 and 400 ms (a store error may pass: a full disk, a busy
-/// file).
-const FINAL_ATTEMPTS: u32 = 5;
-
-/// Run `op` until it succeeds or fails with something other than a store backend error, at
-/// most [`FINAL_ATTEMPTS`] times.
-async fn with_retries<T, F, Fut>(what: &str, mut op: F) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    let mut delay = Duration::from_millis(50);
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Err(e) if e.is_failure() && attempt < FINAL_ATTEMPTS => {
-                tracing::warn!(attempt, error = %e, "cannot {what}; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-                attempt += 1;
-            }
-            result => return result,
-        }
-    }
-}
-
-/// Record a run's final state in the store, retrying on store errors. If the store still
-/// fails, the registry takes the final state anyway (in memory, logged as an error), so that
-/// clients waiting for the run, its streams and its readers see it end instead of a run that
-/// looks `running` forever; after a restart the store's copy becomes `lost`.
-async fn record_final(registry: &Registry, id: RunId, next: RunState) {
-    let recorded = with_retries("record the run's final status", || {
-        registry.transition(id, Expect::Active, next.clone())
-    })
-    .await;
-    match recorded {
-        Ok(run) => {
-            tracing::info!(status = %run.status(), exit_code = run.exit_code(), "run finished");
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot record the run's final status; keeping it in memory only");
-            registry.finish_in_memory(id, next);
-        }
-    }
 }
 
 /// A handle on one run of a [`ModuleRunner`].

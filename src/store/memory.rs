@@ -208,6 +208,10 @@ impl RunStore for MemoryStore {
         ready(Ok(doomed.len()))
     }
 
+    fn probe(&self) -> StoreFuture<'_, ()> {
+        ready(Ok(()))
+    }
+
     fn recover(&self) -> StoreFuture<'_, Recovered> {
         ready(Ok(Recovered::default()))
     }

@@ -223,6 +223,10 @@ pub trait RunStore: Send + Sync + 'static {
     /// At start-up: mark runs that were `running` as `lost`, and return them with the runs that
     /// are still `queued`.
     fn recover(&self) -> StoreFuture<'_, Recovered>;
+
+    /// A small real write, to find out whether the store takes writes again after an outage
+    /// (nothing else may be writing then).
+    fn probe(&self) -> StoreFuture<'_, ()>;
 }
 
 /// The error sentence of a lost run.

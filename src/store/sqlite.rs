@@ -66,7 +66,9 @@ const MIGRATIONS: &[&str] = &[
     // parameter values, kept (like stdin) only until it starts.
     "ALTER TABLE runs ADD COLUMN created_by TEXT;
     ALTER TABLE runs ADD COLUMN cancelled_by TEXT;
-    ALTER TABLE runs ADD COLUMN secrets TEXT;",
+    ALTER TABLE runs ADD COLUMN secrets TEXT;
+    -- One row rewritten by the probe that finds out when a full disk has room again.
+    CREATE TABLE probe (k INTEGER PRIMARY KEY, v BLOB NOT NULL);",
 ];
 
 /// Commands group-committed per transaction, at most.
@@ -132,6 +134,7 @@ enum Cmd {
     Append(RunId, Vec<Line>, Reply<()>),
     Purge(Retention, SystemTime, Reply<usize>),
     Recover(Reply<Recovered>),
+    Probe(Reply<()>),
 }
 
 /// SQLite under a folder.
@@ -408,6 +411,7 @@ fn apply(
         Cmd::Append(id, lines, to) => reply(to, append(tx, id, &lines), failed),
         Cmd::Purge(policy, now, to) => reply(to, purge(tx, policy, now), failed),
         Cmd::Recover(to) => reply(to, recover(tx), failed),
+        Cmd::Probe(to) => reply(to, probe(tx), failed),
     }
 }
 
@@ -729,6 +733,14 @@ fn purge(c: &Connection, policy: Retention, now: SystemTime) -> Result<usize, St
     Ok(removed)
 }
 
+/// A write that needs a fresh page (a full disk refuses it): a 4 KiB row, rewritten.
+fn probe(c: &Connection) -> Result<(), StoreError> {
+    c.prepare_cached("INSERT OR REPLACE INTO probe (k, v) VALUES (1, zeroblob(4096))")
+        .and_then(|mut s| s.execute([]))
+        .map_err(backend)?;
+    Ok(())
+}
+
 fn recover(c: &Connection) -> Result<Recovered, StoreError> {
     let select = |status: &str| -> Result<Vec<(Run, Held)>, StoreError> {
         c.prepare(&format!(
@@ -943,5 +955,9 @@ impl RunStore for SqliteStore {
 
     fn recover(&self) -> StoreFuture<'_, Recovered> {
         self.send(Cmd::Recover)
+    }
+
+    fn probe(&self) -> StoreFuture<'_, ()> {
+        self.send(Cmd::Probe)
     }
 }

@@ -102,3 +102,78 @@ async fn a_store_that_cannot_write_is_a_503() {
     let (status, _, _) = call(&app, req).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// Through the library runner over a store that stops taking writes: a run whose process ends
+/// during the outage is seen to end at once, its end and its output are written once the store
+/// is back (no restart), and a queued run does not start while its start cannot be recorded.
+#[tokio::test]
+async fn an_outage_holds_a_runs_end_until_the_store_is_back() {
+    use modrun::run::RunStatus;
+    use modrun::runner::RunRequest;
+    use modrun::store::RunStore;
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+
+    let store = FaultyStore::new();
+    let registry = Arc::new(Registry::new(store.clone(), OutputLimits::default()));
+    let stop = CancellationToken::new();
+    let flusher = tokio::spawn(registry.clone().flush_loop(stop.clone()));
+    let runner = ModuleRunner::with_registry(
+        RunnerSettings {
+            max_concurrent: std::num::NonZeroUsize::new(1).unwrap(),
+            ..RunnerSettings::default()
+        },
+        registry.clone(),
+    );
+    let first = runner
+        .submit(RunRequest::new(
+            "a",
+            ["sh", "-c", "echo one; sleep 0.5; echo two"],
+        ))
+        .await
+        .unwrap()
+        .into_handle();
+    let second = runner
+        .submit(RunRequest::new("b", ["sh", "-c", "echo started"]))
+        .await
+        .unwrap()
+        .into_handle();
+    store.fail_writes(Some(StoreError::Unavailable(
+        Outage::DiskFull,
+        "database or disk is full".into(),
+    )));
+    let ended = tokio::time::timeout(Duration::from_secs(10), first.wait())
+        .await
+        .expect("seen to end during the outage")
+        .unwrap();
+    assert_eq!(ended.status(), RunStatus::Succeeded);
+    let stored = store.get(first.id()).await.unwrap().unwrap();
+    assert_eq!(stored.status(), RunStatus::Running, "not written yet");
+    assert_eq!(registry.health().outage(), Some(Outage::DiskFull));
+    // The queued run waits for its start to be recorded.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(second.run().await.unwrap().status(), RunStatus::Queued);
+
+    store.fail_writes(None);
+    let start = std::time::Instant::now();
+    loop {
+        let stored = store.get(first.id()).await.unwrap().unwrap();
+        if stored.status() == RunStatus::Succeeded {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lines = store.read_output(first.id(), 0, 10).await.unwrap();
+    let texts: Vec<&str> = lines.iter().map(|l| &*l.text).collect();
+    assert_eq!(texts, ["one", "two"]);
+    let second_run = tokio::time::timeout(Duration::from_secs(10), second.wait())
+        .await
+        .expect("the queued run starts once the store is back")
+        .unwrap();
+    assert_eq!(second_run.status(), RunStatus::Succeeded);
+    assert_eq!(registry.health().outage(), None);
+    assert_eq!(registry.pending_ends(), 0);
+    stop.cancel();
+    flusher.await.unwrap();
+}

@@ -109,3 +109,213 @@ async fn a_broken_log_pipe_breaks_no_request() {
     drop(read);
     serve_through_a_bad_sink(write).await;
 }
+
+/// A tmpfs of its own (root only), unmounted on drop.
+struct Tmpfs {
+    _dir: tempfile::TempDir,
+    mnt: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn new(size_mib: u64) -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        let dir = tempfile::tempdir().ok()?;
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Self { _dir: dir, mnt })
+    }
+
+    fn free(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(&self.mnt).unwrap();
+        s.blocks_available() as u64 * s.fragment_size() as u64
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+/// The store on a disk that fills up: POST is 503 with a plain reason and readiness says why,
+/// health and reads keep answering, the run that hit the full disk is seen to end; when space
+/// comes back modrun resumes by itself, and the run's status and output (contiguous seqs, a
+/// marker for what could not be held) are written and survive a restart.
+#[tokio::test]
+async fn a_full_disk_is_an_outage_not_a_crash() {
+    let Some(disk) = Tmpfs::new(32) else {
+        eprintln!("skipped: a tmpfs needs root");
+        return;
+    };
+    let store = disk.mnt.join("store");
+    let toml = base_config("").replace(
+        "[retention]",
+        &format!(
+            "[storage]\npath = {:?}\n[retention]",
+            store.display().to_string()
+        ),
+    );
+    let (_dir, path) = write_config(&toml);
+    let mut server = crate::helpers::start_server_at(&path).await;
+    let c = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let res = c
+        .post(server.url("/runs?wait=10"))
+        .json(&json!({"module_id": "silent"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let filler = disk.mnt.join("filler");
+    std::fs::write(&filler, vec![0u8; (disk.free() - (1 << 20)) as usize]).unwrap();
+
+    let big: serde_json::Value = c
+        .post(server.url("/runs"))
+        .json(&json!({"module_id": "big", "parameters": {"lines": 150_000, "width": 80}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = big["id"]
+        .as_str()
+        .expect("created before the disk was full")
+        .to_owned();
+
+    // While the disk is full.
+    let start = Instant::now();
+    let refused = loop {
+        let res = c
+            .post(server.url("/runs"))
+            .json(&json!({"module_id": "silent"}))
+            .send()
+            .await
+            .unwrap();
+        if res.status() == StatusCode::SERVICE_UNAVAILABLE {
+            break res;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "never refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(refused.headers().contains_key("retry-after"));
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(
+        problem["detail"],
+        "the run store cannot write: disk full; try again later"
+    );
+    let ready = c.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let why: serde_json::Value = ready.json().await.unwrap();
+    assert!(
+        why["detail"].as_str().unwrap().contains("disk full"),
+        "{why}"
+    );
+    assert_eq!(
+        c.get(server.url("/healthz")).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        c.get(server.url("/runs")).send().await.unwrap().status(),
+        StatusCode::OK,
+        "reads keep working"
+    );
+    let start = Instant::now();
+    loop {
+        let run: serde_json::Value = c
+            .get(server.url(&format!("/runs/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if run["status"] != "running" && run["status"] != "queued" {
+            assert_eq!(run["status"], "succeeded", "{run}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the run stays running after its process ended: {run}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Space comes back: no restart needed.
+    std::fs::remove_file(&filler).unwrap();
+    let start = Instant::now();
+    while c.get(server.url("/readyz")).send().await.unwrap().status() != StatusCode::OK {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let res = c
+        .post(server.url("/runs?wait=10"))
+        .json(&json!({"module_id": "silent"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let check_output = |base: String| {
+        let c = c.clone();
+        let id = id.clone();
+        async move {
+            let mut after = 0u64;
+            let mut last = String::new();
+            loop {
+                let page: serde_json::Value = c
+                    .get(format!("{base}/runs/{id}/output?after={after}&limit=10000"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let lines = page["lines"].as_array().unwrap();
+                if lines.is_empty() {
+                    break;
+                }
+                for l in lines {
+                    assert_eq!(l["seq"].as_u64().unwrap(), after + 1, "contiguous seqs");
+                    after += 1;
+                    last = l["line"].as_str().unwrap().to_owned();
+                }
+            }
+            (after, last)
+        }
+    };
+    let (lines, last) = check_output(server.base.clone()).await;
+    assert!(lines > 100_000, "{lines} lines kept");
+    assert!(last.contains("could not be written"), "the marker: {last}");
+
+    signal(&server.child, Signal::SIGTERM);
+    server.child.wait().await.unwrap();
+    let mut again = crate::helpers::start_server_at(&path).await;
+    let run: serde_json::Value = c
+        .get(again.url(&format!("/runs/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(run["status"], "succeeded", "written, not lost: {run}");
+    assert_eq!(check_output(again.base.clone()).await.0, lines);
+    signal(&again.child, Signal::SIGTERM);
+    again.child.wait().await.unwrap();
+}

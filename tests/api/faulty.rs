@@ -78,4 +78,7 @@ impl RunStore for FaultyStore {
     fn recover(&self) -> StoreFuture<'_, Recovered> {
         self.inner.recover()
     }
+    fn probe(&self) -> StoreFuture<'_, ()> {
+        self.write_fault().unwrap_or_else(|| self.inner.probe())
+    }
 }

@@ -607,11 +607,20 @@ impl RunStore for FlakyStore {
     fn recover(&self) -> StoreFuture<'_, Recovered> {
         self.inner.recover()
     }
+    fn probe(&self) -> StoreFuture<'_, ()> {
+        self.inner.probe()
+    }
 }
 
-/// Run `sh -c script` over `store` until it is seen to end.
+/// Run `sh -c script` over `store` (with the registry's flusher running, as the service runs
+/// it) until it is seen to end.
 async fn run_over(store: Arc<FlakyStore>, script: &str) -> (RunId, Run) {
     let registry = Arc::new(Registry::new(store, OutputLimits::default()));
+    tokio::spawn(
+        registry
+            .clone()
+            .flush_loop(tokio_util::sync::CancellationToken::new()),
+    );
     let runner = ModuleRunner::with_registry(RunnerSettings::default(), registry);
     let h = runner
         .submit(RunRequest::new("quick", ["sh", "-c", script]))
@@ -625,15 +634,19 @@ async fn run_over(store: Arc<FlakyStore>, script: &str) -> (RunId, Run) {
     (h.id(), run)
 }
 
-/// A store error on a run's final status or its last output is retried; a store that keeps
-/// failing still lets the run be seen to end (instead of `running` forever).
+/// A store error on a run's final status or its last output is retried (by the flusher, once
+/// the quick retry has failed too); a store that keeps failing still lets the run be seen to end
+/// (instead of `running` forever).
 #[tokio::test]
 async fn final_status_and_output_survive_store_errors() {
     let store = FlakyStore::new(2, 2);
     let (id, run) = run_over(store.clone(), "echo a; echo b").await;
     assert_eq!(run.status(), RunStatus::Succeeded);
-    let stored = store.get(id).await.unwrap().unwrap();
-    assert_eq!(stored.status(), RunStatus::Succeeded, "stored on a retry");
+    let start = std::time::Instant::now();
+    while store.get(id).await.unwrap().unwrap().status() != RunStatus::Succeeded {
+        assert!(start.elapsed() < Duration::from_secs(10), "never stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let lines = store.read_output(id, 0, 10).await.unwrap();
     let texts: Vec<&str> = lines.iter().map(|l| &*l.text).collect();
     assert_eq!(texts, ["a", "b"], "output stored on a retry");

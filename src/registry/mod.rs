@@ -10,41 +10,44 @@
 //!   in batches; a log then keeps only a window of persisted lines, and readers that fall
 //!   behind it read from the store. A crash loses at most the last flush interval of output.
 //! - A purger task applies retention in batches.
+//! - A store that cannot write (`persist`) makes live runs hold their output in bounded memory
+//!   and their end in `pending`, until the flusher finds the store writable again.
+//!
+//! `cursor` is a reader's position in a run's output (replay, then live).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
-
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::output::{Evicted, OutputLimits, OutputLog, Redactor};
 use crate::run::{Line, Run, RunId, RunState};
 use crate::store::{
-    Created, Expect, IdempotencyKey, ListQuery, NewRun, Page, Retention, RunStore, StoreError,
+    Created, Expect, IdempotencyKey, ListQuery, NewRun, Page, RunStore, StoreError,
 };
 
-/// How often live output is persisted.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
-/// Lines per append batch.
-const FLUSH_BATCH: usize = 8192;
-/// A flush round that moved this much text is followed by another at once: output is arriving
-/// faster than [`FLUSH_EVERY`] (and pipe readers may be paused on a full backlog).
-const BUSY_BYTES: usize = 256 * 1024;
-/// How often retention runs.
-const PURGE_EVERY: Duration = Duration::from_secs(1);
+mod cursor;
+mod persist;
+
+pub use cursor::Cursor;
+pub use persist::{FLUSH_EVERY, PROBE_EVERY, StoreHealth};
 
 /// Live runs in front of a store.
 pub struct Registry {
     store: Arc<dyn RunStore>,
     /// Live runs. A std mutex: sections are map operations and clones, never I/O or `.await`.
-    /// Bounded: queued runs (at most `max_queued`) plus runs holding a slot.
+    /// Bounded: queued runs (at most `max_queued`), runs holding a slot, and runs whose end an
+    /// outage held back (see `pending`).
     live: Mutex<HashMap<RunId, Live>>,
     /// Runs retired lately, newest last: most reads of a finished run come right after it
     /// finished (`?wait`, the SSE `end`, pollers), and this spares them a store read. Bounded:
     /// [`RECENT`] entries, the oldest dropped first. A std mutex, like `live`.
     recent: Mutex<(HashMap<RunId, Run>, VecDeque<RunId>)>,
     limits: OutputLimits,
+    /// Whether the store takes writes.
+    health: StoreHealth,
+    /// Runs that ended while the store could not write: their final state, written (and the
+    /// run retired) by the flusher once it can. A std mutex, like `live`. Bounded: runs end
+    /// only after holding a slot, and no run starts while its start cannot be recorded.
+    pending: Mutex<Vec<(RunId, RunState)>>,
 }
 
 /// Finished runs kept in the registry's recent cache.
@@ -57,9 +60,9 @@ impl std::fmt::Debug for Registry {
 }
 
 #[derive(Clone)]
-struct Live {
+pub(crate) struct Live {
     run: Run,
-    log: Arc<OutputLog>,
+    pub(crate) log: Arc<OutputLog>,
 }
 
 impl Live {
@@ -78,16 +81,23 @@ impl Registry {
             live: Mutex::new(HashMap::new()),
             recent: Mutex::default(),
             limits,
+            health: StoreHealth::default(),
+            pending: Mutex::default(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<RunId, Live>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, HashMap<RunId, Live>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The store behind it.
     pub fn store(&self) -> &Arc<dyn RunStore> {
         &self.store
+    }
+
+    /// Whether the store takes writes, as the last write found.
+    pub fn health(&self) -> &StoreHealth {
+        &self.health
     }
 
     /// Record a new run (durably) and make it live; its output masks the secrets of
@@ -97,7 +107,9 @@ impl Registry {
         new: NewRun,
         redactor: Option<Arc<Redactor>>,
     ) -> Result<Created, StoreError> {
-        let created = self.store.create(new).await?;
+        let created = self.store.create(new).await;
+        self.health.note(&created);
+        let created = created?;
         if let Created::New(run) = &created {
             self.adopt(run.clone(), redactor);
         }
@@ -172,7 +184,9 @@ impl Registry {
         {
             return Err(StoreError::WrongState(Box::new(live.snapshot())));
         }
-        self.store.transition(id, expect, next.clone()).await?;
+        let written = self.store.transition(id, expect, next.clone()).await;
+        self.health.note(&written);
+        written?;
         let live = {
             let mut map = self.lock();
             map.get_mut(&id).map(|live| {
@@ -218,7 +232,7 @@ impl Registry {
     }
 
     /// Forget cached copies of runs the store no longer has (after a purge).
-    fn forget_recent(&self) {
+    pub(crate) fn forget_recent(&self) {
         let mut recent = self.recent_lock();
         recent.0.clear();
         recent.1.clear();
@@ -253,184 +267,5 @@ impl Registry {
             }
         }
         Ok(page)
-    }
-
-    /// Persist the output a live run has not persisted yet.
-    pub async fn flush(&self, id: RunId) -> Result<(), StoreError> {
-        let Some(log) = self.live_log(id) else {
-            return Ok(());
-        };
-        flush_log(&*self.store, id, &log).await.map(drop)
-    }
-
-    /// Persist every live run's pending output, once; returns how many bytes of text went.
-    pub async fn flush_all(&self) -> usize {
-        let logs: Vec<(RunId, Arc<OutputLog>)> = self
-            .lock()
-            .iter()
-            .map(|(id, l)| (*id, l.log.clone()))
-            .collect();
-        let mut flushed = 0;
-        for (id, log) in logs {
-            match flush_log(&*self.store, id, &log).await {
-                Ok(n) => flushed += n,
-                Err(e) => {
-                    tracing::warn!(run_id = %id, error = %e, "cannot persist output; will retry")
-                }
-            }
-        }
-        flushed
-    }
-
-    /// Flush every [`FLUSH_EVERY`] until `stop` fires, then once more. While output arrives
-    /// faster than that, flush again at once (pipe readers may be paused on a full backlog).
-    pub async fn flush_loop(self: Arc<Self>, stop: CancellationToken) {
-        let mut busy = false;
-        loop {
-            let pause = if busy { Duration::ZERO } else { FLUSH_EVERY };
-            tokio::select! {
-                () = tokio::time::sleep(pause) => busy = self.flush_all().await >= BUSY_BYTES,
-                () = stop.cancelled() => break,
-            }
-        }
-        self.flush_all().await;
-    }
-
-    /// Apply retention every second until `stop` fires.
-    pub async fn purge_loop(self: Arc<Self>, policy: Retention, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(PURGE_EVERY) => {}
-                () = stop.cancelled() => return,
-            }
-            loop {
-                match self.store.purge(policy, SystemTime::now()).await {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        self.forget_recent();
-                        tracing::debug!(removed = n, "retention purge");
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "retention purge failed");
-                        break;
-                    }
-                }
-                if stop.is_cancelled() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Persist a log's pending lines; returns how many bytes of text went.
-async fn flush_log(store: &dyn RunStore, id: RunId, log: &OutputLog) -> Result<usize, StoreError> {
-    let mut flushed = 0;
-    loop {
-        let batch = log.unflushed(FLUSH_BATCH);
-        let Some(last) = batch.last().map(|l| l.seq) else {
-            return Ok(flushed);
-        };
-        let n = batch.len();
-        let bytes: usize = batch.iter().map(|l| l.text.len()).sum();
-        store.append_output(id, batch).await?;
-        log.mark_flushed(last);
-        flushed += bytes;
-        if n < FLUSH_BATCH {
-            return Ok(flushed);
-        }
-    }
-}
-
-/// A reader's position in a run's output: replay from any seq (from memory or the store),
-/// then live, with no gap and no duplicate.
-pub struct Cursor {
-    registry: Arc<Registry>,
-    id: RunId,
-    log: Option<Arc<OutputLog>>,
-    changes: Option<watch::Receiver<u64>>,
-    after: u64,
-}
-
-impl Cursor {
-    /// Start reading a run's output after line `after` (0 for the beginning).
-    pub fn new(registry: Arc<Registry>, id: RunId, after: u64) -> Self {
-        let log = registry.live_log(id);
-        let changes = log.as_ref().map(|l| l.subscribe());
-        Self {
-            registry,
-            id,
-            log,
-            changes,
-            after,
-        }
-    }
-
-    /// Mark every change so far as seen: a following [`Cursor::changed`] fires only for newer
-    /// ones. Call it *before* looking at the run's status or lines, then wait.
-    pub fn mark_seen(&mut self) {
-        if let Some(c) = &mut self.changes {
-            c.borrow_and_update();
-        }
-    }
-
-    /// The next lines available now (at most `max`), without waiting for new ones.
-    pub async fn read(&mut self, max: usize) -> Result<Vec<Line>, StoreError> {
-        let lines = match &self.log {
-            Some(log) => match log.read_after(self.after, max) {
-                Ok(lines) => lines,
-                Err(Evicted) => {
-                    self.registry
-                        .store
-                        .read_output(self.id, self.after, max)
-                        .await?
-                }
-            },
-            None => {
-                self.registry
-                    .store
-                    .read_output(self.id, self.after, max)
-                    .await?
-            }
-        };
-        if let Some(last) = lines.last() {
-            self.after = last.seq;
-        }
-        Ok(lines)
-    }
-
-    /// Wait for a change after the last [`Cursor::mark_seen`] (never, for a run that was not
-    /// live: it will not change).
-    pub async fn changed(&mut self) {
-        match &mut self.changes {
-            // The sender lives in the log, which this cursor keeps alive: this cannot fail.
-            Some(c) => {
-                let _ = c.changed().await;
-            }
-            None => std::future::pending().await,
-        }
-    }
-
-    /// The next batch of lines, waiting for them; `None` once all output has been read (or the
-    /// store failed).
-    pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Line>> {
-        loop {
-            self.mark_seen();
-            let closed = self.log.as_ref().is_none_or(|l| l.is_closed());
-            let lines = match self.read(max).await {
-                Ok(lines) => lines,
-                Err(e) => {
-                    tracing::warn!(run_id = %self.id, error = %e, "cannot read output");
-                    return None;
-                }
-            };
-            if !lines.is_empty() {
-                return Some(lines);
-            }
-            if closed {
-                return None;
-            }
-            self.changed().await;
-        }
     }
 }
