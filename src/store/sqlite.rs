@@ -137,6 +137,20 @@ enum Cmd {
     Probe(Reply<()>),
 }
 
+impl Cmd {
+    /// Answer the command with `e` without running it.
+    fn fail(self, e: StoreError) {
+        match self {
+            Cmd::Create(_, to) => drop(to.send(Err(e))),
+            Cmd::Transition(_, _, _, to) => drop(to.send(Err(e))),
+            Cmd::Append(_, _, to) => drop(to.send(Err(e))),
+            Cmd::Purge(_, _, to) => drop(to.send(Err(e))),
+            Cmd::Recover(to) => drop(to.send(Err(e))),
+            Cmd::Probe(to) => drop(to.send(Err(e))),
+        }
+    }
+}
+
 /// SQLite under a folder.
 pub struct SqliteStore {
     file: PathBuf,
@@ -352,19 +366,29 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
                 Err(_) => break,
             }
         }
+        let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => {
+                // No transaction (a locked database, a full disk): every command gets the error.
+                let e = backend(e);
+                tracing::error!(error = %e, "store transaction cannot begin");
+                for cmd in batch {
+                    cmd.fail(e.clone());
+                }
+                continue;
+            }
+        };
         let mut replies: Vec<Box<dyn FnOnce(Option<StoreError>) + Send>> = Vec::new();
         let mut failed = None;
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            for cmd in batch {
-                replies.push(apply(&tx, cmd, &mut failed));
-            }
-            if failed.is_some() {
-                // Dropping the transaction rolls it back.
-                return Ok(());
-            }
+        for cmd in batch {
+            replies.push(apply(&tx, cmd, &mut failed));
+        }
+        // Dropping the transaction rolls it back.
+        let result = if failed.is_some() {
+            Ok(())
+        } else {
             tx.commit()
-        })();
+        };
         let failure = failed.or_else(|| result.err().map(backend));
         if let Some(e) = &failure {
             tracing::error!(error = %e, "store commit failed");
@@ -959,5 +983,44 @@ impl RunStore for SqliteStore {
 
     fn probe(&self) -> StoreFuture<'_, ()> {
         self.send(Cmd::Probe)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SQLite failures that pass are outages with a plain reason; the rest are failures.
+    #[test]
+    fn sqlite_errors_are_classified() {
+        let err = |code: i32| {
+            backend(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        let outage = |e: StoreError| match e {
+            StoreError::Unavailable(o, _) => Some(o),
+            _ => None,
+        };
+        assert_eq!(
+            outage(err(rusqlite::ffi::SQLITE_FULL)),
+            Some(Outage::DiskFull)
+        );
+        assert_eq!(
+            outage(err(rusqlite::ffi::SQLITE_READONLY)),
+            Some(Outage::ReadOnly)
+        );
+        assert_eq!(outage(err(rusqlite::ffi::SQLITE_BUSY)), Some(Outage::Busy));
+        assert_eq!(
+            outage(err(rusqlite::ffi::SQLITE_LOCKED)),
+            Some(Outage::Busy)
+        );
+        assert_eq!(outage(err(rusqlite::ffi::SQLITE_IOERR)), Some(Outage::Io));
+        assert_eq!(outage(err(rusqlite::ffi::SQLITE_CORRUPT)), None);
+        assert_eq!(
+            Outage::ReadOnly.to_string(),
+            "cannot write: read-only file system"
+        );
     }
 }

@@ -319,3 +319,120 @@ async fn a_full_disk_is_an_outage_not_a_crash() {
     signal(&again.child, Signal::SIGTERM);
     again.child.wait().await.unwrap();
 }
+
+/// POST /runs until it is refused with 503; returns the problem's detail.
+async fn refused_with(c: &Client, base: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let res = c
+            .post(format!("{base}/runs"))
+            .json(&json!({"module_id": "silent"}))
+            .send()
+            .await
+            .unwrap();
+        if res.status() == StatusCode::SERVICE_UNAVAILABLE {
+            let p: serde_json::Value = res.json().await.unwrap();
+            return p["detail"].as_str().unwrap().to_owned();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "never refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Until `/readyz` is 200 again (and a run goes through).
+async fn recovers(c: &Client, base: &str) {
+    let start = Instant::now();
+    loop {
+        let ready = c
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if ready == StatusCode::OK {
+            let res = c
+                .post(format!("{base}/runs?wait=10"))
+                .json(&json!({"module_id": "silent"}))
+                .send()
+                .await
+                .unwrap();
+            if res.status() == StatusCode::OK {
+                return;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The same path for a database locked by another process (SQLITE_BUSY), and a read-only
+/// remount where one can be made: 503 with the reason while it lasts, back by itself after.
+#[tokio::test]
+async fn a_read_only_or_locked_store_is_an_outage_too() {
+    let Some(disk) = Tmpfs::new(32) else {
+        eprintln!("skipped: a tmpfs needs root");
+        return;
+    };
+    let store = disk.mnt.join("store");
+    let toml = base_config("").replace(
+        "[retention]",
+        &format!(
+            "[storage]\npath = {:?}\n[retention]",
+            store.display().to_string()
+        ),
+    );
+    let (_dir, path) = write_config(&toml);
+    let mut server = crate::helpers::start_server_at(&path).await;
+    let c = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    recovers(&c, &server.base).await;
+
+    // A read-only remount of a file system with files open for writing is refused by the kernel
+    // ("busy"); only the kernel itself does it (errors=remount-ro). Its SQLite codes are
+    // classified like the others (a unit test in store::sqlite).
+    let remounted = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&disk.mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if remounted {
+        let why = refused_with(&c, &server.base).await;
+        assert!(
+            why.contains("read-only") || why.contains("I/O error"),
+            "{why}"
+        );
+        let _ = std::process::Command::new("mount")
+            .args(["-o", "remount,rw"])
+            .arg(&disk.mnt)
+            .status();
+        recovers(&c, &server.base).await;
+    } else {
+        eprintln!("read-only remount skipped: the kernel refuses it while the store is open");
+    }
+
+    // Another process holds the database's write lock for a while.
+    let db = store.join("modrun.db");
+    let mut locker = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import sqlite3, time; c = sqlite3.connect({:?}, isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(8)",
+            db.display().to_string()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncBufReadExt;
+        let mut out = tokio::io::BufReader::new(locker.stdout.take().unwrap()).lines();
+        assert_eq!(out.next_line().await.unwrap().as_deref(), Some("locked"));
+    }
+    let why = refused_with(&c, &server.base).await;
+    assert!(why.contains("busy"), "{why}");
+    locker.wait().await.unwrap();
+    recovers(&c, &server.base).await;
+
+    signal(&server.child, Signal::SIGTERM);
+    server.child.wait().await.unwrap();
+}
