@@ -5,6 +5,7 @@
 //! `modrun-bench [--quick] --modrun PATH --out DIR`
 
 mod procs;
+mod soak;
 mod sse;
 
 use std::fmt::Write as _;
@@ -33,6 +34,7 @@ struct Plan {
     latency_for: Duration,
     cancels: usize,
     memory_runs: usize,
+    soak_for: Duration,
 }
 
 impl Plan {
@@ -48,6 +50,7 @@ impl Plan {
             latency_for: Duration::from_secs(10),
             cancels: 50,
             memory_runs: 100_000,
+            soak_for: Duration::from_secs(180),
         }
     }
 
@@ -63,6 +66,7 @@ impl Plan {
             latency_for: Duration::from_secs(1),
             cancels: 5,
             memory_runs: 1_000,
+            soak_for: Duration::from_secs(6),
         }
     }
 }
@@ -1020,6 +1024,9 @@ async fn main() {
     }
     if want("memory") {
         scenario_memory(&ctx, &mut table).await;
+    }
+    if want("soak") {
+        soak::scenario_soak(&ctx, &mut table).await;
     }
     let took = started.elapsed().as_secs();
     // A partial run never overwrites the full table: `latest-throughput`, `quick-cancel`, ...
