@@ -195,7 +195,10 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
             modules = config.modules.len(),
             "listening on http://{addr}"
         );
-        match app.serve(listener, shutdown_signal()).await {
+        let served = app.serve(listener, shutdown_signal()).await;
+        // The process's cgroup pool goes with it (a crash leaves it to the next start).
+        modrun::runner::jail::shutdown();
+        match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 say(format_args!("server error: {e}"));

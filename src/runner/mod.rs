@@ -550,21 +550,22 @@ impl ModuleRunner {
     }
 }
 
-/// After a crash: kill what is left of the lost runs `runs`: every process in one's cgroup and
-/// every process that carries one's `MODRUN_RUN_ID` marker in its environment, and wait (at
-/// most `limit`) until they are dead; empty run cgroups are removed. Returns how many processes were killed per run, in the order of
+/// After a crash: kill what is left in the cgroups of modrun processes that are gone, and every
+/// process that carries a lost run's `MODRUN_RUN_ID` marker in its environment, and wait (at
+/// most `limit`) until they are dead. Returns how many processes were killed per run, in the order of
 /// `runs`. Runs on a blocking thread.
 pub async fn kill_leftovers(runs: &[Run], limit: Duration) -> Vec<usize> {
     let ids: Vec<String> = runs.iter().map(|r| r.id.to_string()).collect();
     let n = ids.len();
     tokio::task::spawn_blocking(move || {
-        let in_cgroups = jail::sweep(&ids, limit);
-        let by_marker = group::kill_leftovers(&ids, limit);
-        in_cgroups
-            .into_iter()
-            .zip(by_marker)
-            .map(|(a, b)| a.max(b))
-            .collect()
+        let in_cgroups = jail::sweep(limit);
+        if in_cgroups > 0 {
+            tracing::warn!(
+                processes = in_cgroups,
+                "killed what a crashed modrun left in its cgroups"
+            );
+        }
+        group::kill_leftovers(&ids, limit)
     })
     .await
     .unwrap_or_else(|_| vec![0; n])

@@ -179,7 +179,7 @@ pub(crate) async fn run_process(
         creds: spec.creds,
     };
     let child = loop {
-        setup.cgroup_procs = jail.procs_file();
+        setup.cgroup_procs = jail.procs_fd();
         match spawn::spawn(&program, spec, &setup) {
             Ok(child) => break child,
             Err(f) if f.step == Step::Cgroup && setup.cgroup_procs.is_some() => {

@@ -110,8 +110,9 @@ impl From<io::Error> for SpawnFailure {
 /// What a child is set up with before exec, beyond `ProcSpec`.
 #[derive(Debug, Default)]
 pub(crate) struct Setup {
-    /// `cgroup.procs` of the run's cgroup (the child moves itself in).
-    pub cgroup_procs: Option<OwnedFd>,
+    /// `cgroup.procs` of the run's cgroup (the child moves itself in); the caller keeps it
+    /// open until `spawn` returns.
+    pub cgroup_procs: Option<RawFd>,
     /// Resource limits (resource, soft, hard).
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
     /// Group and user to switch to.
@@ -236,7 +237,7 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
         status: status_w.as_raw_fd(),
         // SAFETY: getpid cannot fail.
         parent: unsafe { libc::getpid() },
-        cgroup: setup.cgroup_procs.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+        cgroup: setup.cgroup_procs.unwrap_or(-1),
         rlimits,
         rlimit_count: setup.rlimits.len().min(MAX_RLIMITS),
         creds: setup.creds,

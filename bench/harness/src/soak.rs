@@ -244,7 +244,11 @@ async fn one(kind: &str, client: &reqwest::Client, server: &Server, tally: &Tall
                 return false;
             };
             let mut got = 0usize;
-            let limit = if n.is_multiple_of(2) { usize::MAX } else { 4096 };
+            let limit = if n.is_multiple_of(2) {
+                usize::MAX
+            } else {
+                4096
+            };
             while let Ok(Some(chunk)) = stream.chunk().await {
                 got += chunk.len();
                 if got >= limit {
