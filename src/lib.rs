@@ -37,8 +37,10 @@
 //!   a probe, [`registry::StoreHealth`] for readiness) and `registry::cursor` (readers).
 //! - [`store`] — the persistence boundary ([`store::RunStore`]): the embedded SQLite store
 //!   (writer thread with group commit, read pool, migrations, lock file) and the memory store.
-//! - [`runner`] — [`runner::ModuleRunner`] (scheduling, supervision, cancel, crash leftovers)
-//!   and [`execute_module`] (one-shot runs), both on the same process code: `runner::process`
+//! - [`runner`] — [`runner::ModuleRunner`] (`runner::request`: what a run is asked with;
+//!   `runner::sched`: queue, slots, recording, cancel; `runner::supervise`: one run's task;
+//!   `runner::handle`: a run's handle) and [`execute_module`] (one-shot runs), both on the same
+//!   process code: `runner::process`
 //!   (the drivers), `runner::program` (program resolution, spawn errors: in full for the log,
 //!   without server paths for clients), `runner::group` (group signals, `/proc` scans).
 //!   Children are started by `runner::spawn` with `clone(CLONE_VM | CLONE_VFORK)` (not fork:
