@@ -7,6 +7,7 @@
 //! so that an implementation may do I/O; none of them may block an async thread.
 
 mod memory;
+mod record;
 mod sqlite;
 
 use std::future::Future;

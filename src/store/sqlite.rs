@@ -8,18 +8,19 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, params};
 use tokio::sync::oneshot;
 
+use super::record::{
+    StateColumns, StoredRun, StoredState, chunks, decode_chunk, micros, parse_status,
+};
 use super::{
     Created, Expect, Held, IdempotencyKey, ListQuery, NewRun, Outage, Page, Recovered, Retention,
     RunStore, StoreError, StoreFuture,
 };
-use crate::run::{
-    CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, RunStatus, Stream,
-};
+use crate::run::{Line, Outcome, Run, RunId, RunState};
 
 /// The schema version this binary writes (migration `i` upgrades from version `i`).
 pub const SCHEMA_VERSION: i64 = 2;
@@ -77,9 +78,6 @@ const MAX_BATCH: usize = 512;
 const READ_POOL: usize = 4;
 /// Output chunks deleted per purge call (so that a purge never holds the writer for long).
 const PURGE_CHUNKS: i64 = 512;
-/// A stored chunk holds at most this much text (or [`CHUNK_LINES`] lines).
-const CHUNK_BYTES: usize = 256 * 1024;
-const CHUNK_LINES: usize = 4096;
 
 const RUN_COLUMNS: &str = "id, module_id, module_name, parameters, argv, mode, timeout_ms, \
     created_at, status, started_at, finished_at, pid, stopping, outcome, exit_code, signal, \
@@ -170,15 +168,6 @@ impl std::fmt::Debug for SqliteStore {
             .field("file", &self.file)
             .finish_non_exhaustive()
     }
-}
-
-fn micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
-
-fn from_micros(us: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
 /// An SQLite error as a store error: the ones that pass (full disk, read-only file system,
@@ -508,45 +497,7 @@ fn by_key(c: &Connection, k: &IdempotencyKey) -> Result<Option<Run>, StoreError>
 }
 
 fn write_state(c: &Connection, id: RunId, state: &RunState) -> Result<(), StoreError> {
-    let (started, finished, pid, stopping, outcome) = match state {
-        RunState::Queued => (None, None, None, false, None),
-        RunState::Running {
-            started_at,
-            pid,
-            stopping,
-        } => (Some(*started_at), None, *pid, *stopping, None),
-        RunState::Finished {
-            started_at,
-            pid,
-            finished_at,
-            outcome,
-        } => (*started_at, Some(*finished_at), *pid, false, Some(outcome)),
-    };
-    let (kind, exit, reason, message, by) = match outcome {
-        None => (None, None, None, None, None),
-        Some(Outcome::Exited(e)) => (Some("exited"), Some(*e), None, None, None),
-        Some(Outcome::SpawnFailed(m)) => (Some("spawn_failed"), None, None, Some(m.as_str()), None),
-        Some(Outcome::Cancelled { reason, exit, by }) => (
-            Some("cancelled"),
-            *exit,
-            Some(match reason {
-                CancelReason::Request => "request",
-                CancelReason::Shutdown => "shutdown",
-            }),
-            None,
-            by.as_deref(),
-        ),
-        Some(Outcome::TimedOut { exit }) => (Some("timed_out"), *exit, None, None, None),
-        Some(Outcome::LimitExceeded { exit, limit }) => {
-            (Some("limit"), Some(*exit), None, Some(limit.as_str()), None)
-        }
-        Some(Outcome::Lost) => (Some("lost"), None, None, None, None),
-    };
-    let (code, signal) = match exit {
-        Some(Exit::Code(c)) => (Some(c), None),
-        Some(Exit::Signal(s)) => (None, Some(s)),
-        None => (None, None),
-    };
+    let cols = StateColumns::of(state);
     c.prepare_cached(
         "UPDATE runs SET status = ?2, started_at = ?3, finished_at = ?4, pid = ?5, stopping = ?6,
              outcome = ?7, exit_code = ?8, signal = ?9, cancel_reason = ?10, message = ?11,
@@ -558,17 +509,17 @@ fn write_state(c: &Connection, id: RunId, state: &RunState) -> Result<(), StoreE
     .map_err(backend)?
     .execute(params![
         &id_bytes(id)[..],
-        state.status().as_str(),
-        started.map(micros),
-        finished.map(micros),
-        pid,
-        stopping,
-        kind,
-        code,
-        signal,
-        reason,
-        message,
-        by,
+        cols.status,
+        cols.started_at,
+        cols.finished_at,
+        cols.pid,
+        cols.stopping,
+        cols.outcome,
+        cols.exit_code,
+        cols.signal,
+        cols.cancel_reason,
+        cols.message,
+        cols.cancelled_by,
     ])
     .map_err(backend)?;
     Ok(())
@@ -584,9 +535,7 @@ fn transition(c: &Connection, id: RunId, expect: Expect, next: RunState) -> Resu
         .optional()
         .map_err(backend)?;
     let status = status.ok_or(StoreError::NotFound(id))?;
-    let status: RunStatus = status
-        .parse()
-        .map_err(|_| failure(format!("bad status {status:?} in the store")))?;
+    let status = parse_status(&status)?;
     if !expect.allows_status(status) {
         let run = get_run(c, id)?.ok_or(StoreError::NotFound(id))?;
         return Err(StoreError::WrongState(Box::new(run)));
@@ -610,72 +559,15 @@ fn append(c: &Connection, id: RunId, lines: &[Line]) -> Result<(), StoreError> {
             "INSERT INTO chunks (run_id, last_seq, first_seq, data) VALUES (?1, ?2, ?3, ?4)",
         )
         .map_err(backend)?;
-    let mut data = Vec::with_capacity(CHUNK_BYTES + 1024);
-    let mut first = None;
-    for (i, l) in fresh.iter().enumerate() {
-        first.get_or_insert(l.seq);
-        encode_line(&mut data, l);
-        let end_of_chunk = data.len() >= CHUNK_BYTES
-            || (l.seq - first.unwrap_or(l.seq)) as usize + 1 >= CHUNK_LINES
-            || i + 1 == fresh.len();
-        if end_of_chunk {
-            insert
-                .execute(params![
-                    &key[..],
-                    l.seq as i64,
-                    first.take().unwrap_or(l.seq) as i64,
-                    &data
-                ])
-                .map_err(backend)?;
-            data.clear();
-        }
+    for (first, last, data) in chunks(&fresh) {
+        insert
+            .execute(params![&key[..], last as i64, first as i64, &data])
+            .map_err(backend)?;
     }
     c.prepare_cached("UPDATE runs SET output_lines = max(output_lines, ?2) WHERE id = ?1")
         .map_err(backend)?
         .execute(params![&key[..], last as i64])
         .map_err(backend)?;
-    Ok(())
-}
-
-fn encode_line(out: &mut Vec<u8>, l: &Line) {
-    out.push(matches!(l.stream, Stream::Stderr) as u8);
-    out.extend_from_slice(&micros(l.ts).to_le_bytes());
-    out.extend_from_slice(&(l.text.len() as u32).to_le_bytes());
-    out.extend_from_slice(l.text.as_bytes());
-}
-
-/// Decode the lines of a chunk with `seq > after`, at most `limit` of them, into `out`.
-fn decode_chunk(
-    first_seq: u64,
-    data: &[u8],
-    after: u64,
-    limit: usize,
-    out: &mut Vec<Line>,
-) -> Result<(), StoreError> {
-    let corrupt = || failure("a stored output chunk is corrupt");
-    let mut pos = 0;
-    let mut seq = first_seq;
-    while pos < data.len() && out.len() < limit {
-        let header = data.get(pos..pos + 13).ok_or_else(corrupt)?;
-        let stream = if header[0] == 1 {
-            Stream::Stderr
-        } else {
-            Stream::Stdout
-        };
-        let ts = i64::from_le_bytes(header[1..9].try_into().map_err(|_| corrupt())?);
-        let len = u32::from_le_bytes(header[9..13].try_into().map_err(|_| corrupt())?) as usize;
-        let text = data.get(pos + 13..pos + 13 + len).ok_or_else(corrupt)?;
-        pos += 13 + len;
-        if seq > after {
-            out.push(Line {
-                seq,
-                stream,
-                ts: from_micros(ts),
-                text: Arc::from(std::str::from_utf8(text).map_err(|_| corrupt())?),
-            });
-        }
-        seq += 1;
-    }
     Ok(())
 }
 
@@ -817,86 +709,42 @@ fn recover(c: &Connection) -> Result<Recovered, StoreError> {
 }
 
 fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
-    let bad = |i: usize, what: &str| {
+    let bad = |what: String| {
         rusqlite::Error::FromSqlConversionFailure(
-            i,
+            0,
             rusqlite::types::Type::Text,
-            format!("bad {what} in the store").into(),
+            format!("{what} in the store").into(),
         )
     };
     let id: Vec<u8> = r.get(0)?;
-    let id = RunId::from_bytes(&id).ok_or_else(|| bad(0, "run id"))?;
-    let parameters: String = r.get(3)?;
-    let parameters = match serde_json::from_str(&parameters) {
-        Ok(serde_json::Value::Object(m)) => m,
-        _ => return Err(bad(3, "parameters")),
-    };
-    let argv: String = r.get(4)?;
-    let argv = serde_json::from_str(&argv).map_err(|_| bad(4, "argv"))?;
-    let mode: String = r.get(5)?;
-    let mode: RunMode = mode.parse().map_err(|_| bad(5, "mode"))?;
-    let status: String = r.get(8)?;
-    let started_at = r.get::<_, Option<i64>>(9)?.map(from_micros);
-    let finished_at = r.get::<_, Option<i64>>(10)?.map(from_micros);
-    let pid: Option<u32> = r.get(11)?;
-    let exit = match (r.get::<_, Option<i32>>(14)?, r.get::<_, Option<i32>>(15)?) {
-        (Some(c), _) => Some(Exit::Code(c)),
-        (None, Some(s)) => Some(Exit::Signal(s)),
-        (None, None) => None,
-    };
-    let state = match status.as_str() {
-        "queued" => RunState::Queued,
-        "running" => RunState::Running {
-            started_at: started_at.unwrap_or(UNIX_EPOCH),
-            pid,
-            stopping: r.get(12)?,
-        },
-        _ => {
-            let outcome: Option<String> = r.get(13)?;
-            let reason: Option<String> = r.get(16)?;
-            let outcome = match outcome.as_deref() {
-                Some("exited") => Outcome::Exited(exit.ok_or_else(|| bad(14, "exit"))?),
-                Some("spawn_failed") => {
-                    Outcome::SpawnFailed(r.get::<_, Option<String>>(17)?.unwrap_or_default())
-                }
-                Some("cancelled") => Outcome::Cancelled {
-                    reason: if reason.as_deref() == Some("shutdown") {
-                        CancelReason::Shutdown
-                    } else {
-                        CancelReason::Request
-                    },
-                    exit,
-                    by: r.get(20)?,
-                },
-                Some("timed_out") => Outcome::TimedOut { exit },
-                Some("limit") => Outcome::LimitExceeded {
-                    exit: exit.ok_or_else(|| bad(14, "exit"))?,
-                    limit: r.get::<_, Option<String>>(17)?.unwrap_or_default(),
-                },
-                Some("lost") => Outcome::Lost,
-                _ => return Err(bad(13, "outcome")),
-            };
-            RunState::Finished {
-                started_at,
-                pid,
-                finished_at: finished_at.unwrap_or(UNIX_EPOCH),
-                outcome,
-            }
-        }
-    };
-    Ok(Run {
+    let id = RunId::from_bytes(&id).ok_or_else(|| bad("bad run id".into()))?;
+    StoredRun {
         id,
         module_id: r.get(1)?,
         module_name: r.get(2)?,
-        parameters,
-        argv,
-        mode,
-        timeout: Duration::from_millis(r.get::<_, i64>(6)?.max(0) as u64),
-        created_at: from_micros(r.get(7)?),
-        state,
-        output_lines: r.get::<_, i64>(18)?.max(0) as u64,
+        parameters: r.get(3)?,
+        argv: r.get(4)?,
+        mode: r.get(5)?,
+        timeout_ms: r.get(6)?,
+        created_at: r.get(7)?,
+        output_lines: r.get(18)?,
         created_by: r.get(19)?,
-    })
+        state: StoredState {
+            status: r.get(8)?,
+            started_at: r.get(9)?,
+            finished_at: r.get(10)?,
+            pid: r.get(11)?,
+            stopping: r.get(12)?,
+            outcome: r.get(13)?,
+            exit_code: r.get(14)?,
+            signal: r.get(15)?,
+            cancel_reason: r.get(16)?,
+            message: r.get(17)?,
+            cancelled_by: r.get(20)?,
+        },
+    }
+    .to_run()
+    .map_err(bad)
 }
 
 impl RunStore for SqliteStore {
