@@ -133,7 +133,7 @@ pub(super) struct StoredState {
 
 impl StoredState {
     /// The state these columns describe.
-    pub fn to_state(self) -> Result<RunState, String> {
+    pub fn into_state(self) -> Result<RunState, String> {
         let exit = match (self.exit_code, self.signal) {
             (Some(c), _) => Some(Exit::Code(c)),
             (None, Some(s)) => Some(Exit::Signal(s)),
@@ -197,7 +197,7 @@ pub(super) struct StoredRun {
 
 impl StoredRun {
     /// The run these columns describe.
-    pub fn to_run(self) -> Result<Run, String> {
+    pub fn into_run(self) -> Result<Run, String> {
         let parameters = match serde_json::from_str(&self.parameters) {
             Ok(serde_json::Value::Object(m)) => m,
             _ => return Err("bad parameters".into()),
@@ -213,7 +213,7 @@ impl StoredRun {
             mode,
             timeout: Duration::from_millis(self.timeout_ms.max(0) as u64),
             created_at: from_micros(self.created_at),
-            state: self.state.to_state()?,
+            state: self.state.into_state()?,
             output_lines: self.output_lines.max(0) as u64,
             created_by: self.created_by,
         })
@@ -349,7 +349,7 @@ mod tests {
                 message: c.message,
                 cancelled_by: c.cancelled_by,
             }
-            .to_state()
+            .into_state()
             .unwrap();
             assert_eq!(back, s);
         }

@@ -743,7 +743,7 @@ fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
             cancelled_by: r.get(20)?,
         },
     }
-    .to_run()
+    .into_run()
     .map_err(bad)
 }
 
