@@ -36,6 +36,10 @@ pub enum StartError {
     /// `runner.containment` cannot be had here.
     #[error("runner.containment: {0}")]
     Containment(String),
+    /// The PostgreSQL store cannot be opened.
+    #[cfg(feature = "postgres")]
+    #[error(transparent)]
+    Postgres(#[from] crate::store::PgOpenError),
 }
 
 /// The parent environment variables a child may inherit.
@@ -62,9 +66,37 @@ impl App {
         let containment =
             runner::jail::init(config.runner.containment).map_err(StartError::Containment)?;
         tracing::info!(?containment, "how runs are held");
-        let store: Arc<dyn RunStore> = match &config.storage.path {
-            None => Arc::new(MemoryStore::new()),
-            Some(dir) => {
+        let store: Arc<dyn RunStore> = match (&config.storage.url, &config.storage.path) {
+            #[cfg(feature = "postgres")]
+            (Some(url), _) => {
+                let addr = config
+                    .server
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| config.server.bind.to_string());
+                let store = crate::store::PgStore::open(crate::store::PgSettings {
+                    url: url.expose().to_owned(),
+                    addr: addr.clone(),
+                    lease_ttl: config.cluster.lease_ttl,
+                    max_queued: config.runner.max_queued,
+                    pool_size: config.storage.pool_size.get(),
+                })
+                .await?;
+                tracing::info!(
+                    store = %url.redacted(),
+                    node_id = %crate::store::Cluster::node_id(&*store),
+                    advertise = %addr,
+                    lease_ttl_ms = config.cluster.lease_ttl.as_millis() as u64,
+                    "run store: PostgreSQL, shared by the cluster's nodes"
+                );
+                store
+            }
+            #[cfg(not(feature = "postgres"))]
+            (Some(_), _) => {
+                unreachable!("storage.url is refused at load without the postgres feature")
+            }
+            (None, None) => Arc::new(MemoryStore::new()),
+            (None, Some(dir)) => {
                 let dir = dir.clone();
                 let opened = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
                     .await
@@ -105,53 +137,25 @@ impl App {
 
     async fn requeue(&self, run: Run, held: Held) -> Result<(), StoreError> {
         let id = run.id;
-        let mut parameters = run.parameters.clone();
-        parameters.extend(held.secrets);
-        let problem = match self.config.module(&run.module_id) {
-            None => Some(format!(
-                "module `{}` is no longer in the configuration",
-                run.module_id
-            )),
-            Some(module) => match module.validate(&parameters) {
-                Err(errors) => Some(format!(
-                    "the parameters are no longer valid for module `{}`: {}",
-                    module.id,
-                    errors
-                        .iter()
-                        .map(|e| format!("{}: {}", e.field, e.message))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                )),
-                Ok(params) => {
-                    let mut req = RunRequest::for_module(
-                        module,
-                        params,
-                        &self.base_env,
-                        run.timeout.min(self.config.module_timeout(module)),
-                        run.mode,
-                    );
-                    if module.stdin_parameter().is_none() {
-                        req.stdin = held.stdin;
-                    }
-                    let redactor = Redactor::new(&req.secrets).map(Arc::new);
-                    self.registry.adopt(run, redactor);
-                    self.runner.requeue(id, req);
-                    None
-                }
-            },
-        };
-        if let Some(msg) = problem {
-            tracing::warn!(run_id = %id, error = %msg, "queued run cannot start after the restart");
-            let next = RunState::Finished {
-                started_at: None,
-                pid: None,
-                finished_at: std::time::SystemTime::now(),
-                outcome: Outcome::SpawnFailed(msg),
-            };
-            self.registry
-                .store()
-                .transition(id, Expect::Queued, next)
-                .await?;
+        match request_for(&self.config, &self.base_env, &run, held) {
+            Ok(req) => {
+                let redactor = Redactor::new(&req.secrets).map(Arc::new);
+                self.registry.adopt(run, redactor, 0);
+                self.runner.requeue(id, req);
+            }
+            Err(msg) => {
+                tracing::warn!(run_id = %id, error = %msg, "queued run cannot start after the restart");
+                let next = RunState::Finished {
+                    started_at: None,
+                    pid: None,
+                    finished_at: std::time::SystemTime::now(),
+                    outcome: Outcome::SpawnFailed(msg),
+                };
+                self.registry
+                    .store()
+                    .transition(id, Expect::Queued, next)
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -204,7 +208,7 @@ impl App {
             tls = config.server.tls.is_some(),
             "connection limits"
         );
-        let state = AppState::new(config.clone(), runner.clone(), base_env)
+        let state = AppState::new(config.clone(), runner.clone(), base_env.clone())
             .with_auth(auth)
             .with_stream_limit(streams);
         let router = api::router(state.clone());
@@ -229,6 +233,21 @@ impl App {
                 )
                 .instrument(tracing::info_span!("retention")),
         );
+        let cluster = registry.cluster().cloned();
+        if let Some(cluster) = &cluster {
+            background.spawn(
+                cluster
+                    .clone()
+                    .listen(stop_background.clone())
+                    .instrument(tracing::info_span!("cluster_listen")),
+            );
+            let catalog = config.clone();
+            let builder: Arc<runner::RequestBuilder> =
+                Arc::new(move |run: &Run, held: Held| request_for(&catalog, &base_env, run, held));
+            if let Some(node) = runner.cluster_loop(builder, stop_background.clone()) {
+                background.spawn(node.instrument(tracing::info_span!("cluster")));
+            }
+        }
         background.close();
 
         let stop_accepting = CancellationToken::new();
@@ -285,10 +304,62 @@ impl App {
         {
             tracing::warn!("the last output flush did not finish in time");
         }
+        if let Some(cluster) = cluster {
+            // The other nodes need not wait for this node's lease to lapse.
+            match tokio::time::timeout(Duration::from_secs(1), cluster.leave()).await {
+                Ok(Ok(())) => tracing::info!("left the cluster"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot leave the cluster; its lease will lapse")
+                }
+                Err(_) => tracing::warn!("cannot leave the cluster in time; its lease will lapse"),
+            }
+        }
         tracing::info!(queued = runner.queued(), "stopped");
         served.transpose()?;
         Ok(())
     }
+}
+
+/// The request that starts a stored run (queued before a restart, or claimed from a shared
+/// store), from this node's module catalog; `Err` says why it cannot start (its module is gone,
+/// its parameters are no longer valid).
+fn request_for(
+    config: &Config,
+    base_env: &[(String, String)],
+    run: &Run,
+    held: Held,
+) -> Result<RunRequest, String> {
+    let mut parameters = run.parameters.clone();
+    parameters.extend(held.secrets);
+    let module = config.module(&run.module_id).ok_or_else(|| {
+        format!(
+            "module `{}` is no longer in the configuration",
+            run.module_id
+        )
+    })?;
+    let params = module.validate(&parameters).map_err(|errors| {
+        format!(
+            "the parameters are no longer valid for module `{}`: {}",
+            module.id,
+            errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    let mut req = RunRequest::for_module(
+        module,
+        params,
+        base_env,
+        run.timeout.min(config.module_timeout(module)),
+        run.mode,
+    );
+    if module.stdin_parameter().is_none() {
+        req.stdin = held.stdin;
+    }
+    req.created_by = run.created_by.clone();
+    Ok(req)
 }
 
 /// `server.max_connections`, or, when it is not set, what the file-descriptor limit leaves
@@ -305,10 +376,11 @@ pub fn connection_limit(config: &Config) -> usize {
 }
 
 /// Build and serve in one step (see [`App::build`] and [`App::serve`]).
-pub async fn serve<F>(config: Config, listener: TcpListener, shutdown: F) -> std::io::Result<()>
+pub async fn serve<F>(mut config: Config, listener: TcpListener, shutdown: F) -> std::io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    config.server.bind = listener.local_addr()?;
     App::build(config)
         .await
         .map_err(std::io::Error::other)?

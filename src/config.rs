@@ -37,6 +37,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// `[storage]`.
     pub storage: StorageConfig,
+    /// `[cluster]`: how the nodes sharing a PostgreSQL store (`storage.url`) work together.
+    pub cluster: ClusterConfig,
     /// `[auth]`.
     pub auth: AuthConfig,
     /// `[[modules]]`, in file order.
@@ -56,6 +58,9 @@ pub struct ServerConfig {
     pub max_connections: Option<NonZeroUsize>,
     /// HTTPS: the certificate and key files, loaded.
     pub tls: Option<TlsFiles>,
+    /// The address other nodes and operators reach this node at (recorded with its lease);
+    /// `None`: the bound address.
+    pub advertise: Option<String>,
 }
 
 /// `server.tls`.
@@ -156,7 +161,94 @@ impl AuthConfig {
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
     /// Folder of the embedded database (absolute); `None` keeps everything in memory only.
+    /// Ignored when `url` is set.
     pub path: Option<PathBuf>,
+    /// A PostgreSQL store shared by the nodes of a cluster (`storage.url`, or the
+    /// `MODRUN_STORAGE_URL` environment variable, which wins).
+    pub url: Option<DatabaseUrl>,
+    /// Connections to PostgreSQL per node.
+    pub pool_size: NonZeroUsize,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterConfig {
+    /// A node that has not renewed its lease for this long (by the database's clock) is dead:
+    /// its running runs become `lost` (or are queued again).
+    pub lease_ttl: Duration,
+}
+
+/// The environment variable that names the PostgreSQL store (it wins over the file).
+pub const STORAGE_URL_ENV: &str = "MODRUN_STORAGE_URL";
+
+/// A PostgreSQL connection URL. It may hold a password: `Debug` and [`DatabaseUrl::redacted`]
+/// show it as `***`, and nothing else prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// Check that it is a URL (or key=value string) PostgreSQL's client accepts. The error
+    /// never repeats the URL.
+    pub fn new(url: String) -> Result<Self, String> {
+        let scheme = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if !scheme {
+            return Err("must be a postgres:// or postgresql:// URL".into());
+        }
+        #[cfg(feature = "postgres")]
+        if let Err(e) = url.parse::<tokio_postgres::Config>() {
+            return Err(format!("not a PostgreSQL URL modrun can use: {e}"));
+        }
+        #[cfg(not(feature = "postgres"))]
+        return Err(
+            "this modrun was built without PostgreSQL support (cargo feature `postgres`)".into(),
+        );
+        #[cfg(feature = "postgres")]
+        Ok(Self(url))
+    }
+
+    /// The URL itself, for the database client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password (if any) as `***`: what logs may show.
+    pub fn redacted(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return "***".into();
+        };
+        let (authority, tail) = match rest.find(['/', '?']) {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let tail = match tail.split_once('?') {
+            // Query options may carry a password too.
+            Some((path, query)) => {
+                let q: Vec<String> = query
+                    .split('&')
+                    .map(|kv| match kv.split_once('=') {
+                        Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                        _ => kv.to_owned(),
+                    })
+                    .collect();
+                format!("{path}?{}", q.join("&"))
+            }
+            None => tail.to_owned(),
+        };
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                let pw = if userinfo.contains(':') { ":***" } else { "" };
+                format!("{scheme}://{user}{pw}@{host}{tail}")
+            }
+            None => format!("{scheme}://{authority}{tail}"),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
 }
 
 impl Default for RunnerConfig {
@@ -222,6 +314,8 @@ struct RawConfig {
     #[serde(default)]
     storage: RawStorage,
     #[serde(default)]
+    cluster: RawCluster,
+    #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
     modules: Vec<RawModule>,
@@ -264,6 +358,7 @@ struct RawServer {
     idle_timeout: Option<Duration>,
     max_connections: Option<NonZeroUsize>,
     tls: Option<RawTls>,
+    advertise: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -317,6 +412,15 @@ struct RawRetention {
 #[serde(deny_unknown_fields)]
 struct RawStorage {
     path: Option<PathBuf>,
+    url: Option<RawValue>,
+    pool_size: Option<NonZeroUsize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    lease_ttl: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -340,6 +444,9 @@ struct RawModule {
     limits: RawLimits,
     user: Option<String>,
     group: Option<String>,
+    #[serde(default)]
+    retry_on_lost: bool,
+    max_attempts: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -518,7 +625,20 @@ impl Config {
             message: format!("cannot read the config file: {e}"),
         })?;
         let file = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-        Self::from_toml(&text, &file)
+        let mut config = Self::from_toml(&text, &file)?;
+        if let Some(url) = std::env::var_os(STORAGE_URL_ENV).filter(|v| !v.is_empty()) {
+            let url = url
+                .into_string()
+                .map_err(|_| "is not UTF-8".to_owned())
+                .and_then(DatabaseUrl::new)
+                .map_err(|m| ConfigError {
+                    file: file.clone(),
+                    key: Some(format!("{STORAGE_URL_ENV} (environment)")),
+                    message: m,
+                })?;
+            config.storage.url = Some(url);
+        }
+        Ok(config)
     }
 
     /// Parse and validate TOML text as if it were read from `file` (relative paths in it are
@@ -712,6 +832,23 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
             Some(TlsFiles { cert, key, config })
         }
     };
+    if let Some(a) = &raw.server.advertise {
+        let ok = (1..=255).contains(&a.len()) && a.bytes().all(|c| c.is_ascii_graphic());
+        if !ok {
+            return Err((
+                "server.advertise".into(),
+                "must be an address such as `10.0.0.5:8080` or `https://node1.example` (1 to 255 printable characters, no spaces)".into(),
+            ));
+        }
+    }
+    let storage = build_storage(raw.storage, base)?;
+    let lease_ttl = raw.cluster.lease_ttl.unwrap_or(Duration::from_secs(10));
+    if lease_ttl < Duration::from_secs(1) {
+        return Err((
+            "cluster.lease_ttl".into(),
+            "must be at least 1s (nodes renew their lease every third of it)".into(),
+        ));
+    }
     let mut tokens: Vec<TokenEntry> = Vec::new();
     for (i, t) in raw.auth.tokens.into_iter().enumerate() {
         let key = format!("auth.tokens[{i}]");
@@ -743,6 +880,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
             idle_timeout,
             max_connections: raw.server.max_connections,
             tls,
+            advertise: raw.server.advertise,
         },
         runner,
         output,
@@ -757,19 +895,42 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
                 .keep_for
                 .unwrap_or(Duration::from_secs(7 * 86_400)),
         },
-        storage: StorageConfig {
-            path: match raw.storage.path {
-                None => Some(base.join("data")),
-                Some(p) if p.as_os_str().is_empty() => None,
-                Some(p) => Some(base.join(p)),
-            },
-        },
+        storage,
+        cluster: ClusterConfig { lease_ttl },
         auth: AuthConfig {
             allow_anonymous: raw.auth.allow_anonymous,
             tokens,
             tokens_file: None,
         },
         modules,
+    })
+}
+
+/// `[storage]`: `path` or `url`, not both.
+fn build_storage(raw: RawStorage, base: &Path) -> Result<StorageConfig, KeyError> {
+    let url = match raw.url {
+        None => None,
+        Some(v) => {
+            if raw.path.is_some() {
+                return Err((
+                    "storage.url".into(),
+                    "give `path` (an embedded database) or `url` (PostgreSQL), not both".into(),
+                ));
+            }
+            let (text, _) = resolve(v, base, "storage.url")?;
+            Some(DatabaseUrl::new(text).map_err(|m| ("storage.url".to_owned(), m))?)
+        }
+    };
+    Ok(StorageConfig {
+        path: match raw.path {
+            None => Some(base.join("data")),
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(base.join(p)),
+        },
+        url,
+        pool_size: raw
+            .pool_size
+            .unwrap_or(NonZeroUsize::new(10).expect("not zero")),
     })
 }
 
@@ -869,6 +1030,20 @@ fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Module, KeyError
         }
     }
     let limits = build_limits(&m.limits, key)?;
+    let max_attempts = match (m.retry_on_lost, m.max_attempts) {
+        (_, Some(0)) => {
+            return Err((format!("{key}.max_attempts"), "must be at least 1".into()));
+        }
+        (false, Some(n)) if n > 1 => {
+            return Err((
+                format!("{key}.max_attempts"),
+                "more than one attempt needs retry_on_lost = true".into(),
+            ));
+        }
+        (true, None) => 3,
+        (_, Some(n)) => n,
+        (false, None) => 1,
+    };
     let run_as = build_run_as(m.user.as_deref(), m.group.as_deref(), key)?;
     if m.timeout.is_some_and(|t| t.is_zero()) {
         return Err((format!("{key}.timeout"), "must be longer than 0s".into()));
@@ -912,6 +1087,8 @@ fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Module, KeyError
         end_of_options: m.end_of_options,
         limits,
         run_as,
+        retry_on_lost: m.retry_on_lost,
+        max_attempts,
     })
 }
 

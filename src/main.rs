@@ -173,17 +173,21 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let app = match modrun::app::App::build(config.clone()).await {
-            Ok(app) => app,
-            Err(e) => {
-                say(format_args!("cannot start: {e}"));
-                return ExitCode::FAILURE;
-            }
-        };
+        // Bound first: the address a cluster node advertises defaults to the bound one.
         let listener = match tokio::net::TcpListener::bind(config.server.bind).await {
             Ok(l) => l,
             Err(e) => {
                 say(format_args!("cannot listen on {}: {e}", config.server.bind));
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Ok(a) = listener.local_addr() {
+            config.server.bind = a;
+        }
+        let app = match modrun::app::App::build(config.clone()).await {
+            Ok(app) => app,
+            Err(e) => {
+                say(format_args!("cannot start: {e}"));
                 return ExitCode::FAILURE;
             }
         };

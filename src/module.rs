@@ -40,6 +40,11 @@ pub struct Module {
     pub limits: Limits,
     /// The user its runs execute as (`None`: modrun's own).
     pub run_as: Option<RunAs>,
+    /// In a cluster: a run whose node is lost is queued again (a new attempt) instead of
+    /// `lost`.
+    pub retry_on_lost: bool,
+    /// Attempts at most, the first included (1 unless `retry_on_lost`).
+    pub max_attempts: u32,
 }
 
 /// Per-module resource limits, set in the child before exec (`setrlimit`; see the README for
@@ -572,6 +577,8 @@ mod tests {
             end_of_options: false,
             limits: Limits::default(),
             run_as: None,
+            retry_on_lost: false,
+            max_attempts: 1,
         }
     }
 

@@ -368,6 +368,9 @@ pub struct Run {
     pub output_lines: u64,
     /// The name of the API token that created it; `None` when anonymous.
     pub created_by: Option<String>,
+    /// How many times it was started (a run queued again after its node was lost starts
+    /// again); 0 while it never started.
+    pub attempt: u32,
 }
 
 impl Run {

@@ -27,6 +27,7 @@ pub struct RunDto<'a> {
     pid: Option<u32>,
     output_lines: u64,
     argv: &'a [String],
+    attempt: u32,
 }
 
 impl<'a> From<&'a Run> for RunDto<'a> {
@@ -50,6 +51,8 @@ impl<'a> From<&'a Run> for RunDto<'a> {
             pid: r.pid(),
             output_lines: r.output_lines,
             argv: &r.argv,
+            // A store of one node does not count attempts: a run that started did so once.
+            attempt: r.attempt.max(u32::from(r.started_at().is_some())),
         }
     }
 }

@@ -273,6 +273,12 @@ impl From<StoreError> for ApiError {
             StoreError::IdempotencyConflict => ApiError::conflict(
                 "this Idempotency-Key was already used with a different request body",
             ),
+            StoreError::QueueFull(n) => {
+                ApiError::too_many(format!("{n} runs are already queued; try again later"), 1)
+            }
+            StoreError::Fenced(id) => {
+                ApiError::conflict(format!("run {id} was taken over by another node"))
+            }
             StoreError::Unavailable(outage, _) => Self {
                 cause: Some(Arc::new(e.clone())),
                 ..ApiError::unavailable(format!("the run store {outage}; try again later"))

@@ -187,8 +187,18 @@ async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> Ap
     )
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// Alive; says whether the store takes writes (and, in a cluster, which node this is).
+async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let registry = state.runner.registry();
+    let store = registry
+        .health()
+        .outage()
+        .map_or_else(|| "ok".to_owned(), |o| o.to_string());
+    let mut body = json!({"status": "ok", "store": store});
+    if let Some(cluster) = registry.cluster() {
+        body["node_id"] = json!(cluster.node_id().to_string());
+    }
+    Json(body)
 }
 
 /// Ready to accept runs: not shutting down, and the store takes writes.

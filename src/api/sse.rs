@@ -282,6 +282,7 @@ mod tests {
             state: RunState::Queued,
             output_lines: 0,
             created_by: None,
+            attempt: 0,
         };
         let id = run.id;
         registry
@@ -290,6 +291,7 @@ mod tests {
                     run,
                     key: None,
                     held: Default::default(),
+                    policy: Default::default(),
                 },
                 None,
             )

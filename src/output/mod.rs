@@ -148,6 +148,17 @@ impl OutputLog {
         }
     }
 
+    /// The same log, its first line numbered `after_seq + 1` (a run that goes on after an
+    /// earlier attempt's output).
+    pub fn starting_after(self, after_seq: u64) -> Self {
+        {
+            let mut inner = self.lock();
+            inner.last_seq = after_seq;
+            inner.flushed = after_seq;
+        }
+        self
+    }
+
     fn lock(&self) -> MutexGuard<'_, LogInner> {
         // A panic while holding the lock leaves consistent data (pushes are atomic), so a
         // poisoned lock is still usable.

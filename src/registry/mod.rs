@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::output::{Evicted, OutputLimits, OutputLog, Redactor};
 use crate::run::{Line, Run, RunId, RunState};
 use crate::store::{
-    Created, Expect, IdempotencyKey, ListQuery, NewRun, Page, RunStore, StoreError,
+    Cluster, Created, Expect, IdempotencyKey, ListQuery, NewRun, Page, RunStore, StoreError,
 };
 
 mod cursor;
@@ -33,6 +33,8 @@ pub use persist::{FLUSH_EVERY, PROBE_EVERY, StoreHealth};
 /// Live runs in front of a store.
 pub struct Registry {
     store: Arc<dyn RunStore>,
+    /// What the store adds when several nodes share it.
+    cluster: Option<Arc<dyn Cluster>>,
     /// Live runs. A std mutex: sections are map operations and clones, never I/O or `.await`.
     /// Bounded: queued runs (at most `max_queued`), runs holding a slot, and runs whose end an
     /// outage held back (see `pending`).
@@ -77,6 +79,7 @@ impl Registry {
     /// A registry over `store`, with output `limits` for new runs.
     pub fn new(store: Arc<dyn RunStore>, limits: OutputLimits) -> Self {
         Self {
+            cluster: store.clone().cluster(),
             store,
             live: Mutex::new(HashMap::new()),
             recent: Mutex::default(),
@@ -95,6 +98,11 @@ impl Registry {
         &self.store
     }
 
+    /// What the store adds when several nodes share it (`None` for a store of one node).
+    pub fn cluster(&self) -> Option<&Arc<dyn Cluster>> {
+        self.cluster.as_ref()
+    }
+
     /// Whether the store takes writes, as the last write found.
     pub fn health(&self) -> &StoreHealth {
         &self.health
@@ -111,14 +119,20 @@ impl Registry {
         self.health.note(&created);
         let created = created?;
         if let Created::New(run) = &created {
-            self.adopt(run.clone(), redactor);
+            // In a cluster a queued run belongs to whichever node claims it: it becomes live
+            // there, not here.
+            let queued_elsewhere = self.cluster.is_some() && matches!(run.state, RunState::Queued);
+            if !queued_elsewhere {
+                self.adopt(run.clone(), redactor, 0);
+            }
         }
         Ok(created)
     }
 
-    /// Make a stored run live again (a queued run found at start-up).
-    pub fn adopt(&self, run: Run, redactor: Option<Arc<Redactor>>) {
-        let log = Arc::new(OutputLog::redacting(self.limits, redactor));
+    /// Make a stored run live (a queued run found at start-up, a run claimed in a cluster):
+    /// its output goes on after line `after_seq`.
+    pub fn adopt(&self, run: Run, redactor: Option<Arc<Redactor>>, after_seq: u64) {
+        let log = Arc::new(OutputLog::redacting(self.limits, redactor).starting_after(after_seq));
         self.lock().insert(run.id, Live { run, log });
     }
 
@@ -217,7 +231,9 @@ impl Registry {
             return;
         };
         let run = live.snapshot();
-        if !run.state.is_finished() {
+        // In a cluster the store is the truth: another node may purge the run, or (a run this
+        // node gave up) start it again.
+        if !run.state.is_finished() || self.cluster.is_some() {
             return;
         }
         let mut recent = self.recent_lock();

@@ -151,6 +151,14 @@ impl Registry {
                 tracing::info!(status = %run.status(), exit_code = run.exit_code(), "run finished");
                 self.retire(id);
             }
+            Err(StoreError::Fenced(_)) => {
+                // Another node runs it now: its end is that node's to write.
+                tracing::warn!(
+                    "the run was taken over by another node; its end here is not recorded"
+                );
+                self.finish_in_memory(id, next);
+                self.retire(id);
+            }
             Err(e) if e.is_failure() => {
                 tracing::warn!(error = %e, "the run's end cannot be written now; it will be once the store takes writes");
                 self.finish_in_memory(id, next.clone());

@@ -34,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+mod cluster;
 mod execute;
 mod group;
 mod handle;
@@ -45,6 +46,7 @@ mod sched;
 mod spawn;
 mod supervise;
 
+pub use cluster::RequestBuilder;
 pub use execute::{ExecError, ModuleOutput, execute_module};
 pub use handle::RunHandle;
 pub use request::{CancelError, RunRequest, RunnerSettings, SubmitError, Submitted};
@@ -58,7 +60,7 @@ use tracing::Instrument;
 
 use crate::registry::Registry;
 use crate::run::{CancelReason, Outcome, Run, RunId, RunState};
-use crate::store::{Expect, ListQuery, MemoryStore, Page, StoreError};
+use crate::store::{CancelAck, Expect, ListQuery, MemoryStore, Page, StoreError};
 use sched::{Inner, Pending, Sched, submit_error};
 
 /// The system's limit on a child's argv and environment together, in the terms of
@@ -112,8 +114,10 @@ impl ModuleRunner {
                     active: HashMap::new(),
                     per_module: HashMap::new(),
                     open: true,
+                    claiming: 0,
                 }),
                 tasks: TaskTracker::new(),
+                claim_wake: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -221,6 +225,19 @@ impl ModuleRunner {
 
     async fn cancel_now(&self, id: RunId, by: Option<String>) -> Result<Run, CancelError> {
         let registry = &self.inner.registry;
+        if let Some(cluster) = registry.cluster()
+            && !self.inner.is_active(id)
+        {
+            // Queued in the shared store, or running on another node.
+            return match cluster.request_cancel(id, by).await {
+                Ok(CancelAck::NotFound) => Err(CancelError::NotFound(id)),
+                Ok(CancelAck::CancelledQueued(run) | CancelAck::RequestedRunning(run)) => Ok(run),
+                Ok(CancelAck::AlreadyFinished(run)) => {
+                    Err(CancelError::AlreadyFinished(Box::new(run)))
+                }
+                Err(e) => Err(CancelError::Store(e)),
+            };
+        }
         let (was_queued, signalled) = {
             let mut s = self.inner.lock();
             if let Some(pos) = s.queue.iter().position(|p| p.id == id) {
@@ -273,7 +290,26 @@ impl ModuleRunner {
     pub async fn wait(&self, id: RunId) -> Result<Option<Run>, StoreError> {
         let registry = &self.inner.registry;
         let Some(log) = registry.live_log(id) else {
-            return registry.get(id).await;
+            let Some(cluster) = registry.cluster() else {
+                return registry.get(id).await;
+            };
+            // Queued, or running on another node: the store's hints, and a poll.
+            let mut changes = cluster.watch(id);
+            loop {
+                changes.borrow_and_update();
+                match registry.get(id).await? {
+                    Some(run) if !run.state.is_finished() => {}
+                    other => return Ok(other),
+                }
+                if registry.live_log(id).is_some() {
+                    // It was claimed here meanwhile.
+                    return Box::pin(self.wait(id)).await;
+                }
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
         };
         let mut changes = log.subscribe();
         loop {
@@ -297,6 +333,18 @@ impl ModuleRunner {
             let _ = ctl.reason.set((CancelReason::Shutdown, None));
             ctl.cancel.cancel();
         }
+    }
+
+    /// In a cluster (a store several nodes share): claim queued runs, renew this node's lease,
+    /// reap lost nodes' runs, and act on cancels, until `stop` fires. `builder` turns a claimed
+    /// run into its request. `None` for a store of one node.
+    pub fn cluster_loop(
+        &self,
+        builder: Arc<RequestBuilder>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let cluster = self.inner.registry.cluster()?.clone();
+        Some(cluster::run(self.inner.clone(), cluster, builder, stop))
     }
 
     /// Wait until every run task has finished, at most `limit`; true if they all did.

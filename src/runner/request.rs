@@ -11,7 +11,7 @@ use super::handle::RunHandle;
 use crate::module::{Limits, Module, RunAs, ValidParams};
 use crate::output::OutputLimits;
 use crate::run::{Run, RunId, RunMode};
-use crate::store::{IdempotencyKey, StoreError};
+use crate::store::{IdempotencyKey, RunPolicy, StoreError};
 
 /// Limits of a [`ModuleRunner`](super::ModuleRunner).
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +78,8 @@ pub struct RunRequest {
     pub limits: Limits,
     /// The user the child runs as (`None`: modrun's own).
     pub run_as: Option<RunAs>,
+    /// How a shared store schedules it (cluster-wide module limit, retry of a lost run).
+    pub policy: RunPolicy,
 }
 
 impl RunRequest {
@@ -106,6 +108,11 @@ impl RunRequest {
             secret_params: Map::new(),
             limits: Limits::default(),
             run_as: None,
+            policy: RunPolicy {
+                module_limit: None,
+                retry_on_lost: false,
+                max_attempts: 1,
+            },
         }
     }
 
@@ -146,6 +153,11 @@ impl RunRequest {
             secret_params,
             limits: module.limits,
             run_as: module.run_as.clone(),
+            policy: RunPolicy {
+                module_limit: module.max_concurrent.map(|n| n.get()),
+                retry_on_lost: module.retry_on_lost,
+                max_attempts: module.max_attempts,
+            },
         }
     }
 }

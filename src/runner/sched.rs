@@ -26,6 +26,9 @@ pub(super) struct Inner {
     pub(super) sched: Mutex<Sched>,
     /// Owns every run task, so that shutdown can wait for them.
     pub(super) tasks: TaskTracker,
+    /// In a cluster: wakes the claimer (a slot was freed, a run was queued). A `Notify` keeps
+    /// at most one wake-up: nothing queues.
+    pub(super) claim_wake: tokio::sync::Notify,
 }
 
 pub(super) struct Sched {
@@ -40,6 +43,8 @@ pub(super) struct Sched {
     pub(super) per_module: HashMap<String, usize>,
     /// False after shutdown: nothing new starts.
     pub(super) open: bool,
+    /// In a cluster: slots reserved by claims in progress.
+    pub(super) claiming: usize,
 }
 
 pub(super) struct Pending {
@@ -53,11 +58,19 @@ pub(super) struct Control {
     pub(super) cancel: CancellationToken,
     /// Why it was cancelled, and by which token; the first reason wins.
     pub(super) reason: Arc<OnceLock<(CancelReason, Option<String>)>>,
+    /// In a cluster, the run is queued again if this node is lost.
+    pub(super) retryable: bool,
+    /// Set when this node gives the run up (its lease lapsed while the store was away): its
+    /// end is recorded as `lost` (which queues a retryable run again).
+    pub(super) abandoned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Control {
     /// The outcome of a cancelled run that ended with `exit`.
     pub(super) fn cancelled(&self, exit: Option<Exit>) -> Outcome {
+        if self.abandoned.load(std::sync::atomic::Ordering::Relaxed) {
+            return Outcome::Lost;
+        }
         let (reason, by) = self
             .reason
             .get()
@@ -70,6 +83,7 @@ impl Control {
 pub(super) fn submit_error(e: StoreError) -> SubmitError {
     match e {
         StoreError::IdempotencyConflict => SubmitError::IdempotencyConflict,
+        StoreError::QueueFull(n) => SubmitError::QueueFull(n),
         other => SubmitError::Store(other),
     }
 }
@@ -82,15 +96,18 @@ impl Inner {
     /// Whether a run of a module with `limit` may take a slot now.
     pub(super) fn has_slot(&self, s: &Sched, module_id: &str, limit: Option<NonZeroUsize>) -> bool {
         let used = s.per_module.get(module_id).copied().unwrap_or(0);
-        s.active.len() < self.settings.max_concurrent.get() && limit.is_none_or(|l| used < l.get())
+        s.active.len() + s.claiming < self.settings.max_concurrent.get()
+            && limit.is_none_or(|l| used < l.get())
     }
 
     /// Take a slot for run `id` (the caller checked [`Inner::has_slot`]).
-    pub(super) fn take_slot(s: &mut Sched, id: RunId, module_id: &str) -> Control {
-        *s.per_module.entry(module_id.to_owned()).or_default() += 1;
+    pub(super) fn take_slot(s: &mut Sched, id: RunId, req: &RunRequest) -> Control {
+        *s.per_module.entry(req.module_id.clone()).or_default() += 1;
         let ctl = Control {
             cancel: CancellationToken::new(),
             reason: Arc::new(OnceLock::new()),
+            retryable: req.policy.retry_on_lost,
+            abandoned: Arc::default(),
         };
         s.active.insert(id, ctl.clone());
         ctl
@@ -113,8 +130,13 @@ impl Inner {
             if s.queue.len() + s.reserved >= self.settings.max_queued {
                 return Err(SubmitError::QueueFull(s.queue.len()));
             }
-            if s.queue.is_empty() && self.has_slot(&s, &req.module_id, req.max_concurrent) {
-                Some(Self::take_slot(&mut s, id, &req.module_id))
+            // In a cluster a module's limit holds across nodes: only a claim can check it.
+            let clustered_limit = self.registry.cluster().is_some() && req.max_concurrent.is_some();
+            if s.queue.is_empty()
+                && !clustered_limit
+                && self.has_slot(&s, &req.module_id, req.max_concurrent)
+            {
+                Some(Self::take_slot(&mut s, id, &req))
             } else {
                 s.reserved += 1;
                 None
@@ -145,6 +167,7 @@ impl Inner {
             state,
             output_lines: 0,
             created_by: req.created_by.clone(),
+            attempt: u32::from(direct.is_some()),
         };
         let created = self
             .registry
@@ -156,6 +179,7 @@ impl Inner {
                         stdin: req.stdin.clone(),
                         secrets: req.secret_params.clone(),
                     },
+                    policy: req.policy,
                 },
                 redactor,
             )
@@ -177,6 +201,12 @@ impl Inner {
             Some(ctl) => {
                 tracing::debug!(run_id = %id, "run started at once");
                 self.start(Pending { id, req }, ctl, Some(now));
+            }
+            None if self.registry.cluster().is_some() => {
+                // Queued in the shared store: whichever node has a slot claims it.
+                self.lock().reserved -= 1;
+                tracing::debug!(run_id = %id, "run queued for the cluster");
+                self.claim_wake.notify_one();
             }
             None => {
                 {
@@ -226,13 +256,77 @@ impl Inner {
                     continue;
                 }
                 let p = s.queue.remove(i).expect("index checked");
-                let ctl = Self::take_slot(&mut s, p.id, &p.req.module_id);
+                let ctl = Self::take_slot(&mut s, p.id, &p.req);
                 starts.push((p, ctl));
             }
         }
         for (p, ctl) in starts {
             this.start(p, ctl, None);
         }
+        if self.registry.cluster().is_some() {
+            self.claim_wake.notify_one();
+        }
+    }
+
+    /// In a cluster: reserve a slot for a claim, if one is free.
+    pub(super) fn reserve_claim(&self) -> bool {
+        let mut s = self.lock();
+        if !s.open || s.active.len() + s.claiming >= self.settings.max_concurrent.get() {
+            return false;
+        }
+        s.claiming += 1;
+        true
+    }
+
+    /// A claim found nothing (or failed): its reservation goes.
+    pub(super) fn unreserve_claim(&self) {
+        let mut s = self.lock();
+        s.claiming = s.claiming.saturating_sub(1);
+    }
+
+    /// A claim took run `id`: its reservation becomes the run's slot.
+    pub(super) fn take_reserved_slot(&self, id: RunId, req: &RunRequest) -> Control {
+        let mut s = self.lock();
+        s.claiming = s.claiming.saturating_sub(1);
+        Self::take_slot(&mut s, id, req)
+    }
+
+    /// Stop a run holding a slot here (TERM, grace, KILL), if it does; the first reason wins.
+    pub(super) fn cancel_active(&self, id: RunId, reason: CancelReason, by: Option<String>) {
+        if let Some(ctl) = self.lock().active.get(&id) {
+            let _ = ctl.reason.set((reason, by));
+            ctl.cancel.cancel();
+        }
+    }
+
+    /// Give a run holding a slot here up: stop it, and record it `lost` (see
+    /// [`Control::abandoned`]).
+    pub(super) fn abandon(&self, id: RunId) {
+        if let Some(ctl) = self.lock().active.get(&id) {
+            ctl.abandoned
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            ctl.cancel.cancel();
+        }
+    }
+
+    /// False once the runner is shutting down.
+    pub(super) fn is_open(&self) -> bool {
+        self.lock().open
+    }
+
+    /// True if run `id` holds a slot here.
+    pub(super) fn is_active(&self, id: RunId) -> bool {
+        self.lock().active.contains_key(&id)
+    }
+
+    /// The runs holding a slot here that may be retried on another node.
+    pub(super) fn retryable_active(&self) -> Vec<RunId> {
+        self.lock()
+            .active
+            .iter()
+            .filter(|(_, c)| c.retryable)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     pub(super) fn release(&self, this: &Arc<Inner>, id: RunId, module_id: &str) {

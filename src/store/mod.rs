@@ -6,15 +6,27 @@
 //! after a seq, list with filters and a cursor, purge, and recovery at start-up. They are async
 //! so that an implementation may do I/O; none of them may block an async thread.
 
+#[cfg(test)]
+mod contract;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod record;
 mod sqlite;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_util::future::BoxFuture;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PG_SCHEMA_VERSION, PgOpenError, PgSettings, PgStore};
 pub use sqlite::{OpenError, SCHEMA_VERSION, SqliteStore};
 
 use crate::auth::ModulePattern;
@@ -41,6 +53,19 @@ pub struct NewRun {
     pub key: Option<IdempotencyKey>,
     /// What it needs to start that its record does not show.
     pub held: Held,
+    /// How a shared store schedules it.
+    pub policy: RunPolicy,
+}
+
+/// How a shared store schedules a run (a single-node store has its runner for that).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunPolicy {
+    /// Its module's `max_concurrent`, held across the cluster.
+    pub module_limit: Option<usize>,
+    /// Queue it again (as a new attempt) when the node that ran it is lost.
+    pub retry_on_lost: bool,
+    /// Attempts at most, the first included.
+    pub max_attempts: u32,
 }
 
 /// What a queued run needs to start and its record does not show: kept by the store only while
@@ -145,6 +170,13 @@ pub enum StoreError {
     /// The idempotency key was used with a different request body.
     #[error("the idempotency key was already used with a different request")]
     IdempotencyConflict,
+    /// Another node took the run over (its lease lapsed): this node's writes for it are
+    /// refused, and its process must stop.
+    #[error("run {0} was taken over by another node")]
+    Fenced(RunId),
+    /// `max_queued` runs are queued (counted by a shared store, cluster-wide).
+    #[error("the queue is full ({0} runs waiting)")]
+    QueueFull(usize),
     /// The store cannot be used for now: an operating condition that passes (a full disk, a
     /// read-only file system, a database locked by someone else, an I/O error, a database
     /// server that cannot be reached). The text is for the log; clients are told the outage
@@ -228,6 +260,91 @@ pub trait RunStore: Send + Sync + 'static {
     /// A small real write, to find out whether the store takes writes again after an outage
     /// (nothing else may be writing then).
     fn probe(&self) -> StoreFuture<'_, ()>;
+
+    /// What a store shared by several nodes adds; `None` for a store of one node.
+    fn cluster(self: Arc<Self>) -> Option<Arc<dyn Cluster>> {
+        None
+    }
+}
+
+/// A hint from a shared store: something may have changed elsewhere. Hints may be lost or
+/// repeated; nothing correct may depend on one arriving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterSignal {
+    /// A run was queued (or queued again).
+    Queued,
+    /// A cancel of this run was asked for.
+    Cancel(RunId),
+    /// A write of this node's for this run was refused: another node took it over.
+    Fenced(RunId),
+    /// Notifications may have been missed: look at everything again.
+    Resync,
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, Default)]
+pub struct Heartbeat {
+    /// Runs of this node whose cancel was asked for (and by which token).
+    pub cancels: Vec<(RunId, Option<String>)>,
+    /// Runs this node holds that are no longer its own (another node took them over).
+    pub gone: Vec<RunId>,
+}
+
+/// A queued run this node took.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// Its record, now `running` here.
+    pub run: Run,
+    /// What it needs to start.
+    pub held: Held,
+    /// The last seq of the attempts before this one (its output goes on after it).
+    pub after_seq: u64,
+}
+
+/// What a cancel asked of a shared store did.
+#[derive(Debug, Clone)]
+pub enum CancelAck {
+    /// No such run.
+    NotFound,
+    /// It was queued: now cancelled.
+    CancelledQueued(Run),
+    /// It runs (on some node): that node was asked to stop it.
+    RequestedRunning(Run),
+    /// It had already finished.
+    AlreadyFinished(Run),
+}
+
+/// What a store shared by several nodes adds: claims, leases, the reaper, cancel across nodes,
+/// and change hints for readers.
+pub trait Cluster: Send + Sync + 'static {
+    /// This node's id (new at each start).
+    fn node_id(&self) -> uuid::Uuid;
+    /// A node that has not renewed its lease for this long is dead.
+    fn lease_ttl(&self) -> Duration;
+    /// Renew this node's lease; report the runs to cancel and the runs taken over.
+    fn heartbeat(&self) -> StoreFuture<'_, Heartbeat>;
+    /// Take the oldest queued run this node may start (its module under its cluster-wide
+    /// limit).
+    fn claim(&self) -> StoreFuture<'_, Option<Claimed>>;
+    /// Put a run this node claimed back in the queue, unstarted (this node is stopping):
+    /// `held` is what it needs to start, as the claim gave it.
+    fn unclaim(&self, id: RunId, held: Held) -> StoreFuture<'_, ()>;
+    /// The runs of nodes whose lease lapsed become `lost`, or queued again; how many.
+    fn reap(&self) -> StoreFuture<'_, usize>;
+    /// Ask for a run's cancel wherever it is.
+    fn request_cancel(&self, id: RunId, by: Option<String>) -> StoreFuture<'_, CancelAck>;
+    /// Hints for the runner.
+    fn signals(&self) -> broadcast::Receiver<ClusterSignal>;
+    /// A counter that changes when run `id` may have changed (a hint, as [`ClusterSignal`]).
+    fn watch(&self, id: RunId) -> watch::Receiver<u64>;
+    /// This node no longer holds run `id`.
+    fn release(&self, id: RunId);
+    /// The runs this node holds.
+    fn holds(&self) -> HashSet<RunId>;
+    /// This node stops: its row goes.
+    fn leave(&self) -> StoreFuture<'_, ()>;
+    /// The notification listener, until `stop` fires.
+    fn listen(self: Arc<Self>, stop: CancellationToken) -> BoxFuture<'static, ()>;
 }
 
 /// The error sentence of a lost run.

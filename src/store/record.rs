@@ -204,6 +204,16 @@ impl StoredRun {
         };
         let argv = serde_json::from_str(&self.argv).map_err(|_| "bad argv".to_owned())?;
         let mode: RunMode = self.mode.parse().map_err(|_| "bad mode".to_owned())?;
+        let state = self.state.into_state()?;
+        // A store of one node does not count attempts: a run that started did so once.
+        let attempt = u32::from(matches!(
+            state,
+            RunState::Running { .. }
+                | RunState::Finished {
+                    started_at: Some(_),
+                    ..
+                }
+        ));
         Ok(Run {
             id: self.id,
             module_id: self.module_id,
@@ -213,9 +223,10 @@ impl StoredRun {
             mode,
             timeout: Duration::from_millis(self.timeout_ms.max(0) as u64),
             created_at: from_micros(self.created_at),
-            state: self.state.into_state()?,
+            state,
             output_lines: self.output_lines.max(0) as u64,
             created_by: self.created_by,
+            attempt,
         })
     }
 }

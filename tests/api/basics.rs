@@ -25,7 +25,7 @@ async fn problem(res: reqwest::Response, status: StatusCode) -> Value {
 async fn health_and_modules() {
     let app = spawn_app().await;
     let h: Value = app.get_json("/healthz").await;
-    assert_eq!(h, json!({"status": "ok"}));
+    assert_eq!(h, json!({"status": "ok", "store": "ok"}));
 
     let mods: Value = app.get_json("/modules").await;
     let list = mods["modules"].as_array().unwrap();

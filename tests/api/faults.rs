@@ -216,8 +216,17 @@ async fn a_full_disk_is_an_outage_not_a_crash() {
         problem["detail"],
         "the run store cannot write: disk full; try again later"
     );
-    let ready = c.get(server.url("/readyz")).send().await.unwrap();
-    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Readiness is what the last write found (a write may pass now and then while SQLite
+    // frees a page): it says 503 while the disk stays full.
+    let start = Instant::now();
+    let ready = loop {
+        let ready = c.get(server.url("/readyz")).send().await.unwrap();
+        if ready.status() == StatusCode::SERVICE_UNAVAILABLE {
+            break ready;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never unready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let why: serde_json::Value = ready.json().await.unwrap();
     assert!(
         why["detail"].as_str().unwrap().contains("disk full"),

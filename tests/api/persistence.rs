@@ -53,10 +53,31 @@ fn finished(run: &Value) -> bool {
 }
 
 /// kill -9 of the server mid-run: after a restart the run is `lost`, its output up to the crash
-/// is readable (same seqs) and resumable over SSE, and no process of its group is left.
+/// is readable (same seqs) and resumable over SSE, and no process of its group is left. With
+/// the subreaper (no cgroup), the grandchild outlives the crash and start-up kills it.
 #[tokio::test]
 async fn crash_mid_run_then_restart() {
-    let (dir, config) = write_config(&format!("{}{MODULES}", base_config("")));
+    crash_mid_run(Containment::Subreaper).await;
+}
+
+/// The same with a cgroup per run: the pool's guard kills the grandchild at the crash itself.
+#[tokio::test]
+async fn crash_mid_run_with_cgroups_leaves_no_process() {
+    crash_mid_run(Containment::Cgroup).await;
+}
+
+#[derive(PartialEq)]
+enum Containment {
+    Subreaper,
+    Cgroup,
+}
+
+async fn crash_mid_run(how: Containment) {
+    let containment = match how {
+        Containment::Subreaper => "containment = \"subreaper\"",
+        Containment::Cgroup => "containment = \"cgroup\"",
+    };
+    let (dir, config) = write_config(&format!("{}{MODULES}", base_config(containment)));
     let c = Client::new();
     let mut s = start_server_at(&config).await;
     let run = post(&c, &s, json!({"module_id": "ticker"})).await;
@@ -74,16 +95,23 @@ async fn crash_mid_run_then_restart() {
 
     signal(&s.child, Signal::SIGKILL);
     s.child.wait().await.unwrap();
-    // The parent-death signal took the direct child; its background `sleep` lives on.
+    // The parent-death signal took the direct child.
     assert!(
         wait_until(Duration::from_secs(5), || !group_members(pgid)
             .contains(&pgid))
         .await
     );
-    assert!(
-        !group_members(pgid).is_empty(),
-        "the grandchild outlived the crash"
-    );
+    if how == Containment::Subreaper {
+        assert!(
+            !group_members(pgid).is_empty(),
+            "the grandchild outlived the crash"
+        );
+    } else {
+        assert!(
+            wait_until(Duration::from_secs(5), || group_members(pgid).is_empty()).await,
+            "the guard killed the run's cgroup when modrun died"
+        );
+    }
 
     let s = start_server_at(&config).await;
     assert!(

@@ -81,6 +81,11 @@ impl Pool {
         })
     }
 
+    /// Its folder.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Slot>, Vec<Slot>)> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -20,6 +20,7 @@
 //! `limits` turns a module's limits into `setrlimit` calls and names the one that ended a run.
 
 mod cgroup;
+mod guard;
 mod limits;
 mod subreaper;
 
@@ -68,6 +69,9 @@ struct Chosen {
     /// `<our cgroup>/modrun`, where the pools are.
     base: Option<PathBuf>,
     pool: Option<cgroup::Pool>,
+    /// Kills the pool's processes if this process dies without stopping them (see
+    /// [`guard`]); held open for the life of the process.
+    _guard: Option<guard::Guard>,
 }
 
 static CHOSEN: OnceLock<Chosen> = OnceLock::new();
@@ -86,16 +90,20 @@ pub fn init(wanted: Containment) -> Result<Mode, String> {
         let base = cgroup_base()?;
         let pool = cgroup::Pool::create(&base)
             .map_err(|e| format!("cannot create a cgroup pool under {}: {e}", base.display()))?;
+        let guard = guard::start(pool.dir())
+            .map_err(|e| format!("cannot start the pool's guard process: {e}"))?;
         Ok(Chosen {
             mode: Mode::Cgroup,
             base: Some(base),
             pool: Some(pool),
+            _guard: Some(guard),
         })
     };
     let plain = |mode| Chosen {
         mode,
         base: None,
         pool: None,
+        _guard: None,
     };
     let chosen = match wanted {
         Containment::Group => plain(Mode::Group),
