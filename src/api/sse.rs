@@ -24,9 +24,12 @@ use super::error::ApiError;
 use super::extract::{QueryPairs, RunIdPath};
 use crate::registry::{Cursor, Registry};
 use crate::run::{Line, Run, RunId, RunState, RunStatus, rfc3339};
+use crate::store::StoreError;
 
 /// Lines copied out of the log (and framed into one write) per read.
 const BATCH: usize = 2048;
+/// How often a stream looks again while the store is away.
+const STORE_RETRY: Duration = Duration::from_millis(500);
 
 /// `GET /runs/{id}/stream`.
 pub async fn stream(
@@ -150,6 +153,23 @@ impl Follow {
         self.done = true;
     }
 
+    /// A read from the store failed. While it is away (an outage that passes: a database
+    /// restarting, a full disk) the stream waits for it, with a comment now and then so that
+    /// the connection stays open, and goes on where it was; any other failure ends the stream
+    /// (the client may resume by id).
+    async fn store_failed(&mut self, e: StoreError) -> Option<Bytes> {
+        if !matches!(e, StoreError::Unavailable(..)) {
+            tracing::warn!(run_id = %self.id, error = %e, "stream ends: store failed");
+            return None;
+        }
+        tracing::debug!(run_id = %self.id, error = %e, "stream waits for the store");
+        tokio::select! {
+            () = tokio::time::sleep(STORE_RETRY.min(self.keep_alive)) => {}
+            () = self.shutdown.cancelled() => return None,
+        }
+        Some(Bytes::from_static(b": waiting for the run store\n\n"))
+    }
+
     /// The next bytes to send: one or more whole events (or a keep-alive comment); `None` once
     /// the stream is over.
     async fn next_chunk(&mut self) -> Option<Bytes> {
@@ -164,10 +184,7 @@ impl Follow {
             let run = match self.registry.get(self.id).await {
                 Ok(Some(run)) => run,
                 Ok(None) => return None,
-                Err(e) => {
-                    tracing::warn!(run_id = %self.id, error = %e, "stream ends: store failed");
-                    return None;
-                }
+                Err(e) => return self.store_failed(e).await,
             };
             let status = run.status();
             // The first event is always the run as it is; later ones on each change (a final
@@ -188,10 +205,7 @@ impl Follow {
             }
             let lines = match self.cursor.read(BATCH).await {
                 Ok(lines) => lines,
-                Err(e) => {
-                    tracing::warn!(run_id = %self.id, error = %e, "stream ends: store failed");
-                    return None;
-                }
+                Err(e) => return self.store_failed(e).await,
             };
             if !lines.is_empty() {
                 buf.reserve(lines.iter().map(|l| l.text.len() + 96).sum());

@@ -363,7 +363,9 @@ impl PgStore {
             .parse()
             .map_err(|e: tokio_postgres::Error| PgOpenError::Url(e.to_string()))?;
         pg_config.connect_timeout(Duration::from_secs(3));
-        pg_config.application_name("modrun");
+        if pg_config.get_application_name().is_none() {
+            pg_config.application_name("modrun");
+        }
         let manager = Manager::from_config(
             pg_config.clone(),
             NoTls,

@@ -234,7 +234,10 @@ async fn https_with_server_tls() {
         .output()
         .await
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), r#"{"status":"ok","store":"ok"}"#);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        r#"{"status":"ok","store":"ok"}"#
+    );
     // Plain HTTP on the TLS port gets no answer.
     let plain = reqwest::Client::new()
         .get(server.url("/healthz"))

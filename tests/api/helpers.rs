@@ -461,6 +461,31 @@ pub fn group_members(pgid: u64) -> Vec<u64> {
     out
 }
 
+/// Live (not zombie) processes that carry run `id`'s marker.
+pub fn marked(id: &str) -> Vec<u32> {
+    let marker = format!("MODRUN_RUN_ID={id}");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if !env.split(|b| *b == 0).any(|v| v == marker.as_bytes()) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.trim_start().chars().next());
+        if !matches!(state, Some(Some('Z' | 'X'))) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// Poll `cond` until it holds or `limit` passes.
 pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

@@ -3,6 +3,8 @@
 mod auth;
 mod basics;
 mod cancel;
+#[cfg(feature = "postgres")]
+mod cluster;
 mod connections;
 mod contain;
 mod errors;
