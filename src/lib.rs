@@ -22,6 +22,12 @@
 //!                   │ readers: registry::Cursor (memory window, else the store): replay + live
 //!                   ▼
 //!                store::RunStore (async trait): SqliteStore (default) | MemoryStore
+//!                                               | PgStore (storage.url: a cluster's shared store)
+//!
+//!  cluster mode (PgStore): runner::cluster loops on every node: claimer (queued run + free
+//!  slot -> claim in the database), heartbeat (lease, cancel flags, runs taken over, reaper of
+//!  lapsed nodes), signals (LISTEN/NOTIFY hints); readers follow runs of other nodes by polling
+//!  the store, woken by those hints
 //! ```
 //!
 //! - [`config`] — the TOML file, validated once into typed settings and the module catalog.
@@ -35,14 +41,22 @@
 //! - [`registry`] — live runs in front of the store; `registry::persist` (the output flusher,
 //!   run ends, the retention purger, store outages: bounded buffering, held-back run ends,
 //!   a probe, [`registry::StoreHealth`] for readiness) and `registry::cursor` (readers).
-//! - [`store`] — the persistence boundary ([`store::RunStore`]): the embedded SQLite store
-//!   (writer thread with group commit, read pool, migrations, lock file) and the memory store.
+//! - [`store`] — the persistence boundary ([`store::RunStore`], plus [`store::Cluster`] for a
+//!   store that several nodes share): the embedded SQLite store (writer thread with group
+//!   commit, read pool, migrations, lock file), the memory store, and the PostgreSQL store
+//!   (`store::postgres`, feature `postgres`: claims with `SKIP LOCKED`, leases by the database
+//!   clock, fenced writes, durable cancel flags, reaper, LISTEN/NOTIFY); `store::record` is the
+//!   row and output-chunk codec the engines share; `store::contract` one test suite that every
+//!   engine passes.
 //! - [`runner`] — [`runner::ModuleRunner`] (`runner::request`: what a run is asked with;
 //!   `runner::sched`: queue, slots, recording, cancel; `runner::supervise`: one run's task;
-//!   `runner::handle`: a run's handle) and [`execute_module`] (one-shot runs), both on the same
+//!   `runner::handle`: a run's handle; `runner::cluster`: the node's loops on a shared store)
+//!   and [`execute_module`] (one-shot runs), both on the same
 //!   process code: `runner::process`
 //!   (the drivers), `runner::program` (program resolution, spawn errors: in full for the log,
-//!   without server paths for clients), `runner::group` (group signals, `/proc` scans).
+//!   without server paths for clients), `runner::group` (group signals, `/proc` scans),
+//!   `runner::jail` (containment: a cgroup per run from a pool, with a guard process that
+//!   kills the pool if modrun dies; the subreaper fallback; rlimits).
 //!   Children are started by `runner::spawn` with `clone(CLONE_VM | CLONE_VFORK)` (not fork:
 //!   see its docs), the crate's one documented exception to `unsafe_code = "deny"`.
 //! - [`api`] — the only code that knows HTTP. `api::server` is the connection loop (hyper under

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, SemaphorePermit, watch};
 
 use crate::run::{Line, Stream};
 
@@ -64,6 +64,11 @@ pub struct OutputLog {
     limits: OutputLimits,
     /// The run's secrets, masked in every line (also in lines modrun adds).
     redactor: Option<Arc<Redactor>>,
+    /// One permit: one flush of this log at a time (the flusher, the run's end and a held-back
+    /// end may all want to write it). Two at once would send the same lines twice, and on a
+    /// shared store two transactions would contend for the same rows. Waiters queue in FIFO
+    /// order; there are at most three.
+    flush_turn: Semaphore,
 }
 
 #[derive(Debug, Default)]
@@ -140,6 +145,7 @@ impl OutputLog {
                 )),
             ],
             redactor,
+            flush_turn: Semaphore::new(1),
             changes: watch::Sender::new(0),
             limits: OutputLimits {
                 max_line_bytes: limits.max_line_bytes.max(4),
@@ -306,6 +312,15 @@ impl OutputLog {
     /// The seq of the last kept line (0 when there is none).
     pub fn last_seq(&self) -> u64 {
         self.lock().last_seq
+    }
+
+    /// Wait for this log's turn to be flushed (see `flush_turn`); the turn ends when the
+    /// permit is dropped.
+    pub async fn flush_turn(&self) -> SemaphorePermit<'_> {
+        self.flush_turn
+            .acquire()
+            .await
+            .expect("the flush semaphore is never closed")
     }
 
     /// Up to `limit` lines not persisted yet.

@@ -26,6 +26,10 @@ use crate::store::{Expect, Outage, Retention, RunStore, StoreError};
 
 /// How often live output is persisted.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// How often live output is persisted on a store that several nodes share: an SSE client on
+/// another node sees a line only once it is in the store, so this bounds that latency (half of
+/// it on average). An idle round costs no store call.
+pub const CLUSTER_FLUSH_EVERY: Duration = Duration::from_millis(20);
 /// Lines per append batch.
 const FLUSH_BATCH: usize = 8192;
 /// A flush round that moved this much text is followed by another at once: output is arriving
@@ -89,6 +93,7 @@ impl Registry {
 
     /// Persist one log's pending lines, keeping the health and the log's outage mode in step.
     async fn flush_one(&self, id: RunId, log: &OutputLog) -> Result<usize, StoreError> {
+        let _turn = log.flush_turn().await;
         let result = flush_log(&*self.store, id, log).await;
         self.health.note(&result);
         match &result {
@@ -205,15 +210,21 @@ impl Registry {
         }
     }
 
-    /// Flush every [`FLUSH_EVERY`] until `stop` fires, then once more. While output arrives
+    /// Flush every [`FLUSH_EVERY`] ([`CLUSTER_FLUSH_EVERY`] on a shared store) until `stop`
+    /// fires, then once more. While output arrives
     /// faster than that, flush again at once (pipe readers may be paused on a full backlog).
     /// During an outage, also write held-back run ends and probe the store every
     /// [`PROBE_EVERY`].
     pub async fn flush_loop(self: Arc<Self>, stop: CancellationToken) {
         let mut busy = false;
         let mut last_try = Instant::now();
+        let every = if self.cluster().is_some() {
+            CLUSTER_FLUSH_EVERY
+        } else {
+            FLUSH_EVERY
+        };
         loop {
-            let pause = if busy { Duration::ZERO } else { FLUSH_EVERY };
+            let pause = if busy { Duration::ZERO } else { every };
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 () = stop.cancelled() => break,

@@ -8,6 +8,7 @@
 //! a run.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast::error::RecvError;
@@ -42,7 +43,8 @@ pub(super) async fn run(
     );
 }
 
-/// Claim while a slot is free; woken by a freed slot, a queued run, a resync, or the poll.
+/// Claim while a slot is free and a run may be queued; woken by a freed slot, a queued run, a
+/// resync, or the poll (which always looks).
 async fn claimer(
     inner: &Arc<Inner>,
     cluster: &Arc<dyn Cluster>,
@@ -54,10 +56,19 @@ async fn claimer(
         let poll = CLAIM_POLL + Duration::from_millis(u64::from(rand_ms()) % 250);
         tokio::select! {
             () = inner.claim_wake.notified() => {}
-            () = tokio::time::sleep(poll) => {}
+            () = tokio::time::sleep(poll) => inner.claim_hint.store(true, Ordering::SeqCst),
             () = stop.cancelled() => return,
         }
-        while inner.reserve_claim() {
+        // Cleared before the claim: a run queued meanwhile sets it again (and wakes us).
+        if !inner.claim_hint.swap(false, Ordering::SeqCst) {
+            continue;
+        }
+        loop {
+            if !inner.reserve_claim() {
+                // No slot free: claim when one is.
+                inner.claim_hint.store(true, Ordering::SeqCst);
+                break;
+            }
             let claimed = cluster.claim().await;
             inner.registry.health().note(&claimed);
             match claimed {
@@ -197,7 +208,7 @@ async fn signals(
             () = stop.cancelled() => return,
         };
         match signal {
-            Ok(ClusterSignal::Queued) => inner.claim_wake.notify_one(),
+            Ok(ClusterSignal::Queued) => inner.hint_claim(),
             Ok(ClusterSignal::Cancel(id)) => {
                 if inner.is_active(id) {
                     beat_now.notify_one();
@@ -208,7 +219,7 @@ async fn signals(
                 inner.cancel_active(id, CancelReason::Request, None);
             }
             Ok(ClusterSignal::Resync) | Err(RecvError::Lagged(_)) => {
-                inner.claim_wake.notify_one();
+                inner.hint_claim();
                 beat_now.notify_one();
             }
             Err(RecvError::Closed) => return,

@@ -118,6 +118,7 @@ impl ModuleRunner {
                 }),
                 tasks: TaskTracker::new(),
                 claim_wake: tokio::sync::Notify::new(),
+                claim_hint: std::sync::atomic::AtomicBool::new(true),
             }),
         }
     }

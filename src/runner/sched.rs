@@ -29,6 +29,10 @@ pub(super) struct Inner {
     /// In a cluster: wakes the claimer (a slot was freed, a run was queued). A `Notify` keeps
     /// at most one wake-up: nothing queues.
     pub(super) claim_wake: tokio::sync::Notify,
+    /// In a cluster: a run may be waiting in the shared queue (a queued notification, a resync,
+    /// the poll, or a claim that found one). A freed slot asks the database only while this is
+    /// set, so that a node whose runs come and go does not query an empty queue after each.
+    pub(super) claim_hint: std::sync::atomic::AtomicBool,
 }
 
 pub(super) struct Sched {
@@ -206,7 +210,7 @@ impl Inner {
                 // Queued in the shared store: whichever node has a slot claims it.
                 self.lock().reserved -= 1;
                 tracing::debug!(run_id = %id, "run queued for the cluster");
-                self.claim_wake.notify_one();
+                self.hint_claim();
             }
             None => {
                 {
@@ -266,6 +270,13 @@ impl Inner {
         if self.registry.cluster().is_some() {
             self.claim_wake.notify_one();
         }
+    }
+
+    /// In a cluster: a run may be waiting in the shared queue; wake the claimer.
+    pub(super) fn hint_claim(&self) {
+        self.claim_hint
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.claim_wake.notify_one();
     }
 
     /// In a cluster: reserve a slot for a claim, if one is free.

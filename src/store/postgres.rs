@@ -41,6 +41,50 @@ use super::{
 };
 use crate::run::{CancelReason, Line, Outcome, Run, RunId, RunState};
 
+/// Our statements, parsed once per connection (deadpool's statement cache) rather than at
+/// every call: a parse is a round trip of its own and, for the wide UPDATE of a run, most of
+/// its cost. The SQL texts are ours and finite (a list query has at most 16 shapes), so the
+/// cache stays small.
+trait Cached: deadpool_postgres::GenericClient {
+    async fn cexecute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let st = self.prepare_cached(sql).await?;
+        self.execute(&st, params).await
+    }
+
+    async fn cquery(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let st = self.prepare_cached(sql).await?;
+        self.query(&st, params).await
+    }
+
+    async fn cquery_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, tokio_postgres::Error> {
+        let st = self.prepare_cached(sql).await?;
+        self.query_one(&st, params).await
+    }
+
+    async fn cquery_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        let st = self.prepare_cached(sql).await?;
+        self.query_opt(&st, params).await
+    }
+}
+
+impl<T: deadpool_postgres::GenericClient> Cached for T {}
+
 /// The schema version this binary writes (migration `i` upgrades from version `i`).
 pub const PG_SCHEMA_VERSION: i32 = 1;
 
@@ -414,7 +458,7 @@ impl PgStore {
             .await
             .map_err(|e| PgOpenError::Open(e.to_string()))?;
         let tx = client.transaction().await.map_err(open)?;
-        tx.execute(
+        tx.cexecute(
             "SELECT pg_advisory_xact_lock($1, $2)",
             &[&LOCK_SPACE, &LOCK_MIGRATE],
         )
@@ -422,7 +466,7 @@ impl PgStore {
         .map_err(open)?;
         // Looked up first: CREATE ... IF NOT EXISTS would log a notice at every start.
         let exists: bool = tx
-            .query_one("SELECT to_regclass('modrun_schema') IS NOT NULL", &[])
+            .cquery_one("SELECT to_regclass('modrun_schema') IS NOT NULL", &[])
             .await
             .map_err(open)?
             .get(0);
@@ -432,13 +476,13 @@ impl PgStore {
                 .map_err(open)?;
         }
         let version: i32 = match tx
-            .query_opt("SELECT version FROM modrun_schema", &[])
+            .cquery_opt("SELECT version FROM modrun_schema", &[])
             .await
             .map_err(open)?
         {
             Some(row) => row.get(0),
             None => {
-                tx.execute("INSERT INTO modrun_schema (version) VALUES (0)", &[])
+                tx.cexecute("INSERT INTO modrun_schema (version) VALUES (0)", &[])
                     .await
                     .map_err(open)?;
                 0
@@ -454,7 +498,7 @@ impl PgStore {
             tx.batch_execute(sql).await.map_err(|e| {
                 PgOpenError::Open(format!("migration to schema version {}: {e}", from + 1))
             })?;
-            tx.execute(
+            tx.cexecute(
                 "UPDATE modrun_schema SET version = $1",
                 &[&(from as i32 + 1)],
             )
@@ -472,7 +516,7 @@ impl PgStore {
     async fn join(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
         client
-            .execute(
+            .cexecute(
                 "INSERT INTO nodes (node_id, addr, lease_until) \
                  VALUES ($1, $2, now() + make_interval(secs => $3)) \
                  ON CONFLICT (node_id) DO UPDATE SET lease_until = EXCLUDED.lease_until",
@@ -512,7 +556,7 @@ impl PgStore {
         id: RunId,
     ) -> Result<Option<Run>, StoreError> {
         let row = client
-            .query_opt(
+            .cquery_opt(
                 &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"),
                 &[&uuid(id)],
             )
@@ -527,7 +571,7 @@ impl PgStore {
         k: &IdempotencyKey,
     ) -> Result<Option<Run>, StoreError> {
         let Some(row) = client
-            .query_opt(
+            .cquery_opt(
                 "SELECT id, idem_fp FROM runs WHERE idem_key = $1",
                 &[&k.key],
             )
@@ -544,31 +588,18 @@ impl PgStore {
     }
 
     async fn create_run(&self, new: NewRun) -> Result<Created, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
-        if let Some(k) = &new.key
-            && let Some(existing) = Self::by_key(&tx, k).await?
-        {
-            return Ok(Created::Existing(existing));
-        }
         let r = &new.run;
         let running = matches!(r.state, RunState::Running { .. });
-        if !running {
-            let queued: i64 = tx
-                .query_one("SELECT count(*) FROM runs WHERE status = 'queued'", &[])
-                .await
-                .map_err(pg)?
-                .get(0);
-            if queued as usize >= self.settings.max_queued {
-                return Err(StoreError::QueueFull(queued as usize));
-            }
-        }
         let (key, fp) = match &new.key {
             Some(k) => (Some(k.key.as_str()), Some(k.fingerprint as i64)),
             None => (None, None),
         };
-        let secrets = (!new.held.secrets.is_empty())
+        // What a run needs to start is kept only while it may start (again): queued, or
+        // running with `retry_on_lost` (as STATE_SET does for later changes).
+        let keep_held = !running || new.policy.retry_on_lost;
+        let secrets = (keep_held && !new.held.secrets.is_empty())
             .then(|| serde_json::Value::Object(new.held.secrets.clone()).to_string());
+        let stdin = new.held.stdin.as_ref().filter(|_| keep_held);
         let st = StateParams::of(&r.state);
         let id = uuid(r.id);
         let parameters = serde_json::Value::Object(r.parameters.clone()).to_string();
@@ -580,43 +611,75 @@ impl PgStore {
         let attempt: i32 = i32::from(running);
         let module_limit = new.policy.module_limit.and_then(|n| i32::try_from(n).ok());
         let max_attempts = i32::try_from(new.policy.max_attempts.max(1)).unwrap_or(1);
-        let inserted = tx
-            .execute(
-                "INSERT INTO runs (id, module_id, module_name, parameters, argv, mode, timeout_ms, \
-                   created_at, status, started_at, idem_key, idem_fp, stdin, secrets, created_by, \
-                   owner, attempt, module_limit, retry_on_lost, max_attempts) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-                   $17, $18, $19, $20) \
-                 ON CONFLICT (idem_key) DO NOTHING",
-                &[
-                    &id,
-                    &r.module_id,
-                    &r.module_name,
-                    &parameters,
-                    &argv,
-                    &r.mode.as_str(),
-                    &timeout_ms,
-                    &created_at,
-                    &st.status,
-                    &st.started_at,
-                    &key,
-                    &fp,
-                    &new.held.stdin,
-                    &secrets,
-                    &r.created_by,
-                    &owner,
-                    &attempt,
-                    &module_limit,
-                    &new.policy.retry_on_lost,
-                    &max_attempts,
-                ],
-            )
-            .await
-            .map_err(pg)?;
+        let params: [&(dyn ToSql + Sync); 29] = [
+            &id,
+            &r.module_id,
+            &r.module_name,
+            &parameters,
+            &argv,
+            &r.mode.as_str(),
+            &timeout_ms,
+            &created_at,
+            &st.status,
+            &st.started_at,
+            &key,
+            &fp,
+            &stdin,
+            &secrets,
+            &r.created_by,
+            &owner,
+            &attempt,
+            &module_limit,
+            &new.policy.retry_on_lost,
+            &max_attempts,
+            &st.finished_at,
+            &st.pid,
+            &st.stopping,
+            &st.outcome,
+            &st.exit_code,
+            &st.signal,
+            &st.cancel_reason,
+            &st.message,
+            &st.cancelled_by,
+        ];
+        const INSERT: &str = "INSERT INTO runs (id, module_id, module_name, parameters, argv, \
+               mode, timeout_ms, created_at, status, started_at, idem_key, idem_fp, stdin, \
+               secrets, created_by, owner, attempt, module_limit, retry_on_lost, max_attempts, \
+               finished_at, pid, stopping, outcome, exit_code, signal, cancel_reason, message, \
+               cancelled_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+               $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29) \
+             ON CONFLICT (idem_key) DO NOTHING";
+        let mut client = self.client().await?;
+        let inserted = if running {
+            // Started at once on this node: one statement, no queue to check or wake.
+            client.cexecute(INSERT, &params).await.map_err(pg)?
+        } else {
+            let tx = client.transaction().await.map_err(pg)?;
+            if let Some(k) = &new.key
+                && let Some(existing) = Self::by_key(&tx, k).await?
+            {
+                return Ok(Created::Existing(existing));
+            }
+            let queued: i64 = tx
+                .cquery_one("SELECT count(*) FROM runs WHERE status = 'queued'", &[])
+                .await
+                .map_err(pg)?
+                .get(0);
+            if queued as usize >= self.settings.max_queued {
+                return Err(StoreError::QueueFull(queued as usize));
+            }
+            let n = tx.cexecute(INSERT, &params).await.map_err(pg)?;
+            if n > 0 {
+                tx.cexecute(&format!("NOTIFY {CH_QUEUED}"), &[])
+                    .await
+                    .map_err(pg)?;
+            }
+            tx.commit().await.map_err(pg)?;
+            n
+        };
         if inserted == 0 {
-            // Another node took the key at the same moment: answer with its run.
-            drop(tx);
-            let client = self.client().await?;
+            // The key is taken (by another node a moment ago, or earlier): answer with its run.
             let k = new.key.as_ref().ok_or_else(|| {
                 StoreError::Backend("a run insert matched nothing without a key".into())
             })?;
@@ -625,19 +688,6 @@ impl PgStore {
                 None => Err(StoreError::Backend("the idempotent run vanished".into())),
             };
         }
-        if running {
-            tx.execute(
-                &format!("UPDATE runs SET {STATE_SET} WHERE id = $1"),
-                &st.params(&id),
-            )
-            .await
-            .map_err(pg)?;
-        } else {
-            tx.execute(&format!("NOTIFY {CH_QUEUED}"), &[])
-                .await
-                .map_err(pg)?;
-        }
-        tx.commit().await.map_err(pg)?;
         if running {
             self.claims().insert(r.id, 1);
         }
@@ -662,7 +712,7 @@ impl PgStore {
             }
             let st = StateParams::of(&next);
             let changed = client
-                .execute(
+                .cexecute(
                     &format!("UPDATE runs SET {STATE_SET} WHERE id = $1 AND status = 'queued'"),
                     &st.params(&key),
                 )
@@ -675,7 +725,7 @@ impl PgStore {
                 return Err(StoreError::WrongState(Box::new(run)));
             }
             client
-                .execute("SELECT pg_notify($1, $2)", &[&CH_RUN, &id.to_string()])
+                .cexecute("SELECT pg_notify($1, $2)", &[&CH_RUN, &id.to_string()])
                 .await
                 .map_err(pg)?;
             return Ok(());
@@ -702,7 +752,7 @@ impl PgStore {
             // reaper would do.
             let now = micros(SystemTime::now());
             client
-                .query_opt(
+                .cquery_opt(
                     &format!(
                         "WITH u AS (UPDATE runs SET {LOSE_SET} WHERE id = $1 AND owner = $3 \
                          AND attempt = $4 AND status = 'running' \
@@ -718,7 +768,7 @@ impl PgStore {
             params.push(&self.node);
             params.push(&attempt);
             client
-                .query_opt(
+                .cquery_opt(
                     &format!(
                         "WITH u AS (UPDATE runs SET {STATE_SET} WHERE id = $1 AND owner = $13 \
                          AND attempt = $14 AND status = 'running' \
@@ -751,7 +801,7 @@ impl PgStore {
         // Locks the run's row against a takeover until this commits, and checks it is ours;
         // a batch retried after an ambiguous commit skips the lines already in.
         let Some(row) = tx
-            .query_opt(
+            .cquery_opt(
                 "SELECT (SELECT coalesce(max(last_seq), 0) FROM chunks WHERE run_id = $1) \
                  FROM runs WHERE id = $1 AND owner = $2 AND attempt = $3 AND status = 'running' \
                  FOR SHARE",
@@ -777,14 +827,14 @@ impl PgStore {
             firsts.push(first as i64);
             datas.push(data);
         }
-        tx.execute(
+        tx.cexecute(
             "INSERT INTO chunks (run_id, last_seq, first_seq, data) \
              SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bytea[])",
             &[&run_ids, &lasts, &firsts, &datas],
         )
         .await
         .map_err(pg)?;
-        tx.execute(
+        tx.cexecute(
             &format!(
                 "WITH u AS (UPDATE runs SET output_lines = greatest(output_lines, $2) \
                  WHERE id = $1 RETURNING id) \
@@ -809,7 +859,7 @@ impl PgStore {
         let key = uuid(id);
         while out.len() < limit {
             let rows = client
-                .query(
+                .cquery(
                     "SELECT first_seq, data FROM chunks WHERE run_id = $1 AND last_seq > $2 \
                      ORDER BY last_seq LIMIT 2",
                     &[&key, &cursor],
@@ -860,7 +910,7 @@ impl PgStore {
             .iter()
             .map(|p| p.as_ref() as &(dyn ToSql + Sync))
             .collect();
-        let rows = client.query(&sql, &refs).await.map_err(pg)?;
+        let rows = client.cquery(&sql, &refs).await.map_err(pg)?;
         let mut runs = rows
             .iter()
             .map(run_from_row)
@@ -878,7 +928,7 @@ impl PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
         let locked: bool = tx
-            .query_one(
+            .cquery_one(
                 "SELECT pg_try_advisory_xact_lock($1, $2)",
                 &[&LOCK_SPACE, &LOCK_PURGE],
             )
@@ -891,7 +941,7 @@ impl PgStore {
         }
         let cutoff = now.checked_sub(policy.keep_for).map_or(i64::MIN, micros);
         let removed = tx
-            .execute(
+            .cexecute(
                 "DELETE FROM runs WHERE id IN (
                      (SELECT id FROM runs WHERE finished_at IS NOT NULL
                       ORDER BY finished_at DESC OFFSET $1)
@@ -903,7 +953,7 @@ impl PgStore {
             .await
             .map_err(pg)?;
         // Nodes gone for long (no lease for ten leases, nothing of theirs running).
-        tx.execute(
+        tx.cexecute(
             "DELETE FROM nodes n WHERE lease_until < now() - make_interval(secs => $1) \
              AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.owner = n.node_id AND r.status = 'running')",
             &[&(self.ttl_secs() * 10.0)],
@@ -918,7 +968,7 @@ impl PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
         let candidates = tx
-            .query(
+            .cquery(
                 "SELECT id, module_id, module_limit FROM runs r WHERE status = 'queued' \
                  AND (module_limit IS NULL OR module_limit > (SELECT count(*) FROM runs x \
                       WHERE x.module_id = r.module_id AND x.status = 'running')) \
@@ -941,7 +991,7 @@ impl PgStore {
                 // first such lock is waited for: a transaction that waits holds no other
                 // module's lock, so two claimers never wait for each other.
                 let got = if locked_one {
-                    tx.query_one(
+                    tx.cquery_one(
                         "SELECT pg_try_advisory_xact_lock($1, hashtext($2))",
                         &[&LOCK_SPACE, &module],
                     )
@@ -949,7 +999,7 @@ impl PgStore {
                     .map_err(pg)?
                     .get(0)
                 } else {
-                    tx.execute(
+                    tx.cexecute(
                         "SELECT pg_advisory_xact_lock($1, hashtext($2))",
                         &[&LOCK_SPACE, &module],
                     )
@@ -962,7 +1012,7 @@ impl PgStore {
                     continue;
                 }
                 let running: i64 = tx
-                    .query_one(
+                    .cquery_one(
                         "SELECT count(*) FROM runs WHERE module_id = $1 AND status = 'running'",
                         &[&module],
                     )
@@ -980,7 +1030,7 @@ impl PgStore {
             return Ok(None);
         };
         let held = tx
-            .query_one(
+            .cquery_one(
                 "SELECT stdin, secrets, attempt, output_lines FROM runs WHERE id = $1",
                 &[&id],
             )
@@ -994,12 +1044,12 @@ impl PgStore {
         let started = micros(SystemTime::now());
         if previous > 0 {
             // A retry: the output of the attempt it replaces goes; the seqs go on after it.
-            tx.execute("DELETE FROM chunks WHERE run_id = $1", &[&id])
+            tx.cexecute("DELETE FROM chunks WHERE run_id = $1", &[&id])
                 .await
                 .map_err(pg)?;
         }
         let row = tx
-            .query_one(
+            .cquery_one(
                 &format!(
                     "UPDATE runs SET status = 'running', owner = $2, attempt = $3, started_at = $4, \
                      finished_at = NULL, outcome = NULL, pid = NULL, stopping = false, \
@@ -1012,7 +1062,7 @@ impl PgStore {
             .await
             .map_err(pg)?;
         let run = run_from_row(&row)?;
-        tx.execute("SELECT pg_notify($1, $2)", &[&CH_RUN, &run.id.to_string()])
+        tx.cexecute("SELECT pg_notify($1, $2)", &[&CH_RUN, &run.id.to_string()])
             .await
             .map_err(pg)?;
         tx.commit().await.map_err(pg)?;
@@ -1037,7 +1087,7 @@ impl PgStore {
             (!held.secrets.is_empty()).then(|| serde_json::Value::Object(held.secrets).to_string());
         let client = self.client().await?;
         client
-            .execute(
+            .cexecute(
                 &format!(
                     "WITH u AS (UPDATE runs SET status = 'queued', owner = NULL, \
                        attempt = attempt - 1, started_at = NULL, stdin = $4, secrets = $5 \
@@ -1055,7 +1105,7 @@ impl PgStore {
     async fn beat(&self) -> Result<Heartbeat, StoreError> {
         let client = self.client().await?;
         let renewed = client
-            .execute(
+            .cexecute(
                 "UPDATE nodes SET lease_until = now() + make_interval(secs => $2) \
                  WHERE node_id = $1",
                 &[&self.node, &self.ttl_secs()],
@@ -1068,7 +1118,7 @@ impl PgStore {
         }
         let client = self.client().await?;
         let cancels = client
-            .query(
+            .cquery(
                 "SELECT id, cancel_by FROM runs WHERE owner = $1 AND status = 'running' \
                  AND cancel_requested",
                 &[&self.node],
@@ -1083,7 +1133,7 @@ impl PgStore {
         if !held.is_empty() {
             let ids: Vec<Uuid> = held.iter().map(|(id, _)| uuid(*id)).collect();
             let rows = client
-                .query(
+                .cquery(
                     "SELECT id, owner, attempt, status FROM runs WHERE id = ANY($1)",
                     &[&ids],
                 )
@@ -1112,7 +1162,7 @@ impl PgStore {
         let tx = client.transaction().await.map_err(pg)?;
         let now = micros(SystemTime::now());
         let rows = tx
-            .query(
+            .cquery(
                 &format!(
                     "WITH lapsed AS (
                    SELECT r.id FROM runs r
@@ -1135,12 +1185,12 @@ impl PgStore {
             let status: String = row.get(1);
             requeued |= status == "queued";
             tracing::warn!(run_id = %id, status = %status, "run of a node whose lease lapsed");
-            tx.execute("SELECT pg_notify($1, $2)", &[&CH_RUN, &id.to_string()])
+            tx.cexecute("SELECT pg_notify($1, $2)", &[&CH_RUN, &id.to_string()])
                 .await
                 .map_err(pg)?;
         }
         if requeued {
-            tx.execute(&format!("NOTIFY {CH_QUEUED}"), &[])
+            tx.cexecute(&format!("NOTIFY {CH_QUEUED}"), &[])
                 .await
                 .map_err(pg)?;
         }
@@ -1153,7 +1203,7 @@ impl PgStore {
         let tx = client.transaction().await.map_err(pg)?;
         let key = uuid(id);
         let Some(row) = tx
-            .query_opt("SELECT status FROM runs WHERE id = $1 FOR UPDATE", &[&key])
+            .cquery_opt("SELECT status FROM runs WHERE id = $1 FOR UPDATE", &[&key])
             .await
             .map_err(pg)?
         else {
@@ -1179,26 +1229,26 @@ impl PgStore {
                     },
                 };
                 let st = StateParams::of(&next);
-                tx.execute(
+                tx.cexecute(
                     &format!("UPDATE runs SET {STATE_SET} WHERE id = $1"),
                     &st.params(&key),
                 )
                 .await
                 .map_err(pg)?;
-                tx.execute("SELECT pg_notify($1, $2)", &[&CH_RUN, &id.to_string()])
+                tx.cexecute("SELECT pg_notify($1, $2)", &[&CH_RUN, &id.to_string()])
                     .await
                     .map_err(pg)?;
                 Did::Cancelled
             }
             "running" => {
-                tx.execute(
+                tx.cexecute(
                     "UPDATE runs SET cancel_requested = true, cancel_by = coalesce(cancel_by, $2) \
                      WHERE id = $1",
                     &[&key, &by],
                 )
                 .await
                 .map_err(pg)?;
-                tx.execute("SELECT pg_notify($1, $2)", &[&CH_CANCEL, &id.to_string()])
+                tx.cexecute("SELECT pg_notify($1, $2)", &[&CH_CANCEL, &id.to_string()])
                     .await
                     .map_err(pg)?;
                 Did::Requested
@@ -1350,7 +1400,7 @@ impl RunStore for PgStore {
         boxed(async move {
             let client = self.client().await?;
             client
-                .execute(
+                .cexecute(
                     "INSERT INTO probe (k, v) VALUES (1, '\\x00') \
                      ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
                     &[],
@@ -1418,7 +1468,7 @@ impl Cluster for PgStore {
         boxed(async move {
             let client = self.client().await?;
             client
-                .execute("DELETE FROM nodes WHERE node_id = $1", &[&self.node])
+                .cexecute("DELETE FROM nodes WHERE node_id = $1", &[&self.node])
                 .await
                 .map_err(pg)?;
             Ok(())

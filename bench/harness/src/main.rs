@@ -4,6 +4,7 @@
 //!
 //! `modrun-bench [--quick] --modrun PATH --out DIR`
 
+mod cluster;
 mod procs;
 mod soak;
 mod sse;
@@ -1024,6 +1025,10 @@ async fn main() {
     }
     if want("memory") {
         scenario_memory(&ctx, &mut table).await;
+    }
+    if want("cluster") {
+        let required = only.as_deref() == Some("cluster");
+        cluster::scenario_cluster(&ctx, &mut table, required).await;
     }
     if want("soak") {
         soak::scenario_soak(&ctx, &mut table).await;

@@ -42,6 +42,11 @@ impl Server {
 
 /// Start modrun with `toml` as its config (written into a fresh folder, where its store lives).
 pub async fn modrun(bin: &Path, toml: &str) -> Server {
+    modrun_with_env(bin, toml, &[]).await
+}
+
+/// [`modrun`], with more environment variables (`MODRUN_STORAGE_URL` for a cluster node).
+pub async fn modrun_with_env(bin: &Path, toml: &str, env: &[(&str, &str)]) -> Server {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("modrun.toml");
     std::fs::write(&config, toml).expect("write config");
@@ -49,6 +54,7 @@ pub async fn modrun(bin: &Path, toml: &str) -> Server {
         .args(["serve", "--bind", "127.0.0.1:0", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn,modrun=info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
