@@ -550,19 +550,30 @@ async fn dropped_cancel_still_cancels() {
 }
 
 /// A memory store whose transitions to a finished state fail (a store error) `fail` times,
-/// and its output appends `fail_appends` times.
+/// and its output appends `fail_appends` times; its appends can be made slow, and it counts
+/// appends of one run that overlap (a shared store's transactions would contend).
 struct FlakyStore {
     inner: MemoryStore,
     fail: AtomicUsize,
     fail_appends: AtomicUsize,
+    append_delay: Duration,
+    appending: std::sync::Mutex<std::collections::HashSet<RunId>>,
+    overlaps: AtomicUsize,
 }
 
 impl FlakyStore {
     fn new(fail: usize, fail_appends: usize) -> Arc<Self> {
+        Self::slow(fail, fail_appends, Duration::ZERO)
+    }
+
+    fn slow(fail: usize, fail_appends: usize, append_delay: Duration) -> Arc<Self> {
         Arc::new(Self {
             inner: MemoryStore::new(),
             fail: AtomicUsize::new(fail),
             fail_appends: AtomicUsize::new(fail_appends),
+            append_delay,
+            appending: std::sync::Mutex::default(),
+            overlaps: AtomicUsize::new(0),
         })
     }
 }
@@ -593,7 +604,18 @@ impl RunStore for FlakyStore {
         if take_failure(&self.fail_appends) {
             return Box::pin(async { Err(StoreError::Backend("disk full".into())) });
         }
-        self.inner.append_output(id, lines)
+        Box::pin(async move {
+            let first = self.appending.lock().unwrap().insert(id);
+            if !first {
+                self.overlaps.fetch_add(1, Ordering::SeqCst);
+            }
+            tokio::time::sleep(self.append_delay).await;
+            let r = self.inner.append_output(id, lines).await;
+            if first {
+                self.appending.lock().unwrap().remove(&id);
+            }
+            r
+        })
     }
     fn read_output(&self, id: RunId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Line>> {
         self.inner.read_output(id, after, limit)
@@ -632,6 +654,27 @@ async fn run_over(store: Arc<FlakyStore>, script: &str) -> (RunId, Run) {
         .expect("the run is seen to end")
         .unwrap();
     (h.id(), run)
+}
+
+/// A run's output is written by one flush at a time: the flusher and the run's end never
+/// append the same run's lines at once (on PostgreSQL two such transactions deadlocked, a
+/// second each), and every line arrives once, in order.
+#[tokio::test]
+async fn a_runs_output_is_flushed_one_batch_at_a_time() {
+    for _ in 0..3 {
+        let store = FlakyStore::slow(0, 0, Duration::from_millis(20));
+        let (id, run) = run_over(store.clone(), "seq 1 30000").await;
+        assert_eq!(run.status(), RunStatus::Succeeded);
+        assert_eq!(
+            store.overlaps.load(Ordering::SeqCst),
+            0,
+            "overlapping appends of one run"
+        );
+        let lines = store.read_output(id, 0, 100_000).await.unwrap();
+        let seqs: Vec<u64> = lines.iter().map(|l| l.seq).collect();
+        assert_eq!(seqs, (1..=30000).collect::<Vec<u64>>());
+        assert!(lines.iter().zip(1..).all(|(l, n)| *l.text == n.to_string()));
+    }
 }
 
 /// A store error on a run's final status or its last output is retried (by the flusher, once
