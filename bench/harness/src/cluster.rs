@@ -6,7 +6,8 @@
 //! - claim latency: from sending `POST /runs` to the child's first instruction (the child is
 //!   `date +%s%N`; same host, same clock), one run at a time;
 //! - line latency from a child on one node to an SSE client on another;
-//! - lines/s of one noisy run written through PostgreSQL and streamed back.
+//! - claim latency through the shared queue (the accepting node is full);
+//! - lines/s of one noisy run written through PostgreSQL by one node and streamed by another.
 //!
 //! PostgreSQL is at `MODRUN_BENCH_PG_URL` (else `MODRUN_TEST_PG_URL`, else
 //! `postgres://postgres@127.0.0.1:5432/test`); every measurement gets a schema of its own,
@@ -163,12 +164,45 @@ fn now_ns() -> u128 {
         .as_nanos()
 }
 
+/// Fill every slot of node 1 (`runner.max_concurrent` = 50 in the bench's config) with runs
+/// that sleep, so that what it accepts next goes through the shared queue.
+async fn fill_first_node(ctx: &Ctx, nodes: &Nodes, t: &mut Table) -> bool {
+    for _ in 0..50 {
+        let res = ctx
+            .client
+            .post(nodes.nodes[0].url("/runs"))
+            .json(&json!({"module_id": "sleep"}))
+            .send()
+            .await;
+        let run: serde_json::Value = match res {
+            Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
+            _ => serde_json::Value::Null,
+        };
+        if run["status"] != "running" {
+            t.fail(format!("cluster: a filler run did not start at once: {run}"));
+            return false;
+        }
+    }
+    true
+}
+
 /// From sending `POST /runs` to the child's first instruction, ms, one run at a time, posted
-/// round-robin to the nodes.
-async fn claim_latency(ctx: &Ctx, nodes: &Nodes, count: usize, t: &mut Table) -> Vec<f64> {
+/// round-robin to the nodes (`via_queue`: all to node 1, which is full, so another node claims
+/// them from the shared queue).
+async fn claim_latency(
+    ctx: &Ctx,
+    nodes: &Nodes,
+    count: usize,
+    via_queue: bool,
+    t: &mut Table,
+) -> Vec<f64> {
     let mut ms = Vec::with_capacity(count);
     for i in 0..count {
-        let node = &nodes.nodes[i % nodes.nodes.len()];
+        let node = if via_queue {
+            &nodes.nodes[0]
+        } else {
+            &nodes.nodes[i % nodes.nodes.len()]
+        };
         let sent = now_ns();
         let res = ctx
             .client
@@ -275,7 +309,8 @@ async fn line_latency(ctx: &Ctx, nodes: &Nodes, n: u64, t: &mut Table) -> (Vec<f
     (cross, local)
 }
 
-/// Lines/s of one noisy run, from POST to the stream's end.
+/// Lines/s of one noisy run, from POST to the stream's end, posted to and streamed from the
+/// first node (in the cluster round it is full, so another node runs it).
 async fn noisy(ctx: &Ctx, nodes: &Nodes, n: u64, t: &mut Table, label: &str) -> Option<f64> {
     let node = &nodes.nodes[0];
     let t0 = Instant::now();
@@ -321,6 +356,7 @@ pub async fn scenario_cluster(ctx: &Ctx, t: &mut Table, required: bool) {
     let (mut claim_p50, mut claim_p99, mut sq_claim_p50, mut sq_claim_p99) =
         (vec![], vec![], vec![], vec![]);
     let (mut cross_p50, mut cross_p99, mut local_p99) = (vec![], vec![], vec![]);
+    let (mut queue_p50, mut queue_p99) = (vec![], vec![]);
     let (mut pg_lps, mut sq_lps) = (vec![], vec![]);
     for round in 0..rounds {
         for (k, values) in tput.iter_mut().enumerate() {
@@ -352,7 +388,7 @@ pub async fn scenario_cluster(ctx: &Ctx, t: &mut Table, required: bool) {
                     return;
                 }
             };
-            let ms = claim_latency(ctx, &nodes, claims, t).await;
+            let ms = claim_latency(ctx, &nodes, claims, false, t).await;
             if !ms.is_empty() {
                 let (p50, p99) = (percentile(&ms, 0.5), percentile(&ms, 0.99));
                 if k == 0 {
@@ -364,6 +400,14 @@ pub async fn scenario_cluster(ctx: &Ctx, t: &mut Table, required: bool) {
                 }
             }
             if k == 2 {
+                // The first node stays full from here on.
+                if fill_first_node(ctx, &nodes, t).await {
+                    let ms = claim_latency(ctx, &nodes, claims, true, t).await;
+                    if !ms.is_empty() {
+                        queue_p50.push(percentile(&ms, 0.5));
+                        queue_p99.push(percentile(&ms, 0.99));
+                    }
+                }
                 let (cross, local) = line_latency(ctx, &nodes, ticks, t).await;
                 if !cross.is_empty() {
                     cross_p50.push(percentile(&cross, 0.5));
@@ -394,7 +438,7 @@ pub async fn scenario_cluster(ctx: &Ctx, t: &mut Table, required: bool) {
     }
     t.add(
         SCENARIO,
-        "claim latency p50 (POST to the child running), 2 nodes",
+        "claim latency p50 (POST to the child running), 2 nodes, a free slot",
         "ms",
         claim_p50,
         Some(("1 node, SQLite", sq_claim_p50)),
@@ -406,6 +450,22 @@ pub async fn scenario_cluster(ctx: &Ctx, t: &mut Table, required: bool) {
         "ms",
         claim_p99,
         Some(("1 node, SQLite", sq_claim_p99)),
+        None,
+    );
+    t.add(
+        SCENARIO,
+        "claim latency through the queue (node A full, node B claims), p50",
+        "ms",
+        queue_p50,
+        None,
+        None,
+    );
+    t.add(
+        SCENARIO,
+        "claim latency through the queue, p99",
+        "ms",
+        queue_p99,
+        None,
         None,
     );
     t.add(
@@ -427,7 +487,9 @@ pub async fn scenario_cluster(ctx: &Ctx, t: &mut Table, required: bool) {
     );
     t.add(
         SCENARIO,
-        &format!("lines/s, one run of {noisy_lines} x 80 B, POST to end, PostgreSQL"),
+        &format!(
+            "lines/s, one run of {noisy_lines} x 80 B on node B, streamed from node A, POST to end"
+        ),
         "/s",
         pg_lps,
         Some(("1 node, SQLite", sq_lps)),
