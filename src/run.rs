@@ -320,6 +320,20 @@ pub enum RunState {
 }
 
 impl RunState {
+    /// The end of a run cancelled before it started (`by`: the token that asked).
+    pub fn cancelled_while_queued(by: Option<String>) -> Self {
+        RunState::Finished {
+            started_at: None,
+            pid: None,
+            finished_at: SystemTime::now(),
+            outcome: Outcome::Cancelled {
+                reason: CancelReason::Request,
+                exit: None,
+                by,
+            },
+        }
+    }
+
     /// The API status for this state.
     pub fn status(&self) -> RunStatus {
         match self {

@@ -53,13 +53,13 @@ pub use request::{CancelError, RunRequest, RunnerSettings, SubmitError, Submitte
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::registry::Registry;
-use crate::run::{CancelReason, Outcome, Run, RunId, RunState};
+use crate::run::{CancelReason, Run, RunId, RunState};
 use crate::store::{CancelAck, Expect, ListQuery, MemoryStore, Page, StoreError};
 use sched::{Inner, Pending, Sched, submit_error};
 
@@ -253,16 +253,7 @@ impl ModuleRunner {
             }
         };
         if was_queued {
-            let next = RunState::Finished {
-                started_at: None,
-                pid: None,
-                finished_at: SystemTime::now(),
-                outcome: Outcome::Cancelled {
-                    reason: CancelReason::Request,
-                    exit: None,
-                    by,
-                },
-            };
+            let next = RunState::cancelled_while_queued(by);
             if let Some(log) = registry.live_log(id) {
                 log.close();
             }

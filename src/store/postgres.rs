@@ -39,7 +39,7 @@ use super::{
     CancelAck, Claimed, Cluster, ClusterSignal, Created, Expect, Heartbeat, Held, IdempotencyKey,
     ListQuery, NewRun, Outage, Page, Recovered, Retention, RunStore, StoreError, StoreFuture,
 };
-use crate::run::{CancelReason, Line, Outcome, Run, RunId, RunState};
+use crate::run::{Line, Outcome, Run, RunId, RunState};
 
 /// Our statements, parsed once per connection (deadpool's statement cache) rather than at
 /// every call: a parse is a round trip of its own and, for the wide UPDATE of a run, most of
@@ -1218,16 +1218,7 @@ impl PgStore {
         }
         let did = match status.as_str() {
             "queued" => {
-                let next = RunState::Finished {
-                    started_at: None,
-                    pid: None,
-                    finished_at: SystemTime::now(),
-                    outcome: Outcome::Cancelled {
-                        reason: CancelReason::Request,
-                        exit: None,
-                        by,
-                    },
-                };
+                let next = RunState::cancelled_while_queued(by);
                 let st = StateParams::of(&next);
                 tx.cexecute(
                     &format!("UPDATE runs SET {STATE_SET} WHERE id = $1"),

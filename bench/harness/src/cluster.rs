@@ -179,7 +179,9 @@ async fn fill_first_node(ctx: &Ctx, nodes: &Nodes, t: &mut Table) -> bool {
             _ => serde_json::Value::Null,
         };
         if run["status"] != "running" {
-            t.fail(format!("cluster: a filler run did not start at once: {run}"));
+            t.fail(format!(
+                "cluster: a filler run did not start at once: {run}"
+            ));
             return false;
         }
     }
