@@ -1057,7 +1057,7 @@ async fn main() {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Machine: {machine}. Medians over {} round(s); each ratio is the median of the per-round ratios against a reference measured in the same round. Took {took} s.\n",
+        "Machine: {machine}. Medians over {} round(s) (the cluster scenario: at most 3); each ratio is the median of the per-round ratios against a reference measured in the same round. Took {took} s.\n",
         plan.rounds
     );
     let _ = writeln!(md, "{HEADER}");
