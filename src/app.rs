@@ -118,8 +118,14 @@ impl App {
             },
             registry.clone(),
         );
+        let base_env = inherited_env(&config.runner.env_allow);
+        for m in &config.modules {
+            if let Err(why) = runner::check_module_program(m, &base_env) {
+                tracing::warn!(module = %m.id, error = %why, "the module's program cannot be started: its runs will fail until it can (`modrun check-config` checks every module)");
+            }
+        }
         let app = App {
-            base_env: Arc::new(inherited_env(&config.runner.env_allow)),
+            base_env: Arc::new(base_env),
             config: Arc::new(config),
             registry,
             runner,

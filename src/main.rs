@@ -1,4 +1,5 @@
-//! The `modrun` command: `modrun serve [--config FILE] [--bind ADDR]`.
+//! The `modrun` command: `modrun serve [--config FILE] [--bind ADDR]`, `modrun check-config
+//! [--config FILE]`, `modrun token new`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +29,13 @@ enum Command {
         /// Listen here instead of `server.bind` (port 0 picks a free port).
         #[arg(long, env = "MODRUN_BIND")]
         bind: Option<SocketAddr>,
+    },
+    /// Check a configuration as `serve` would, and that every module's program can be
+    /// started; print a line per module. Exit 0 when all is well, 2 otherwise.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, default_value = "config/modrun.toml")]
+        config: PathBuf,
     },
     /// API tokens.
     Token {
@@ -63,6 +71,7 @@ fn main() -> ExitCode {
     let _log = modrun::telemetry::init("info", std::io::stderr(), ansi);
     match cli.command {
         Command::Serve { config, bind } => serve(config, bind),
+        Command::CheckConfig { config } => check_config(&config),
         Command::Token {
             command:
                 TokenCommand::New {
@@ -141,6 +150,75 @@ fn new_token(name: &str, scopes: &[String], modules: &[String]) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// `modrun check-config`: everything `serve` validates at start-up (the whole file, secrets
+/// from the environment and files, tokens), then every module's program as its runs would find
+/// it. Problems go to stderr, the summary to stdout.
+fn check_config(path: &std::path::Path) -> ExitCode {
+    use std::io::Write;
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            say(format_args!("invalid configuration: {e}"));
+            return ExitCode::from(2);
+        }
+    };
+    let base_env = modrun::app::inherited_env(&config.runner.env_allow);
+    let mut out = String::new();
+    let mut broken = 0;
+    let width = config.modules.iter().map(|m| m.id.len()).max().unwrap_or(0);
+    for m in &config.modules {
+        match modrun::runner::check_module_program(m, &base_env) {
+            Ok(program) => {
+                let mut facts = vec![format!(
+                    "{} parameter{}",
+                    m.parameters.len(),
+                    if m.parameters.len() == 1 { "" } else { "s" }
+                )];
+                if let Some(t) = m.timeout {
+                    facts.push(format!("timeout {}", humantime::format_duration(t)));
+                }
+                if let Some(n) = m.max_concurrent {
+                    facts.push(format!("max_concurrent {n}"));
+                }
+                if m.retry_on_lost {
+                    facts.push(format!("retry_on_lost, {} attempts", m.max_attempts));
+                }
+                out.push_str(&format!(
+                    "ok    {:width$}  {} ({})\n",
+                    m.id,
+                    program.display(),
+                    facts.join(", ")
+                ));
+            }
+            Err(why) => {
+                broken += 1;
+                out.push_str(&format!("FAIL  {:width$}  {why}\n", m.id));
+            }
+        }
+    }
+    let store = match (&config.storage.url, &config.storage.path) {
+        (Some(url), _) => format!("PostgreSQL at {}", url.redacted()),
+        (None, Some(dir)) => format!("SQLite in {}", dir.display()),
+        (None, None) => "in memory only".to_owned(),
+    };
+    out.push_str(&format!(
+        "{}: {} module{}, {} with a program that cannot be started; store: {store}; listens on {}\n",
+        config.file.display(),
+        config.modules.len(),
+        if config.modules.len() == 1 { "" } else { "s" },
+        broken,
+        config.server.bind,
+    ));
+    if std::io::stdout().write_all(out.as_bytes()).is_err() {
+        return ExitCode::FAILURE;
+    }
+    if broken > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// A message for the operator on stderr, straight (start-up errors, before or after the log

@@ -19,6 +19,7 @@ use crate::auth::{AuthError, Caller, Scope};
 pub const ROUTES: &[(&str, &str, Option<Scope>)] = &[
     ("GET", "/healthz", None),
     ("GET", "/readyz", None),
+    ("GET", "/openapi.yaml", None),
     ("GET", "/modules", Some(Scope::ModulesRead)),
     ("GET", "/modules/{id}", Some(Scope::ModulesRead)),
     ("POST", "/runs", Some(Scope::RunsCreate)),

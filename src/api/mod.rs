@@ -90,6 +90,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/openapi.yaml", get(openapi))
         .route("/modules", get(list_modules))
         .route("/modules/{id}", get(get_module))
         .route("/runs", get(runs::list).post(runs::create))
@@ -199,6 +200,17 @@ async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
         body["node_id"] = json!(cluster.node_id().to_string());
     }
     Json(body)
+}
+
+/// The API's description (OpenAPI 3.1), as built into this binary.
+async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/yaml"),
+        )],
+        include_str!("../../openapi.yaml"),
+    )
 }
 
 /// Ready to accept runs: not shutting down, and the store takes writes.

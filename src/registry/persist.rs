@@ -210,7 +210,7 @@ impl Registry {
         }
     }
 
-    /// Flush every [`FLUSH_EVERY`] ([`CLUSTER_FLUSH_EVERY`] on a shared store) until `stop`
+    /// Flush every [`FLUSH_EVERY`] (`CLUSTER_FLUSH_EVERY` on a shared store) until `stop`
     /// fires, then once more. While output arrives
     /// faster than that, flush again at once (pipe readers may be paused on a full backlog).
     /// During an outage, also write held-back run ends and probe the store every

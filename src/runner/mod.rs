@@ -49,6 +49,7 @@ mod supervise;
 pub use cluster::RequestBuilder;
 pub use execute::{ExecError, ModuleOutput, execute_module};
 pub use handle::RunHandle;
+pub use program::check_module_program;
 pub use request::{CancelError, RunRequest, RunnerSettings, SubmitError, Submitted};
 
 use std::collections::{HashMap, VecDeque};

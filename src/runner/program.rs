@@ -159,6 +159,39 @@ pub(crate) fn resolve_program(spec: &ProcSpec) -> Result<PathBuf, SpawnError> {
     Ok(candidate)
 }
 
+/// Whether a declared module's program can be started as its runs will start it: a bare name
+/// on the `PATH` its children get (`base_env`, then the module's `env`), a path relative to its
+/// `cwd`. `Ok` is the resolved file; `Err` says why not, in full (for the operator: it may name
+/// server paths).
+pub fn check_module_program(
+    module: &crate::module::Module,
+    base_env: &[(String, String)],
+) -> Result<PathBuf, String> {
+    let Some(program) = module.command.first() else {
+        return Err("the command is empty".into());
+    };
+    let mut env: Vec<(OsString, OsString)> =
+        base_env.iter().map(|(k, v)| (k.into(), v.into())).collect();
+    for (k, v) in &module.env {
+        env.retain(|(name, _)| name.as_os_str() != std::ffi::OsStr::new(k));
+        env.push((k.into(), v.into()));
+    }
+    let spec = ProcSpec {
+        program: program.into(),
+        args: Vec::new(),
+        cwd: module.cwd.clone(),
+        env: Some(env),
+        stdin: None,
+        run_id: None,
+        limits: module.limits,
+        creds: None,
+    };
+    resolve_program(&spec)
+        // `cwd/./x` shown as `cwd/x`.
+        .map(|p| p.components().collect())
+        .map_err(|e| e.to_string())
+}
+
 /// Check that `p` is an existing regular file with an execute bit.
 pub(crate) fn check_executable(p: &Path) -> Result<(), SpawnError> {
     use std::os::unix::fs::PermissionsExt;

@@ -14,6 +14,7 @@ mod helpers;
 mod library;
 mod limits;
 mod openapi;
+mod operations;
 mod persistence;
 mod process;
 mod requests;

@@ -90,3 +90,34 @@ async fn openapi_matches_the_router() {
     }
     app.stop().await;
 }
+
+/// `GET /openapi.yaml` serves this very file, as YAML, to anyone (it names no secret: the
+/// routes and their shapes), also when tokens are required everywhere else.
+#[tokio::test]
+async fn the_spec_is_served() {
+    let app = crate::helpers::spawn_app_with(&format!(
+        "{}\n[auth]\n[[auth.tokens]]\nname = \"t\"\nsha256 = \"{}\"\nscopes = [\"runs:read\"]\n",
+        crate::helpers::base_config(""),
+        "0".repeat(64)
+    ))
+    .await;
+    let res = app
+        .client
+        .get(app.url("/openapi.yaml"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], "application/yaml");
+    let body = res.text().await.unwrap();
+    let file =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    assert_eq!(body, file);
+    let runs = app.client.get(app.url("/runs")).send().await.unwrap();
+    assert_eq!(
+        runs.status(),
+        StatusCode::UNAUTHORIZED,
+        "tokens are required"
+    );
+    app.stop().await;
+}
