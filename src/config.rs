@@ -19,6 +19,7 @@ use crate::output::OutputLimits;
 use crate::run::RunMode;
 use crate::runner::RunnerSettings;
 use crate::runner::jail::Containment;
+use crate::telemetry::LogFormat;
 
 /// The whole configuration, validated.
 #[derive(Debug, Clone)]
@@ -41,6 +42,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[auth]`.
     pub auth: AuthConfig,
+    /// `[log]`.
+    pub log: LogConfig,
     /// `[[modules]]`, in file order.
     pub modules: Vec<Arc<Module>>,
 }
@@ -177,6 +180,16 @@ pub struct ClusterConfig {
     /// its running runs become `lost` (or are queued again).
     pub lease_ttl: Duration,
 }
+
+/// `[log]`.
+#[derive(Debug, Clone, Copy)]
+pub struct LogConfig {
+    /// How log lines are written (`MODRUN_LOG_FORMAT` wins over the file).
+    pub format: LogFormat,
+}
+
+/// The environment variable that chooses the log format (it wins over the file).
+pub const LOG_FORMAT_ENV: &str = "MODRUN_LOG_FORMAT";
 
 /// The environment variable that names the PostgreSQL store (it wins over the file).
 pub const STORAGE_URL_ENV: &str = "MODRUN_STORAGE_URL";
@@ -318,7 +331,15 @@ struct RawConfig {
     #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
     modules: Vec<RawModule>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
 }
 
 #[derive(Deserialize, Default)]
@@ -638,6 +659,19 @@ impl Config {
                 })?;
             config.storage.url = Some(url);
         }
+        if let Some(v) = std::env::var_os(LOG_FORMAT_ENV).filter(|v| !v.is_empty()) {
+            config.log.format = match v.to_str() {
+                Some("text") => LogFormat::Text,
+                Some("json") => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError {
+                        file: file.clone(),
+                        key: Some(format!("{LOG_FORMAT_ENV} (environment)")),
+                        message: "must be `text` or `json`".into(),
+                    });
+                }
+            };
+        }
         Ok(config)
     }
 
@@ -897,6 +931,9 @@ fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
         },
         storage,
         cluster: ClusterConfig { lease_ttl },
+        log: LogConfig {
+            format: raw.log.format.unwrap_or_default(),
+        },
         auth: AuthConfig {
             allow_anonymous: raw.auth.allow_anonymous,
             tokens,

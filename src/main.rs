@@ -67,10 +67,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     // Kept to the end of main: at exit it gives the log thread a moment to write what is
-    // queued (bounded, whatever the sink does).
-    let _log = modrun::telemetry::init("info", std::io::stderr(), ansi);
+    // queued (bounded, whatever the sink does). `serve` starts it once its config (which
+    // chooses the format) is read.
+    let _log = match &cli.command {
+        Command::Serve { .. } => None,
+        _ => modrun::telemetry::init("info", std::io::stderr(), ansi),
+    };
     match cli.command {
-        Command::Serve { config, bind } => serve(config, bind),
+        Command::Serve { config, bind } => serve(config, bind, ansi),
         Command::CheckConfig { config } => check_config(&config),
         Command::Token {
             command:
@@ -228,7 +232,7 @@ fn say(msg: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr(), "modrun: {msg}");
 }
 
-fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
+fn serve(path: PathBuf, bind: Option<SocketAddr>, ansi: bool) -> ExitCode {
     let mut config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -236,6 +240,7 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let _log = modrun::telemetry::init_as(config.log.format, "info", std::io::stderr(), ansi);
     if let Some(addr) = bind {
         config.server.bind = addr;
     }

@@ -155,19 +155,46 @@ pub fn init<W>(default_filter: &str, sink: W, ansi: bool) -> Option<LogGuard>
 where
     W: Write + Send + 'static,
 {
+    init_as(LogFormat::Text, default_filter, sink, ansi)
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event: time, level, target, message, `key=value` fields.
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields` with `message`, and
+    /// the spans, e.g. a run's `run_id`): for log shippers. Every value is a JSON string or
+    /// number, so a client's text can never end a line or forge a field.
+    Json,
+}
+
+/// [`init`], in `format` (`ansi` applies to text only).
+pub fn init_as<W>(format: LogFormat, default_filter: &str, sink: W, ansi: bool) -> Option<LogGuard>
+where
+    W: Write + Send + 'static,
+{
     if tracing::dispatcher::has_been_set() {
         return None;
     }
     let (writer, guard) = queue(Box::new(sink))?;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(ansi)
-        .with_target(true)
-        .try_init()
-        .ok()?;
+        .with_target(true);
+    match format {
+        LogFormat::Text => builder.with_ansi(ansi).try_init().ok()?,
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .try_init()
+            .ok()?,
+    }
     Some(guard)
 }
 

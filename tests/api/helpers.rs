@@ -552,7 +552,12 @@ pub async fn start_command(mut cmd: tokio::process::Command) -> Server {
             }
             keep.lock().unwrap().push(line.clone());
             if let Some(rest) = line.split("listening on http://").nth(1) {
-                return rest.split_whitespace().next().expect("addr").to_owned();
+                // Text (`... http://ADDR key=value`) or JSON (`..."http://ADDR","k":...`).
+                return rest
+                    .split(|c: char| c.is_whitespace() || c == '"')
+                    .next()
+                    .expect("addr")
+                    .to_owned();
             }
         }
         panic!(

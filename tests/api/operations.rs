@@ -136,3 +136,75 @@ async fn serve_warns_about_a_missing_program() {
     assert!(wait_until(Duration::from_secs(5), warned("noexec")).await);
     assert!(!warned("echo")());
 }
+
+/// `MODRUN_LOG_FORMAT=json` (or `[log] format = "json"`): every line is one JSON object; a
+/// run's lines carry its id (in the span list); a client's text stays inside its field.
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let (_dir, path) = write_config(&base_config(""));
+    let server = start_server_with(
+        &path,
+        "127.0.0.1:0",
+        &[("MODRUN_LOG_FORMAT", "json"), ("RUST_LOG", "debug")],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    // A path that tries to end the line and forge an entry of its own.
+    let forged = "/nope%0A%7B%22level%22%3A%22ERROR%22%2C%22forged%22%3Atrue%7D";
+    let res = client.get(server.url(forged)).send().await.unwrap();
+    assert_eq!(res.status(), reqwest::StatusCode::NOT_FOUND);
+    let run: serde_json::Value = client
+        .post(server.url("/runs?wait=10"))
+        .json(&serde_json::json!({"module_id": "silent"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = run["id"].as_str().expect("a run").to_owned();
+    let log = server.log.clone();
+    let finished = {
+        let id = id.clone();
+        move || {
+            log.lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("run finished") && l.contains(&id))
+        }
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), finished).await,
+        "{:?}",
+        server.log.lock().unwrap()
+    );
+    let lines = server.log.lock().unwrap().clone();
+    assert!(lines.len() > 3);
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+        assert!(v.get("forged").is_none(), "a forged entry: {line}");
+    }
+    let end = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["fields"]["message"] == "run finished")
+        .unwrap();
+    assert!(end.to_string().contains(&id), "{end}");
+
+    // A format modrun does not know is refused, naming where it came from.
+    let (_dir, path) = write_config("[log]\nformat = \"xml\"\n");
+    let (code, _, err) = check_config(&path).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("log.format"), "{err}");
+    let out = tokio::process::Command::new(binary())
+        .args(["check-config", "--config"])
+        .arg(write_config("").1)
+        .env("MODRUN_LOG_FORMAT", "yaml")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MODRUN_LOG_FORMAT"));
+}
