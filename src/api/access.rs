@@ -45,21 +45,45 @@ fn required(method: &Method, path: &str) -> Result<Option<Scope>, ()> {
         .ok_or(())
 }
 
+/// What the request log says of a routed request (a response extension set by [`authorize`]):
+/// its route template (never the raw path) and the name of the token that made it.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The route template, e.g. `/runs/{id}`.
+    pub route: String,
+    /// The token's name, when a known token came with the request.
+    pub token: Option<String>,
+}
+
 /// The middleware: authenticate the caller (`Authorization: Bearer <token>`), check the
-/// route's scope, and hand the [`Caller`] to the handler as a request extension.
-pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let Some(path) = req
+/// route's scope, and hand the [`Caller`] to the handler as a request extension; the response
+/// says which route served it, and for whom ([`Served`]).
+pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(route) = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
     else {
         return next.run(req).await;
     };
-    let scope = match required(req.method(), &path) {
-        Ok(None) => return next.run(req).await,
+    let (mut res, token) = check(&state, &route, req, next).await;
+    res.extensions_mut().insert(Served { route, token });
+    res
+}
+
+/// [`authorize`] for a matched route: the response, and the token's name when it was known.
+async fn check(
+    state: &AppState,
+    route: &str,
+    mut req: Request,
+    next: Next,
+) -> (Response, Option<String>) {
+    let scope = match required(req.method(), route) {
+        Ok(None) => return (next.run(req).await, None),
         Ok(Some(scope)) => scope,
         Err(()) => {
-            return ApiError::forbidden(format!("`{path}` has no access rule")).into_response();
+            let refused = ApiError::forbidden(format!("`{route}` has no access rule"));
+            return (refused.into_response(), None);
         }
     };
     let header = req
@@ -68,17 +92,18 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
         .map(HeaderValue::as_bytes);
     let caller = match state.auth.authenticate(header) {
         Ok(caller) => caller,
-        Err(e) => return unauthorized(e),
+        Err(e) => return (unauthorized(e), None),
     };
+    let token = caller.name().map(str::to_owned);
     if !caller.can(scope) {
-        return ApiError::forbidden(format!(
+        let refused = ApiError::forbidden(format!(
             "the token `{}` lacks the scope `{scope}`",
             caller.name().unwrap_or("-")
-        ))
-        .into_response();
+        ));
+        return (refused.into_response(), token);
     }
     req.extensions_mut().insert(caller);
-    next.run(req).await
+    (next.run(req).await, token)
 }
 
 /// 401 with the challenge RFC 6750 asks for.

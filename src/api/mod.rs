@@ -116,6 +116,7 @@ pub fn router(state: AppState) -> Router {
                 .unwrap_or("-");
             tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
         }))
+        .layer(middleware::from_fn(log_request))
         .layer(middleware::from_fn(request_id))
         .layer(middleware::from_fn(limit_head))
         .with_state(state)
@@ -167,6 +168,29 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     req.headers_mut().insert(REQUEST_ID_HEADER, value.clone());
     let mut res = error::REQUEST_ID.scope(id, next.run(req)).await;
     res.headers_mut().insert(REQUEST_ID_HEADER, value);
+    res
+}
+
+/// One log line per request, when its answer (for a stream: its head) is ready: method, route
+/// template (`-` when nothing matched: the raw path is client text), status, duration, request
+/// id and token name. At info; the probes (`/healthz`, `/readyz`) at debug, or they would fill
+/// the log.
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let start = std::time::Instant::now();
+    let res = next.run(req).await;
+    let duration_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let served = res.extensions().get::<access::Served>();
+    let route = served.map_or("-", |s| s.route.as_str());
+    let token = served.and_then(|s| s.token.as_deref()).unwrap_or("-");
+    let id = error::REQUEST_ID.try_with(Arc::clone).ok();
+    let request_id = id.as_deref().unwrap_or("-");
+    let status = res.status().as_u16();
+    if route == "/healthz" || route == "/readyz" {
+        tracing::debug!(target: "modrun::http", %method, route, status, duration_ms, request_id, token, "request");
+    } else {
+        tracing::info!(target: "modrun::http", %method, route, status, duration_ms, request_id, token, "request");
+    }
     res
 }
 

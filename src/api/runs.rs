@@ -271,6 +271,7 @@ pub async fn create(
     }
     run_req.idempotency = key;
     run_req.created_by = caller.name().map(str::to_owned);
+    run_req.request_id = super::error::REQUEST_ID.try_with(|id| id.to_string()).ok();
 
     let (handle, existing) = match state.runner.submit(run_req).await? {
         Submitted::New(h) => (h, false),

@@ -153,7 +153,18 @@ impl Registry {
         };
         match result {
             Ok(run) => {
-                tracing::info!(status = %run.status(), exit_code = run.exit_code(), "run finished");
+                let duration_ms = run
+                    .started_at()
+                    .zip(run.finished_at())
+                    .and_then(|(a, b)| b.duration_since(a).ok())
+                    .map(|d| d.as_secs_f64() * 1000.0);
+                tracing::info!(
+                    status = %run.status(),
+                    exit_code = run.exit_code(),
+                    signal = run.signal(),
+                    duration_ms,
+                    "run finished"
+                );
                 self.retire(id);
             }
             Err(StoreError::Fenced(_)) => {

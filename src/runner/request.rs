@@ -80,6 +80,9 @@ pub struct RunRequest {
     pub run_as: Option<RunAs>,
     /// How a shared store schedules it (cluster-wide module limit, retry of a lost run).
     pub policy: RunPolicy,
+    /// The id of the HTTP request that asked for it, for its log lines (`None` from the
+    /// library, and for a run claimed from the shared queue by another node).
+    pub request_id: Option<String>,
 }
 
 impl RunRequest {
@@ -113,6 +116,7 @@ impl RunRequest {
                 retry_on_lost: false,
                 max_attempts: 1,
             },
+            request_id: None,
         }
     }
 
@@ -158,6 +162,7 @@ impl RunRequest {
                 retry_on_lost: module.retry_on_lost,
                 max_attempts: module.max_attempts,
             },
+            request_id: None,
         }
     }
 }

@@ -209,7 +209,7 @@ impl Inner {
             None if self.registry.cluster().is_some() => {
                 // Queued in the shared store: whichever node has a slot claims it.
                 self.lock().reserved -= 1;
-                tracing::debug!(run_id = %id, "run queued for the cluster");
+                tracing::info!(run_id = %id, module = %req.module_id, request_id = req.request_id.as_deref().unwrap_or("-"), "run queued for the cluster");
                 self.hint_claim();
             }
             None => {
@@ -217,9 +217,9 @@ impl Inner {
                     // One section: the place moves from `reserved` to the queue.
                     let mut s = self.lock();
                     s.reserved -= 1;
+                    tracing::info!(run_id = %id, module = %req.module_id, request_id = req.request_id.as_deref().unwrap_or("-"), waiting = s.queue.len(), "run queued");
                     s.queue.push_back(Pending { id, req });
                 }
-                tracing::debug!(run_id = %id, "run queued");
                 self.dispatch(self);
             }
         }
@@ -236,8 +236,13 @@ impl Inner {
     /// Spawn the task that drives a run holding a slot (`started`: when it was recorded as
     /// running, if it already was).
     pub(super) fn start(self: &Arc<Self>, p: Pending, ctl: Control, started: Option<SystemTime>) {
-        let span =
-            tracing::info_span!(parent: None, "run", run_id = %p.id, module = %p.req.module_id);
+        let span = tracing::info_span!(
+            parent: None,
+            "run",
+            run_id = %p.id,
+            module = %p.req.module_id,
+            request_id = p.req.request_id.as_deref().unwrap_or("-")
+        );
         self.tasks
             .spawn(drive(self.clone(), p, ctl, started).instrument(span));
     }

@@ -97,7 +97,7 @@ impl ProcEvents for RunEvents {
             started.1 = Some(pid);
         }
         self.registry.set_pid(self.id, pid);
-        tracing::debug!(pid, "process started");
+        tracing::info!(pid, "run started");
         Box::pin(std::future::ready(()))
     }
 

@@ -155,6 +155,7 @@ async fn json_logs_are_one_object_per_line() {
     assert_eq!(res.status(), reqwest::StatusCode::NOT_FOUND);
     let run: serde_json::Value = client
         .post(server.url("/runs?wait=10"))
+        .header("x-request-id", "req-42")
         .json(&serde_json::json!({"module_id": "silent"}))
         .send()
         .await
@@ -167,10 +168,13 @@ async fn json_logs_are_one_object_per_line() {
     let finished = {
         let id = id.clone();
         move || {
-            log.lock()
-                .unwrap()
-                .iter()
+            // The request's own line comes when its answer is ready, after the run's end.
+            let log = log.lock().unwrap();
+            log.iter()
                 .any(|l| l.contains("run finished") && l.contains(&id))
+                && log
+                    .iter()
+                    .any(|l| l.contains(r#""method":"POST""#) && l.contains("req-42"))
         }
     };
     assert!(
@@ -186,12 +190,43 @@ async fn json_logs_are_one_object_per_line() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
         assert!(v.get("forged").is_none(), "a forged entry: {line}");
     }
-    let end = lines
+    let parsed: Vec<serde_json::Value> = lines
         .iter()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|v| v["fields"]["message"] == "run finished")
-        .unwrap();
-    assert!(end.to_string().contains(&id), "{end}");
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        parsed
+            .iter()
+            .find(|v| pred(v))
+            .unwrap_or_else(|| panic!("no such line in {lines:#?}"))
+            .clone()
+    };
+    // The run's lines: in its span, its id and the id of the request that made it.
+    let span_has = |v: &serde_json::Value, key: &str, want: &str| {
+        v["spans"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s[key] == want))
+    };
+    let started = find(&|v| v["fields"]["message"] == "run started");
+    assert!(started["fields"]["pid"].as_u64().is_some(), "{started}");
+    assert!(span_has(&started, "run_id", &id), "{started}");
+    assert!(span_has(&started, "request_id", "req-42"), "{started}");
+    let end = find(&|v| v["fields"]["message"] == "run finished");
+    assert_eq!(end["fields"]["status"], "succeeded", "{end}");
+    assert_eq!(end["fields"]["exit_code"], 0, "{end}");
+    assert!(end["fields"]["duration_ms"].as_f64().is_some(), "{end}");
+    assert!(span_has(&end, "request_id", "req-42"), "{end}");
+    // One line per request: the route template, never the raw path.
+    let post = find(&|v| v["fields"]["message"] == "request" && v["fields"]["method"] == "POST");
+    assert_eq!(post["level"], "INFO");
+    assert_eq!(post["target"], "modrun::http");
+    assert_eq!(post["fields"]["route"], "/runs", "{post}");
+    assert_eq!(post["fields"]["status"], 200, "{post}");
+    assert_eq!(post["fields"]["request_id"], "req-42", "{post}");
+    assert_eq!(post["fields"]["token"], "-", "{post}");
+    assert!(post["fields"]["duration_ms"].as_f64().is_some(), "{post}");
+    let not_found = find(&|v| v["fields"]["message"] == "request" && v["fields"]["status"] == 404);
+    assert_eq!(not_found["fields"]["route"], "-", "{not_found}");
 
     // A format modrun does not know is refused, naming where it came from.
     let (_dir, path) = write_config("[log]\nformat = \"xml\"\n");

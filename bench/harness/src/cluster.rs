@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::procs::{self, Server};
 use crate::{Ctx, MODRUN_OK, Table, base_config, consume, median, modules, percentile, post_run};
 
-const SCENARIO: &str = "7 cluster";
+const SCENARIO: &str = "8 cluster";
 
 fn base_url() -> String {
     std::env::var("MODRUN_BENCH_PG_URL")
