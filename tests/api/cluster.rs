@@ -354,6 +354,11 @@ impl Cluster {
         pg::client(&self.url).await
     }
 
+    /// The one number a `SELECT count(...)` on the test's schema gives.
+    async fn count(&self, query: &str) -> i64 {
+        self.sql().await.query_one(query, &[]).await.unwrap().get(0)
+    }
+
     async fn done(mut self) {
         for n in self.nodes.iter_mut() {
             if let Some(mut s) = n.take() {
@@ -768,12 +773,8 @@ async fn the_database_going_away_loses_no_run_and_no_line() {
         assert_eq!(events.last().unwrap().event, "end");
     }
     let lost: i64 = c
-        .sql()
-        .await
-        .query_one("SELECT count(*) FROM runs WHERE status = 'lost'", &[])
-        .await
-        .unwrap()
-        .get(0);
+        .count("SELECT count(*) FROM runs WHERE status = 'lost'")
+        .await;
     assert_eq!(lost, 0);
     let ready = c.get(0, "/readyz").await;
     assert_eq!(ready.status(), StatusCode::OK);
@@ -851,13 +852,7 @@ async fn an_idempotency_key_holds_across_nodes() {
         let b: Value = b.json().await.unwrap();
         assert_eq!(a["id"], b["id"], "round {round}");
     }
-    let runs: i64 = c
-        .sql()
-        .await
-        .query_one("SELECT count(*) FROM runs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let runs: i64 = c.count("SELECT count(*) FROM runs").await;
     assert_eq!(runs, 10);
     c.done().await;
 }
@@ -914,13 +909,7 @@ async fn retention_purges_for_the_whole_cluster() {
             );
         }
     }
-    let chunks: i64 = c
-        .sql()
-        .await
-        .query_one("SELECT count(DISTINCT run_id) FROM chunks", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let chunks: i64 = c.count("SELECT count(DISTINCT run_id) FROM chunks").await;
     assert_eq!(chunks, 3);
     c.done().await;
 }
