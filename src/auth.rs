@@ -25,11 +25,23 @@ pub enum Scope {
     RunsRead,
     /// `DELETE /runs/{id}`.
     RunsCancel,
+    /// `GET /metrics`.
+    MetricsRead,
 }
 
 impl Scope {
     /// Every scope, in documentation order.
-    pub const ALL: [Scope; 4] = [
+    pub const ALL: [Scope; 5] = [
+        Scope::ModulesRead,
+        Scope::RunsCreate,
+        Scope::RunsRead,
+        Scope::RunsCancel,
+        Scope::MetricsRead,
+    ];
+
+    /// What `modrun token new` gives when no scope is named: running modules and watching
+    /// them (not the metrics, which are for a scraper's token).
+    pub const DEFAULT: [Scope; 4] = [
         Scope::ModulesRead,
         Scope::RunsCreate,
         Scope::RunsRead,
@@ -43,6 +55,7 @@ impl Scope {
             Scope::RunsCreate => "runs:create",
             Scope::RunsRead => "runs:read",
             Scope::RunsCancel => "runs:cancel",
+            Scope::MetricsRead => "metrics:read",
         }
     }
 }

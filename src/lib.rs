@@ -30,7 +30,14 @@
 //!  the store, woken by those hints
 //! ```
 //!
-//! - [`config`] — the TOML file, validated once into typed settings and the module catalog.
+//! - [`config`] — the TOML file, validated once into typed settings and the module catalog
+//!   (`config::raw`: the file's serde shape and value parsers; `config::build`: sections,
+//!   storage, tokens; `config::modules`: the catalog; `config::env`: `MODRUN_<SECTION>__<KEY>`
+//!   overrides, applied before validation); [`config::Live`] is the snapshot in force, which a
+//!   reload replaces whole.
+//! - [`metrics`] — the Prometheus metrics (`prometheus-client`): counters and histograms
+//!   updated where things happen, gauges of state read at scrape time; the store's writes are
+//!   timed by `store::Metered`.
 //! - [`auth`] — API tokens (stored as SHA-256), scopes and module patterns; the API checks every
 //!   route's scope in one middleware (`api::access`), fail closed.
 //! - [`module`] — the catalog's types, request-parameter validation, argv/env building.
@@ -66,9 +73,10 @@
 //!   shows only the request id.
 //! - [`telemetry`] — logging through a bounded queue drained by one thread: a slow or broken
 //!   log sink drops (and counts) lines, never blocks a request or a run.
-//! - [`app`] — wiring: open the store, recover (running -> lost, queued -> queued again), serve
-//!   a bound listener until a shutdown future fires, then shut down in order (stop accepting,
-//!   cancel runs, end streams, last flush).
+//! - [`app`] — wiring: open the store, serve a bound listener (503 but for the probes while
+//!   start-up recovery runs: running -> lost, queued -> queued again), reload the configuration
+//!   on request (`app::reload`, SIGHUP), and when a shutdown future fires shut down in order
+//!   (drain with 503, cancel runs, stop accepting, end streams, last flush).
 //!
 //! # Locks, tasks and bounds
 //!
@@ -85,6 +93,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod metrics;
 pub mod module;
 pub mod output;
 pub mod registry;

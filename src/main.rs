@@ -1,5 +1,6 @@
-//! The `modrun` command: `modrun serve [--config FILE] [--bind ADDR]`, `modrun check-config
-//! [--config FILE]`, `modrun token new`.
+//! The `modrun` command: `modrun serve [--config FILE] [--bind ADDR]` (SIGINT or SIGTERM stop
+//! it, SIGHUP reloads the configuration file), `modrun check-config [--config FILE]`,
+//! `modrun token new`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -91,7 +92,10 @@ fn main() -> ExitCode {
 fn new_token(name: &str, scopes: &[String], modules: &[String]) -> ExitCode {
     use modrun::auth::{ModulePattern, Scope};
     let scopes: Vec<String> = if scopes.is_empty() {
-        Scope::ALL.iter().map(|s| s.as_str().to_owned()).collect()
+        Scope::DEFAULT
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect()
     } else {
         scopes.to_vec()
     };
@@ -256,6 +260,8 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>, ansi: bool) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Before anything slow: a SIGHUP during start-up must not end the process (its default).
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         // Bound first: the address a cluster node advertises defaults to the bound one.
         let listener = match tokio::net::TcpListener::bind(config.server.bind).await {
             Ok(l) => l,
@@ -274,15 +280,11 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>, ansi: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let addr = listener
-            .local_addr()
-            .map_or_else(|_| config.server.bind.to_string(), |a| a.to_string());
-        tracing::info!(
-            config = %config.file.display(),
-            modules = config.modules.len(),
-            "listening on http://{addr}"
-        );
-        let served = app.serve(listener, shutdown_signal()).await;
+        let reload = app.reload_handle();
+        let served = tokio::select! {
+            served = app.serve(listener, shutdown_signal()) => served,
+            never = reload_on_hangup(hangups, reload) => match never {},
+        };
         // The process's cgroup pool goes with it (a crash leaves it to the next start).
         modrun::runner::jail::shutdown();
         match served {
@@ -308,6 +310,25 @@ fn raise_fd_limit() {
             tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit");
         }
     }
+}
+
+/// Ask for a configuration reload at every SIGHUP; never returns.
+async fn reload_on_hangup(
+    hangups: std::io::Result<tokio::signal::unix::Signal>,
+    reload: modrun::app::ReloadHandle,
+) -> std::convert::Infallible {
+    match hangups {
+        Ok(mut hup) => {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                reload.request();
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; the configuration cannot be reloaded")
+        }
+    }
+    std::future::pending().await
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -212,7 +212,18 @@ where
             .try_init()
             .ok()?,
     }
+    let _ = INSTALLED.set(guard.counters.clone());
     Some(guard)
+}
+
+/// The counters of the queue behind the global subscriber, once [`init_as`] installed it.
+static INSTALLED: std::sync::OnceLock<Arc<Counters>> = std::sync::OnceLock::new();
+
+/// Log lines the global subscriber's queue has dropped since start-up (0 before [`init`]).
+pub fn dropped() -> u64 {
+    INSTALLED
+        .get()
+        .map_or(0, |c| c.dropped.load(Ordering::Relaxed))
 }
 
 /// A queue in front of `sink`, with its drain thread.

@@ -20,6 +20,7 @@ pub const ROUTES: &[(&str, &str, Option<Scope>)] = &[
     ("GET", "/healthz", None),
     ("GET", "/readyz", None),
     ("GET", "/openapi.yaml", None),
+    ("GET", "/metrics", Some(Scope::MetricsRead)),
     ("GET", "/modules", Some(Scope::ModulesRead)),
     ("GET", "/modules/{id}", Some(Scope::ModulesRead)),
     ("POST", "/runs", Some(Scope::RunsCreate)),
@@ -90,7 +91,8 @@ async fn check(
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    let caller = match state.auth.authenticate(header) {
+    let auth = state.live.get().auth.clone();
+    let caller = match auth.authenticate(header) {
         Ok(caller) => caller,
         Err(e) => return (unauthorized(e), None),
     };

@@ -27,7 +27,7 @@ pub use dto::{LineDto, ModuleDto, RunDto, run_json};
 pub use error::{ApiError, MAX_FIELD_ERRORS, PROBLEM_JSON};
 
 use crate::auth::Auth;
-use crate::config::Config;
+use crate::config::{Config, Live, Snapshot};
 use crate::runner::ModuleRunner;
 
 /// Open SSE streams allowed when no limit is set.
@@ -36,18 +36,18 @@ const DEFAULT_STREAMS: usize = 1024;
 /// What the handlers share. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    /// The validated configuration.
-    pub config: Arc<Config>,
+    /// The configuration in force (replaced whole by a reload): the catalog, the tokens and
+    /// the environment children may inherit.
+    pub live: Arc<Live>,
     /// The runner (and through it, the store).
     pub runner: ModuleRunner,
-    /// The parent environment variables a child may inherit (`runner.env_allow`), read once.
-    pub base_env: Arc<Vec<(String, String)>>,
     /// Fires at shutdown: open SSE streams send `end` and close; `?wait` requests answer.
     pub streams_end: CancellationToken,
     /// Set at shutdown: every new request gets 503.
     pub draining: Arc<AtomicBool>,
-    /// API tokens and the anonymous policy.
-    pub auth: Arc<Auth>,
+    /// Set while start-up recovery runs: requests other than the probes, the metrics and the
+    /// spec get 503.
+    pub starting: Arc<AtomicBool>,
     /// Open SSE streams hold a permit each (`sse.max_streams`). Overflow policy: a stream that
     /// finds none is refused with 429 and Retry-After.
     pub streams: Arc<tokio::sync::Semaphore>,
@@ -60,13 +60,24 @@ impl AppState {
         runner: ModuleRunner,
         base_env: Arc<Vec<(String, String)>>,
     ) -> Self {
-        Self {
-            config,
+        Self::with_live(
+            Arc::new(Live::new(Snapshot {
+                config,
+                auth: Arc::new(Auth::new(&[], true)),
+                base_env,
+            })),
             runner,
-            base_env,
+        )
+    }
+
+    /// Serve the configuration `live` holds, which a reload may replace.
+    pub fn with_live(live: Arc<Live>, runner: ModuleRunner) -> Self {
+        Self {
+            live,
+            runner,
             streams_end: CancellationToken::new(),
             draining: Arc::new(AtomicBool::new(false)),
-            auth: Arc::new(Auth::new(&[], true)),
+            starting: Arc::new(AtomicBool::new(false)),
             streams: Arc::new(tokio::sync::Semaphore::new(DEFAULT_STREAMS)),
         }
     }
@@ -79,9 +90,19 @@ impl AppState {
 
     /// Check requests against `auth` (the default serves everyone anonymously, as on a
     /// loopback address with no token configured).
-    pub fn with_auth(mut self, auth: Auth) -> Self {
-        self.auth = Arc::new(auth);
+    pub fn with_auth(self, auth: Auth) -> Self {
+        let now = self.live.get();
+        self.live.replace(Snapshot {
+            config: now.config.clone(),
+            auth: Arc::new(auth),
+            base_env: now.base_env.clone(),
+        });
         self
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.live.get().config.clone()
     }
 }
 
@@ -91,6 +112,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.yaml", get(openapi))
+        .route("/metrics", get(metrics))
         .route("/modules", get(list_modules))
         .route("/modules/{id}", get(get_module))
         .route("/runs", get(runs::list).post(runs::create))
@@ -104,7 +126,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(state.clone(), refuse_when_draining))
+        .layer(middleware::from_fn_with_state(state.clone(), refuse_when_unavailable))
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             ApiError::internal(error::Message("a request handler panicked".into())).into_response()
         }))
@@ -116,7 +138,7 @@ pub fn router(state: AppState) -> Router {
                 .unwrap_or("-");
             tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
         }))
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .layer(middleware::from_fn(request_id))
         .layer(middleware::from_fn(limit_head))
         .with_state(state)
@@ -175,18 +197,20 @@ async fn request_id(mut req: Request, next: Next) -> Response {
 /// template (`-` when nothing matched: the raw path is client text), status, duration, request
 /// id and token name. At info; the probes (`/healthz`, `/readyz`) at debug, or they would fill
 /// the log.
-async fn log_request(req: Request, next: Next) -> Response {
+async fn log_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let start = std::time::Instant::now();
     let res = next.run(req).await;
-    let duration_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let took = start.elapsed();
+    let duration_ms = took.as_secs_f64() * 1000.0;
     let served = res.extensions().get::<access::Served>();
     let route = served.map_or("-", |s| s.route.as_str());
     let token = served.and_then(|s| s.token.as_deref()).unwrap_or("-");
     let id = error::REQUEST_ID.try_with(Arc::clone).ok();
     let request_id = id.as_deref().unwrap_or("-");
     let status = res.status().as_u16();
-    if route == "/healthz" || route == "/readyz" {
+    count_request(&state, &method, route, status, took);
+    if route == "/healthz" || route == "/readyz" || route == "/metrics" {
         tracing::debug!(target: "modrun::http", %method, route, status, duration_ms, request_id, token, "request");
     } else {
         tracing::info!(target: "modrun::http", %method, route, status, duration_ms, request_id, token, "request");
@@ -194,11 +218,93 @@ async fn log_request(req: Request, next: Next) -> Response {
     res
 }
 
-async fn refuse_when_draining(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if state.draining.load(Ordering::Relaxed) {
-        return ApiError::unavailable("modrun is shutting down").into_response();
+/// The request in the metrics: by route template, method and status; its time to the
+/// response head unless it is an SSE stream; a refused `POST /runs` by reason.
+fn count_request(
+    state: &AppState,
+    method: &Method,
+    route: &str,
+    status: u16,
+    took: std::time::Duration,
+) {
+    use crate::metrics::{HttpLabels, ReasonLabel, Rejection, RouteLabels};
+    let metrics = state.runner.registry().metrics();
+    // Only the standard methods: a label never carries client text.
+    let method = match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
+    metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method,
+            route: route.to_owned(),
+            status,
+        })
+        .inc();
+    if route != "/runs/{id}/stream" {
+        metrics
+            .http_duration
+            .get_or_create(&RouteLabels {
+                method,
+                route: route.to_owned(),
+            })
+            .observe(took.as_secs_f64());
     }
-    next.run(req).await
+    if route == "/runs" && method == "POST" && status >= 400 {
+        let reason = Rejection::from_status(status).as_str();
+        metrics
+            .runs_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+}
+
+/// Why the server takes no requests now (beyond the probes), if it does not.
+fn unavailable_reason(state: &AppState) -> Option<&'static str> {
+    if state.draining.load(Ordering::Relaxed) {
+        Some("modrun is shutting down")
+    } else if state.starting.load(Ordering::Relaxed) {
+        Some("modrun is starting: it is recovering the runs of its previous start")
+    } else {
+        None
+    }
+}
+
+/// 503 while starting and while shutting down, for every request but the probes, the metrics
+/// and the spec. The answer names its route for the request log and the metrics.
+async fn refuse_when_unavailable(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(why) = unavailable_reason(&state) else {
+        return next.run(req).await;
+    };
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    // `/readyz` answers 503 itself, with the reason.
+    let probe = matches!(
+        route.as_deref(),
+        Some("/healthz" | "/readyz" | "/metrics" | "/openapi.yaml")
+    );
+    if probe {
+        return next.run(req).await;
+    }
+    let mut res = ApiError::unavailable(why).into_response();
+    if let Some(route) = route {
+        res.extensions_mut()
+            .insert(access::Served { route, token: None });
+    }
+    res
 }
 
 async fn no_route(OriginalUri(uri): OriginalUri) -> ApiError {
@@ -237,10 +343,30 @@ async fn openapi() -> impl axum::response::IntoResponse {
     )
 }
 
+/// The metrics, in the Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut load = state.runner.load();
+    load.modules = state
+        .config()
+        .modules
+        .iter()
+        .map(|m| m.id.clone())
+        .collect();
+    let text = state.runner.registry().metrics().render(&load);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        )],
+        text,
+    )
+        .into_response()
+}
+
 /// Ready to accept runs: not shutting down, and the store takes writes.
 async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    if state.draining.load(Ordering::Relaxed) {
-        return Err(ApiError::unavailable("modrun is shutting down"));
+    if let Some(why) = unavailable_reason(&state) {
+        return Err(ApiError::unavailable(why));
     }
     if let Some(outage) = state.runner.registry().health().outage() {
         return Err(ApiError::unavailable(format!("the run store {outage}")));
@@ -252,7 +378,7 @@ async fn list_modules(
     State(state): State<AppState>,
     Extension(caller): access::CallerExt,
 ) -> Json<serde_json::Value> {
-    let c = &state.config;
+    let c = &state.config();
     let modules: Vec<ModuleDto> = c
         .modules
         .iter()
@@ -267,7 +393,7 @@ async fn get_module(
     Extension(caller): access::CallerExt,
     extract::IdPath(id): extract::IdPath,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let c = &state.config;
+    let c = &state.config();
     let m = c
         .module(&id)
         .filter(|m| caller.sees_module(&m.id))

@@ -195,7 +195,8 @@ pub async fn create(
     let wait = query.u64_in("wait", 1..=300)?;
     let key = idempotency_key(&headers, &body)?;
     let (req, mut errors) = parse_create(&body)?;
-    let config = &state.config;
+    let live = state.live.get();
+    let config = &live.config;
     let module = config
         .module(&req.module_id)
         .filter(|m| caller.sees_module(&m.id))
@@ -243,7 +244,13 @@ pub async fn create(
         return Err(ApiError::validation(errors));
     };
     let mode = req.mode.unwrap_or(config.runner.mode);
-    let mut run_req = RunRequest::for_module(module, params, &state.base_env, timeout, mode);
+    let mut run_req = RunRequest::for_module(module, params, &live.base_env, timeout, mode);
+    if let Some(tp) = traceparent(&headers) {
+        // The run's programs join the caller's trace (W3C Trace Context, as environment
+        // variable). Only a well-formed value is passed on; anything else is dropped.
+        run_req.env.retain(|(k, _)| k != "TRACEPARENT");
+        run_req.env.push(("TRACEPARENT".to_owned(), tp));
+    }
     let size = exec_size(
         run_req.argv.iter().map(String::as_str),
         run_req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())),
@@ -273,8 +280,15 @@ pub async fn create(
     run_req.created_by = caller.name().map(str::to_owned);
     run_req.request_id = super::error::REQUEST_ID.try_with(|id| id.to_string()).ok();
 
+    let module_id = run_req.module_id.clone();
     let (handle, existing) = match state.runner.submit(run_req).await? {
-        Submitted::New(h) => (h, false),
+        Submitted::New(h) => {
+            let accepted = &state.runner.registry().metrics().runs_accepted;
+            accepted
+                .get_or_create(&crate::metrics::ModuleLabel { module: module_id })
+                .inc();
+            (h, false)
+        }
         Submitted::Existing(h) => (h, true),
     };
     let id = handle.id();
@@ -465,4 +479,30 @@ pub async fn output(
         "complete": complete,
     }))
     .into_response())
+}
+
+/// The request's `traceparent` header when it is a valid W3C Trace Context value
+/// (`00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, lower-case, ids not all zero).
+fn traceparent(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("traceparent")?.to_str().ok()?.trim();
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    };
+    let zero = |s: &str| s.bytes().all(|c| c == b'0');
+    match parts.as_slice() {
+        [version, trace, parent, flags]
+            if *version == "00"
+                && hex(trace, 32)
+                && hex(parent, 16)
+                && hex(flags, 2)
+                && !zero(trace)
+                && !zero(parent) =>
+        {
+            Some(v.to_owned())
+        }
+        _ => None,
+    }
 }

@@ -57,6 +57,7 @@ pub async fn stream(
         return Err(ApiError::too_many_streams());
     };
     let registry = state.runner.registry().clone();
+    let open = OpenStream::new(registry.metrics().clone(), resume.is_some());
     // Make the cursor before looking the run up, so that a run that finishes in between is
     // read from the store, not missed.
     let cursor = Cursor::new(registry.clone(), id, after);
@@ -68,9 +69,10 @@ pub async fn stream(
         last_status: None,
         done: false,
         shutdown: state.streams_end.clone(),
-        keep_alive: state.config.sse.keep_alive,
+        keep_alive: state.config().sse.keep_alive,
         ts_cache: None,
         _slot: Some(slot),
+        _open: open,
     };
     let body = futures_util::stream::unfold(follow, |mut f| async move {
         let chunk = f.next_chunk().await?;
@@ -101,6 +103,27 @@ struct Follow {
     ts_cache: Option<(SystemTime, String)>,
     /// The stream's place under `sse.max_streams`, given back when the stream is dropped.
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Counted in `modrun_sse_streams_open` while it lives.
+    _open: OpenStream,
+}
+
+/// An open stream, as the metrics see it: counted open from its creation to its drop.
+struct OpenStream(Arc<crate::metrics::Metrics>);
+
+impl OpenStream {
+    fn new(metrics: Arc<crate::metrics::Metrics>, resumed: bool) -> Self {
+        metrics.sse_open.inc();
+        if resumed {
+            metrics.sse_resumed.inc();
+        }
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.sse_open.dec();
+    }
 }
 
 /// A JSON string literal: copied as is when nothing needs escaping (the common case), else
@@ -321,6 +344,7 @@ mod tests {
             keep_alive: Duration::from_secs(60),
             ts_cache: None,
             _slot: None,
+            _open: super::OpenStream::new(registry.metrics().clone(), false),
         };
         let events = |chunk: &[u8]| -> Vec<(String, String)> {
             String::from_utf8_lossy(chunk)

@@ -13,6 +13,7 @@ use std::time::SystemTime;
 
 use tokio::sync::{Semaphore, SemaphorePermit, watch};
 
+use crate::metrics::OutputMeter;
 use crate::run::{Line, Stream};
 
 mod lines;
@@ -69,6 +70,8 @@ pub struct OutputLog {
     /// shared store two transactions would contend for the same rows. Waiters queue in FIFO
     /// order; there are at most three.
     flush_turn: Semaphore,
+    /// Lines and bytes read from the pipes, for the metrics.
+    meter: OutputMeter,
 }
 
 #[derive(Debug, Default)]
@@ -146,6 +149,7 @@ impl OutputLog {
             ],
             redactor,
             flush_turn: Semaphore::new(1),
+            meter: OutputMeter::default(),
             changes: watch::Sender::new(0),
             limits: OutputLimits {
                 max_line_bytes: limits.max_line_bytes.max(4),
@@ -165,6 +169,17 @@ impl OutputLog {
         self
     }
 
+    /// The same log, counting what its pipes deliver into `meter`.
+    pub fn metered(mut self, meter: OutputMeter) -> Self {
+        self.meter = meter;
+        self
+    }
+
+    /// Whether lines were dropped for the run's output budget.
+    pub fn truncated(&self) -> bool {
+        self.lock().truncated
+    }
+
     fn lock(&self) -> MutexGuard<'_, LogInner> {
         // A panic while holding the lock leaves consistent data (pushes are atomic), so a
         // poisoned lock is still usable.
@@ -175,6 +190,7 @@ impl OutputLog {
     pub fn write(&self, stream: Stream, data: &[u8]) {
         let mut texts = Vec::new();
         self.splitter(stream).push(data, &mut texts);
+        self.meter.add(stream, texts.len(), data.len());
         self.append(stream, texts);
     }
 
@@ -188,6 +204,7 @@ impl OutputLog {
     pub fn finish_stream(&self, stream: Stream) {
         let mut texts = Vec::new();
         self.splitter(stream).finish(&mut texts);
+        self.meter.add(stream, texts.len(), 0);
         self.append(stream, texts);
     }
 

@@ -18,6 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::metrics::Metrics;
 use crate::output::{Evicted, OutputLimits, OutputLog, Redactor};
 use crate::run::{Line, Run, RunId, RunState};
 use crate::store::{
@@ -50,6 +51,8 @@ pub struct Registry {
     /// run retired) by the flusher once it can. A std mutex, like `live`. Bounded: runs end
     /// only after holding a slot, and no run starts while its start cannot be recorded.
     pending: Mutex<Vec<(RunId, RunState)>>,
+    /// The server's metrics (runs, output, store writes).
+    metrics: Arc<Metrics>,
 }
 
 /// Finished runs kept in the registry's recent cache.
@@ -78,7 +81,17 @@ impl Live {
 impl Registry {
     /// A registry over `store`, with output `limits` for new runs.
     pub fn new(store: Arc<dyn RunStore>, limits: OutputLimits) -> Self {
+        Self::with_metrics(store, limits, Arc::new(Metrics::new()))
+    }
+
+    /// [`Registry::new`], counting into `metrics` (which the store's writes may share).
+    pub fn with_metrics(
+        store: Arc<dyn RunStore>,
+        limits: OutputLimits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
+            metrics,
             cluster: store.clone().cluster(),
             store,
             live: Mutex::new(HashMap::new()),
@@ -91,6 +104,11 @@ impl Registry {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, HashMap<RunId, Live>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The store behind it.
@@ -132,7 +150,10 @@ impl Registry {
     /// Make a stored run live (a queued run found at start-up, a run claimed in a cluster):
     /// its output goes on after line `after_seq`.
     pub fn adopt(&self, run: Run, redactor: Option<Arc<Redactor>>, after_seq: u64) {
-        let log = Arc::new(OutputLog::redacting(self.limits, redactor).starting_after(after_seq));
+        let log = OutputLog::redacting(self.limits, redactor)
+            .starting_after(after_seq)
+            .metered(self.metrics.output_meter(&run.module_id));
+        let log = Arc::new(log);
         self.lock().insert(run.id, Live { run, log });
     }
 
@@ -154,6 +175,11 @@ impl Registry {
 
     fn recent_lock(&self) -> MutexGuard<'_, (HashMap<RunId, Run>, VecDeque<RunId>)> {
         self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When a live run was created.
+    pub fn created_at(&self, id: RunId) -> Option<std::time::SystemTime> {
+        self.lock().get(&id).map(|l| l.run.created_at)
     }
 
     /// The output log of a live run.

@@ -199,6 +199,28 @@ impl ModuleRunner {
         self.inner.lock().queue.len()
     }
 
+    /// This node's queued runs and runs holding a slot, by module id (for the metrics; the
+    /// catalog's module list is the caller's to add).
+    pub fn load(&self) -> crate::metrics::Load {
+        let s = self.inner.lock();
+        let mut queued: std::collections::HashMap<&str, usize> = Default::default();
+        for p in &s.queue {
+            *queued.entry(p.req.module_id.as_str()).or_default() += 1;
+        }
+        let queued = queued.into_iter().map(|(m, n)| (m.to_owned(), n)).collect();
+        let running = s
+            .per_module
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(m, n)| (m.clone(), *n))
+            .collect();
+        crate::metrics::Load {
+            queued,
+            running,
+            modules: Vec::new(),
+        }
+    }
+
     /// Cancel a run: a queued run becomes `cancelled` at once; a running one gets SIGTERM on
     /// its process group, then SIGKILL after `kill_grace`. Returns the run as it is now (it may
     /// still be `running` while its processes stop).

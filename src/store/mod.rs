@@ -9,6 +9,7 @@
 #[cfg(test)]
 mod contract;
 mod memory;
+mod metered;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod record;
@@ -25,6 +26,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use memory::MemoryStore;
+pub use metered::Metered;
 #[cfg(feature = "postgres")]
 pub use postgres::{PG_SCHEMA_VERSION, PgOpenError, PgSettings, PgStore};
 pub use sqlite::{OpenError, SCHEMA_VERSION, SqliteStore};

@@ -197,13 +197,23 @@ pub async fn spawn_app_with(toml: &str) -> TestApp {
     let server = tokio::spawn(modrun::app::serve(config, listener, async {
         let _ = rx.await;
     }));
-    TestApp {
+    let app = TestApp {
         base: format!("http://{addr}"),
         client: Client::new(),
         dir,
         stop: Some(tx),
         server: Some(server),
+    };
+    // The socket answers at once; runs are taken once start-up recovery is done.
+    let start = Instant::now();
+    while app.get("/readyz").await.status() != StatusCode::OK {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the app did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    app
 }
 
 impl TestApp {
@@ -354,6 +364,13 @@ impl TestApp {
         let res = req.send().await.expect("GET stream");
         assert_eq!(res.status(), StatusCode::OK);
         read_sse(res, Duration::from_secs(60)).await
+    }
+
+    /// Begin a graceful stop without waiting for it ([`TestApp::stop`] waits).
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
     }
 
     /// Stop the service gracefully and wait for it.

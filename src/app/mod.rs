@@ -1,5 +1,10 @@
 //! Wiring: open the store, recover what a previous run of modrun left, build the runner and
 //! the router, serve a bound listener until a shutdown future fires, then shut down in order.
+//! `reload` replaces the configuration in force while serving.
+
+mod reload;
+
+pub use reload::ReloadHandle;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,12 +19,15 @@ use tracing::Instrument;
 use crate::api::server::ServerSettings;
 use crate::api::{self, AppState};
 use crate::auth::Auth;
-use crate::config::Config;
+use crate::config::{Config, Live, Snapshot};
+use crate::metrics::Metrics;
 use crate::output::{OutputLimits, Redactor};
 use crate::registry::Registry;
 use crate::run::{Outcome, Run, RunState};
 use crate::runner::{self, ModuleRunner, RunRequest, RunnerSettings};
-use crate::store::{Expect, Held, MemoryStore, Retention, RunStore, SqliteStore, StoreError};
+use crate::store::{
+    Expect, Held, MemoryStore, Metered, Retention, RunStore, SqliteStore, StoreError,
+};
 
 /// How long start-up waits for the SIGKILLed leftovers of lost runs to die before it goes on.
 const LEFTOVER_KILL_LIMIT: Duration = Duration::from_secs(2);
@@ -56,12 +64,13 @@ pub struct App {
     registry: Arc<Registry>,
     runner: ModuleRunner,
     base_env: Arc<Vec<(String, String)>>,
+    reload: ReloadHandle,
 }
 
 impl App {
-    /// Open the store named by the config, recover (runs that were executing become `lost`
-    /// and their leftover processes are killed; queued runs are queued again, oldest first),
-    /// and build the runner.
+    /// Open the store named by the config and build the runner. Recovery (runs that were
+    /// executing become `lost` and their leftover processes are killed; queued runs are queued
+    /// again, oldest first) happens in [`App::serve`], while `/readyz` says so.
     pub async fn build(config: Config) -> Result<App, StartError> {
         let containment =
             runner::jail::init(config.runner.containment).map_err(StartError::Containment)?;
@@ -104,11 +113,20 @@ impl App {
                 Arc::new(opened?)
             }
         };
+        Ok(Self::with_store(config, store))
+    }
+
+    /// Build the service on a store that is already open (the store of [`App::build`], or one
+    /// of the caller's).
+    pub fn with_store(config: Config, store: Arc<dyn RunStore>) -> App {
+        let metrics = Arc::new(Metrics::new());
+        metrics.declare_modules(config.modules.iter().map(|m| m.id.as_str()));
+        let store: Arc<dyn RunStore> = Metered::new(store, metrics.clone());
         let limits = OutputLimits {
             max_line_bytes: config.output.max_line_bytes.get(),
             max_run_bytes: config.output.max_run_bytes,
         };
-        let registry = Arc::new(Registry::new(store.clone(), limits));
+        let registry = Arc::new(Registry::with_metrics(store, limits, metrics));
         let runner = ModuleRunner::with_registry(
             RunnerSettings {
                 max_concurrent: config.runner.max_concurrent,
@@ -124,21 +142,42 @@ impl App {
                 tracing::warn!(module = %m.id, error = %why, "the module's program cannot be started: its runs will fail until it can (`modrun check-config` checks every module)");
             }
         }
-        let app = App {
+        App {
             base_env: Arc::new(base_env),
             config: Arc::new(config),
             registry,
             runner,
-        };
-        let recovered = store.recover().await?;
+            reload: ReloadHandle::default(),
+        }
+    }
+
+    /// A handle that asks the server, once it serves, to reload its configuration file.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        self.reload.clone()
+    }
+
+    /// What the previous start left: runs that were executing become `lost` (their leftover
+    /// processes are killed), queued runs are queued again, oldest first.
+    async fn recover(&self) -> Result<(), StoreError> {
+        let recovered = self.registry.store().recover().await?;
         let killed = runner::kill_leftovers(&recovered.lost, LEFTOVER_KILL_LIMIT).await;
+        let metrics = self.registry.metrics();
         for (run, killed) in recovered.lost.iter().zip(killed) {
             tracing::warn!(run_id = %run.id, module = %run.module_id, killed, "run was executing when modrun stopped: marked lost");
+            metrics.run_finished(&run.module_id, crate::run::RunStatus::Lost, None);
         }
+        let n = recovered.queued.len();
         for (run, held) in recovered.queued {
-            app.requeue(run, held).await?;
+            self.requeue(run, held).await?;
         }
-        Ok(app)
+        if n > 0 || !recovered.lost.is_empty() {
+            tracing::info!(
+                lost = recovered.lost.len(),
+                queued = n,
+                "recovered the runs of the previous start"
+            );
+        }
+        Ok(())
     }
 
     async fn requeue(&self, run: Run, held: Held) -> Result<(), StoreError> {
@@ -172,22 +211,23 @@ impl App {
     }
 
     /// Serve `listener` until `shutdown` completes, then:
-    /// 1. stop accepting connections; requests still arriving on open ones get 503;
+    /// 1. drain: every request but the probes and the metrics gets 503 (`/readyz` too, so that
+    ///    a load balancer stops sending; `/healthz` stays 200);
     /// 2. cancel running runs (the same path as `DELETE`), leave queued runs queued, and wait
     ///    for the running ones to record their final status (at most `kill_grace` + 1 s);
-    /// 3. send every open SSE stream its `end` event and close it; answer pending `?wait`s;
+    /// 3. stop accepting connections, send every open SSE stream its `end` event and close
+    ///    it; answer pending `?wait`s;
     /// 4. persist the remaining output, and return once the connections are closed.
+    ///
+    /// Until start-up recovery is done, only the probes, the metrics and the spec are served
+    /// (`/readyz` 503 saying why).
     pub async fn serve<F>(self, listener: TcpListener, shutdown: F) -> std::io::Result<()>
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let App {
-            config,
-            registry,
-            runner,
-            base_env,
-        } = self;
-        let ip = listener.local_addr()?.ip();
+        let config = self.config.clone();
+        let addr = listener.local_addr()?;
+        let ip = addr.ip();
         let anonymous = config
             .auth
             .anonymous_on(ip)
@@ -214,47 +254,17 @@ impl App {
             tls = config.server.tls.is_some(),
             "connection limits"
         );
-        let state = AppState::new(config.clone(), runner.clone(), base_env.clone())
-            .with_auth(auth)
-            .with_stream_limit(streams);
+        let live = Arc::new(Live::new(Snapshot {
+            config: config.clone(),
+            auth: Arc::new(auth),
+            base_env: self.base_env.clone(),
+        }));
+        live.set_bound(ip);
+        let state =
+            AppState::with_live(live.clone(), self.runner.clone()).with_stream_limit(streams);
+        // Until recovery is done, only the probes, the metrics and the spec are served.
+        state.starting.store(true, Ordering::Relaxed);
         let router = api::router(state.clone());
-
-        let background = TaskTracker::new();
-        let stop_background = CancellationToken::new();
-        background.spawn(
-            registry
-                .clone()
-                .flush_loop(stop_background.clone())
-                .instrument(tracing::info_span!("flusher")),
-        );
-        background.spawn(
-            registry
-                .clone()
-                .purge_loop(
-                    Retention {
-                        keep_runs: config.retention.keep_runs,
-                        keep_for: config.retention.keep_for,
-                    },
-                    stop_background.clone(),
-                )
-                .instrument(tracing::info_span!("retention")),
-        );
-        let cluster = registry.cluster().cloned();
-        if let Some(cluster) = &cluster {
-            background.spawn(
-                cluster
-                    .clone()
-                    .listen(stop_background.clone())
-                    .instrument(tracing::info_span!("cluster_listen")),
-            );
-            let catalog = config.clone();
-            let builder: Arc<runner::RequestBuilder> =
-                Arc::new(move |run: &Run, held: Held| request_for(&catalog, &base_env, run, held));
-            if let Some(node) = runner.cluster_loop(builder, stop_background.clone()) {
-                background.spawn(node.instrument(tracing::info_span!("cluster")));
-            }
-        }
-        background.close();
 
         let stop_accepting = CancellationToken::new();
         let server = api::server::serve(
@@ -269,17 +279,104 @@ impl App {
             stop_accepting.clone(),
         );
         tokio::pin!(server);
+        tokio::pin!(shutdown);
 
         let mut served = None;
-        tokio::select! {
-            r = &mut server => served = Some(r),
-            () = shutdown => {}
+        let recovered = {
+            let recovery = self.recover();
+            tokio::pin!(recovery);
+            tokio::select! {
+                r = &mut recovery => Some(r),
+                r = &mut server => {
+                    served = Some(r);
+                    None
+                }
+                () = &mut shutdown => None,
+            }
+        };
+        let App {
+            config,
+            registry,
+            runner,
+            reload,
+            ..
+        } = self;
+        let ready = matches!(recovered, Some(Ok(())));
+        let failed = match recovered {
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "cannot recover the runs of the previous start; stopping");
+                Some(e)
+            }
+            _ => None,
+        };
+
+        let background = TaskTracker::new();
+        let stop_background = CancellationToken::new();
+        let cluster = registry.cluster().cloned();
+        if ready {
+            state.starting.store(false, Ordering::Relaxed);
+            // Said once the server is ready (recovery done): what scripts wait for.
+            tracing::info!(
+                config = %config.file.display(),
+                modules = config.modules.len(),
+                "listening on http://{addr}"
+            );
+            background.spawn(
+                registry
+                    .clone()
+                    .flush_loop(stop_background.clone())
+                    .instrument(tracing::info_span!("flusher")),
+            );
+            background.spawn(
+                registry
+                    .clone()
+                    .purge_loop(
+                        Retention {
+                            keep_runs: config.retention.keep_runs,
+                            keep_for: config.retention.keep_for,
+                        },
+                        stop_background.clone(),
+                    )
+                    .instrument(tracing::info_span!("retention")),
+            );
+            if let Some(cluster) = &cluster {
+                background.spawn(
+                    cluster
+                        .clone()
+                        .listen(stop_background.clone())
+                        .instrument(tracing::info_span!("cluster_listen")),
+                );
+                let catalog = live.clone();
+                let builder: Arc<runner::RequestBuilder> =
+                    Arc::new(move |run: &Run, held: Held| {
+                        let now = catalog.get();
+                        request_for(&now.config, &now.base_env, run, held)
+                    });
+                if let Some(node) = runner.cluster_loop(builder, stop_background.clone()) {
+                    background.spawn(node.instrument(tracing::info_span!("cluster")));
+                }
+            }
+            let reloader = reload::Reloader {
+                file: config.file.clone(),
+                live: live.clone(),
+                metrics: registry.metrics().clone(),
+                bind: config.server.bind,
+            };
+            background.spawn(
+                reload::reload_loop(reload.0.clone(), reloader, stop_background.clone())
+                    .instrument(tracing::info_span!("reload")),
+            );
+            tokio::select! {
+                r = &mut server => served = Some(r),
+                () = &mut shutdown => {}
+            }
         }
+        background.close();
+
         if served.is_none() {
-            tracing::info!("shutting down: no new connections, cancelling running runs");
+            tracing::info!("shutting down: new requests get 503, cancelling running runs");
         }
         state.draining.store(true, Ordering::Relaxed);
-        stop_accepting.cancel();
         runner.shutdown();
         let grace = config.runner.kill_grace + Duration::from_secs(1);
         // Keep serving the open connections (streams see the runs end) while runs stop.
@@ -296,6 +393,7 @@ impl App {
         if !idle {
             tracing::warn!("some runs did not stop within kill_grace + 1s");
         }
+        stop_accepting.cancel();
         state.streams_end.cancel();
         stop_background.cancel();
         if served.is_none() {
@@ -322,7 +420,10 @@ impl App {
         }
         tracing::info!(queued = runner.queued(), "stopped");
         served.transpose()?;
-        Ok(())
+        match failed {
+            Some(e) => Err(std::io::Error::other(StartError::Recover(e))),
+            None => Ok(()),
+        }
     }
 }
 
