@@ -192,6 +192,18 @@ fn environment_overrides_are_validated_like_the_file() {
     );
     let e = load_env("", &[("MODRUN_RUNNER__NO_SUCH", "1")]).unwrap_err();
     assert!(e.to_string().contains("MODRUN_RUNNER__NO_SUCH"), "{e}");
+    // Tokens as a TOML array of inline tables.
+    let sha = "a".repeat(64);
+    let c = load_env(
+        "",
+        &[(
+            "MODRUN_AUTH__TOKENS",
+            &format!(r#"[{{name = "me", sha256 = "{sha}", scopes = ["metrics:read"]}}]"#),
+        )],
+    )
+    .unwrap();
+    assert_eq!(c.auth.tokens.len(), 1);
+    assert_eq!(c.auth.tokens[0].name, "me");
     // A storage URL from the environment replaces the file's path.
     let c = load_env(
         "[storage]\npath = \"data\"\n",
