@@ -35,6 +35,10 @@
 //!   storage, tokens; `config::modules`: the catalog; `config::env`: `MODRUN_<SECTION>__<KEY>`
 //!   overrides, applied before validation); [`config::Live`] is the snapshot in force, which a
 //!   reload replaces whole.
+//! - [`callbacks`] — completion callbacks: Standard Webhooks signing, URL allow-list, and the
+//!   [`callbacks::Deliverer`] (a tracked task on every node) that claims due deliveries from
+//!   the store (written there by the store itself, in the transaction of the run's final
+//!   status), POSTs them without following redirects and records each attempt, with backoff.
 //! - [`metrics`] — the Prometheus metrics (`prometheus-client`): counters and histograms
 //!   updated where things happen, gauges of state read at scrape time; the store's writes are
 //!   timed by `store::Metered`.
@@ -92,6 +96,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod callbacks;
 pub mod config;
 pub mod metrics;
 pub mod module;

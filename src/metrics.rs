@@ -230,6 +230,9 @@ pub struct Metrics {
     pub store_errors: Family<OpLabel, Counter>,
     /// `modrun_config_reloads_total{result}`.
     pub config_reloads: Family<ResultLabel, Counter>,
+    /// `modrun_callbacks_total{result}`: completion callback attempts (`delivered`, `retry`,
+    /// `failed`: given up).
+    pub callbacks: Family<ResultLabel, Counter>,
     /// `modrun_log_lines_dropped_total`: set at scrape time from the log queue.
     log_dropped: Counter,
     process: ProcessGauges,
@@ -276,6 +279,7 @@ impl Metrics {
             store_write: Family::new_with_constructor(store_buckets),
             store_errors: Family::default(),
             config_reloads: Family::default(),
+            callbacks: Family::default(),
             log_dropped: Counter::default(),
             process: ProcessGauges::default(),
             registry: Registry::default(),
@@ -383,6 +387,11 @@ impl Metrics {
             m.config_reloads.clone(),
         );
         r.register(
+            "callbacks",
+            "Completion callback attempts, by result",
+            m.callbacks.clone(),
+        );
+        r.register(
             "log_lines_dropped",
             "Log lines dropped because the log sink was too slow",
             m.log_dropped.clone(),
@@ -401,6 +410,9 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             let _ = m.config_reloads.get_or_create(&ResultLabel { result });
+        }
+        for result in ["delivered", "retry", "failed"] {
+            let _ = m.callbacks.get_or_create(&ResultLabel { result });
         }
         for op in STORE_OPS {
             let _ = m.store_write.get_or_create(&OpLabel { op });

@@ -45,6 +45,8 @@ pub struct Module {
     pub retry_on_lost: bool,
     /// Attempts at most, the first included (1 unless `retry_on_lost`).
     pub max_attempts: u32,
+    /// URLs told (signed POST of the run) when a run of it ends.
+    pub callbacks: Vec<String>,
 }
 
 /// Per-module resource limits, set in the child before exec (`setrlimit`; see the README for
@@ -579,6 +581,7 @@ mod tests {
             run_as: None,
             retry_on_lost: false,
             max_attempts: 1,
+            callbacks: Vec::new(),
         }
     }
 

@@ -385,6 +385,8 @@ pub struct Run {
     /// How many times it was started (a run queued again after its node was lost starts
     /// again); 0 while it never started.
     pub attempt: u32,
+    /// The URLs told when it ends (the module's, then the request's).
+    pub callbacks: Vec<String>,
 }
 
 impl Run {

@@ -62,6 +62,33 @@ pub fn run_json(r: &Run) -> Value {
     serde_json::to_value(RunDto::from(r)).unwrap_or(Value::Null)
 }
 
+/// A run's callbacks, as `GET /runs/{id}` shows them: one per URL, `waiting` until the run
+/// ends, then its delivery's state.
+pub fn callbacks_json(run: &Run, deliveries: &[crate::store::DeliveryState]) -> Value {
+    let list: Vec<Value> = run
+        .callbacks
+        .iter()
+        .enumerate()
+        .map(|(i, url)| {
+            let id = format!("msg_{}_{}", run.id.as_uuid().simple(), i + 1);
+            match deliveries.iter().find(|d| d.id == id) {
+                None => serde_json::json!({"url": url, "webhook_id": id, "state": "waiting", "attempts": 0}),
+                Some(d) => serde_json::json!({
+                    "url": url,
+                    "webhook_id": id,
+                    "state": d.status.as_str(),
+                    "attempts": d.attempts,
+                    "last_status": d.last_status,
+                    "last_error": d.last_error,
+                    "next_attempt_at": d.next_at.map(rfc3339),
+                    "done_at": d.done_at.map(rfc3339),
+                }),
+            }
+        })
+        .collect();
+    Value::Array(list)
+}
+
 /// One output line.
 #[derive(Debug, Serialize)]
 pub struct LineDto<'a> {

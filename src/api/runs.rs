@@ -38,7 +38,11 @@ struct CreateBody {
     timeout_s: Option<f64>,
     mode: Option<RunMode>,
     stdin: Option<String>,
+    callbacks: Vec<String>,
 }
+
+/// Callback URLs a request may name, at most.
+const MAX_REQUEST_CALLBACKS: usize = 8;
 
 /// Shape checks of a create body. Returns the body with the errors found so far (so that the
 /// handler can add parameter errors and report every bad field at once), or a 422 when not even
@@ -52,7 +56,16 @@ fn parse_create(body: &Value) -> Result<(CreateBody, Vec<FieldError>), ApiError>
     };
     let mut errors = Vec::new();
     for key in obj.keys() {
-        if !["module_id", "parameters", "timeout_s", "mode", "stdin"].contains(&key.as_str()) {
+        if ![
+            "module_id",
+            "parameters",
+            "timeout_s",
+            "mode",
+            "stdin",
+            "callbacks",
+        ]
+        .contains(&key.as_str())
+        {
             errors.push(FieldError::new(key.as_str(), "unknown field"));
         }
     }
@@ -123,6 +136,29 @@ fn parse_create(body: &Value) -> Result<(CreateBody, Vec<FieldError>), ApiError>
         }
     });
     let stdin = opt_str(obj, "stdin", &mut errors).map(str::to_owned);
+    let mut callbacks = Vec::new();
+    match obj.get("callbacks") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(list)) if list.len() <= MAX_REQUEST_CALLBACKS => {
+            for (i, v) in list.iter().enumerate() {
+                match v {
+                    Value::String(s) => callbacks.push(s.clone()),
+                    other => errors.push(FieldError::new(
+                        format!("callbacks[{i}]"),
+                        format!("must be a string, got {}", json_type(other)),
+                    )),
+                }
+            }
+        }
+        Some(Value::Array(_)) => errors.push(FieldError::new(
+            "callbacks",
+            format!("at most {MAX_REQUEST_CALLBACKS} URLs"),
+        )),
+        Some(other) => errors.push(FieldError::new(
+            "callbacks",
+            format!("must be an array of URLs, got {}", json_type(other)),
+        )),
+    }
     match module_id {
         Some(module_id) => Ok((
             CreateBody {
@@ -131,6 +167,7 @@ fn parse_create(body: &Value) -> Result<(CreateBody, Vec<FieldError>), ApiError>
                 timeout_s,
                 mode,
                 stdin,
+                callbacks,
             },
             errors,
         )),
@@ -240,6 +277,21 @@ pub async fn create(
             ),
         ));
     }
+    for (i, url) in req.callbacks.iter().enumerate() {
+        if !crate::callbacks::allowed(url, &config.callbacks.allow_urls) {
+            errors.push(FieldError::new(
+                format!("callbacks[{i}]"),
+                if config.callbacks.allow_urls.is_empty() {
+                    "this server takes no callback URLs from requests (callbacks.allow_urls is empty)".to_owned()
+                } else {
+                    format!(
+                        "`{}` is not under a URL prefix this server allows (callbacks.allow_urls)",
+                        echo(url)
+                    )
+                },
+            ));
+        }
+    }
     let Some(params) = params.filter(|_| errors.is_empty()) else {
         return Err(ApiError::validation(errors));
     };
@@ -276,6 +328,7 @@ pub async fn create(
         }
         run_req.stdin = req.stdin;
     }
+    run_req.callbacks.extend(req.callbacks);
     run_req.idempotency = key;
     run_req.created_by = caller.name().map(str::to_owned);
     run_req.request_id = super::error::REQUEST_ID.try_with(|id| id.to_string()).ok();
@@ -399,7 +452,12 @@ pub async fn get(
     RunIdPath(id): RunIdPath,
 ) -> Result<Response, ApiError> {
     let run = visible_run(&state, &caller, id).await?;
-    Ok(Json(run_json(&run)).into_response())
+    let mut body = run_json(&run);
+    if !run.callbacks.is_empty() {
+        let deliveries = state.runner.registry().store().deliveries(id).await?;
+        body["callbacks"] = super::dto::callbacks_json(&run, &deliveries);
+    }
+    Ok(Json(body).into_response())
 }
 
 /// `DELETE /runs/{id}`.

@@ -320,6 +320,7 @@ mod tests {
             output_lines: 0,
             created_by: None,
             attempt: 0,
+            callbacks: Vec::new(),
         };
         let id = run.id;
         registry

@@ -356,6 +356,21 @@ impl App {
                     background.spawn(node.instrument(tracing::info_span!("cluster")));
                 }
             }
+            match crate::callbacks::Deliverer::new(
+                registry.store().clone(),
+                live.clone(),
+                registry.metrics().clone(),
+                registry.ended(),
+            ) {
+                Ok(deliverer) => {
+                    background.spawn(
+                        deliverer
+                            .run(stop_background.clone())
+                            .instrument(tracing::info_span!("callbacks")),
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, "completion callbacks cannot be sent"),
+            }
             let reloader = reload::Reloader {
                 file: config.file.clone(),
                 live: live.clone(),

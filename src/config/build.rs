@@ -186,6 +186,7 @@ pub(super) fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
         check_token_unique(&tokens, &entry).map_err(|(f, m)| (format!("{key}.{f}"), m))?;
         tokens.push(entry);
     }
+    let callbacks = build_callbacks(raw.callbacks, base)?;
     let mut seen = HashSet::new();
     let mut modules = Vec::with_capacity(raw.modules.len());
     for (i, m) in raw.modules.into_iter().enumerate() {
@@ -198,6 +199,14 @@ pub(super) fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
             ));
         }
         modules.push(Arc::new(module));
+    }
+    let uses_callbacks =
+        !callbacks.allow_urls.is_empty() || modules.iter().any(|m| !m.callbacks.is_empty());
+    if uses_callbacks && callbacks.keys.is_empty() {
+        return Err((
+            "callbacks.secrets".into(),
+            "is needed once a module names callbacks or callbacks.allow_urls is set: every delivery is signed (a secret is `whsec_` and base64 of 24 to 64 random bytes; `openssl rand -base64 32`)".into(),
+        ));
     }
     Ok(Config {
         file: PathBuf::new(),
@@ -230,6 +239,7 @@ pub(super) fn build(raw: RawConfig, base: &Path) -> Result<Config, KeyError> {
         log: LogConfig {
             format: raw.log.format.unwrap_or_default(),
         },
+        callbacks,
         auth: AuthConfig {
             allow_anonymous: raw.auth.allow_anonymous,
             tokens,
@@ -292,4 +302,29 @@ pub(super) fn check_env_name(s: &str) -> Result<(), String> {
             "`{s}` is not a valid environment variable name (letters, digits and _, not starting with a digit)"
         ))
     }
+}
+
+/// `[callbacks]`.
+fn build_callbacks(raw: RawCallbacks, base: &Path) -> Result<CallbacksConfig, KeyError> {
+    let mut keys = Vec::new();
+    for (i, v) in raw.secrets.into_iter().enumerate() {
+        let key = format!("callbacks.secrets[{i}]");
+        let (text, _) = resolve(v, base, &key)?;
+        keys.push(crate::callbacks::SigningKey::parse(&text).map_err(|m| (key, m))?);
+    }
+    for (i, url) in raw.allow_urls.iter().enumerate() {
+        crate::callbacks::check_prefix(url)
+            .map_err(|m| (format!("callbacks.allow_urls[{i}]"), m))?;
+    }
+    let timeout = raw.timeout.unwrap_or(Duration::from_secs(10));
+    if timeout.is_zero() {
+        return Err(("callbacks.timeout".into(), "must be longer than 0s".into()));
+    }
+    let retry_for = raw.retry_for.unwrap_or(Duration::from_secs(86_400));
+    Ok(CallbacksConfig {
+        keys,
+        allow_urls: raw.allow_urls,
+        timeout,
+        retry_for,
+    })
 }

@@ -52,6 +52,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[callbacks]`: how runs' completion callbacks are signed and delivered.
+    pub callbacks: CallbacksConfig,
     /// `[[modules]]`, in file order.
     pub modules: Vec<Arc<Module>>,
 }
@@ -187,6 +189,20 @@ pub struct ClusterConfig {
     /// A node that has not renewed its lease for this long (by the database's clock) is dead:
     /// its running runs become `lost` (or are queued again).
     pub lease_ttl: Duration,
+}
+
+/// `[callbacks]`.
+#[derive(Debug, Clone)]
+pub struct CallbacksConfig {
+    /// The signing keys: every delivery carries a signature by each (several during a key
+    /// rotation).
+    pub keys: Vec<crate::callbacks::SigningKey>,
+    /// URL prefixes a request may name callbacks under (none: requests may name none).
+    pub allow_urls: Vec<String>,
+    /// One delivery attempt at most.
+    pub timeout: Duration,
+    /// A delivery that has not succeeded this long after the run ended is given up.
+    pub retry_for: Duration,
 }
 
 /// `[log]`.

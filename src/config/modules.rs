@@ -77,6 +77,10 @@ pub(super) fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Modul
         }
     }
     let limits = build_limits(&m.limits, key)?;
+    for (i, url) in m.callbacks.iter().enumerate() {
+        crate::callbacks::check_url(url).map_err(|e| (format!("{key}.callbacks[{i}]"), e))?;
+    }
+    let callbacks = m.callbacks.clone();
     let max_attempts = match (m.retry_on_lost, m.max_attempts) {
         (_, Some(0)) => {
             return Err((format!("{key}.max_attempts"), "must be at least 1".into()));
@@ -136,6 +140,7 @@ pub(super) fn build_module(m: RawModule, base: &Path, key: &str) -> Result<Modul
         run_as,
         retry_on_lost: m.retry_on_lost,
         max_attempts,
+        callbacks,
     })
 }
 

@@ -39,7 +39,22 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) log: RawLog,
     #[serde(default)]
+    pub(super) callbacks: RawCallbacks,
+    #[serde(default)]
     pub(super) modules: Vec<RawModule>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCallbacks {
+    #[serde(default)]
+    pub(super) secrets: Vec<RawValue>,
+    #[serde(default)]
+    pub(super) allow_urls: Vec<String>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub(super) timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub(super) retry_for: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -174,6 +189,8 @@ pub(super) struct RawModule {
     #[serde(default)]
     pub(super) retry_on_lost: bool,
     pub(super) max_attempts: Option<u32>,
+    #[serde(default)]
+    pub(super) callbacks: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -53,6 +53,9 @@ pub struct Registry {
     pending: Mutex<Vec<(RunId, RunState)>>,
     /// The server's metrics (runs, output, store writes).
     metrics: Arc<Metrics>,
+    /// Fired when a run's end is written (its completion callbacks are due). A `Notify` keeps
+    /// at most one wake-up: nothing queues.
+    ended: Arc<tokio::sync::Notify>,
 }
 
 /// Finished runs kept in the registry's recent cache.
@@ -92,6 +95,7 @@ impl Registry {
     ) -> Self {
         Self {
             metrics,
+            ended: Arc::default(),
             cluster: store.clone().cluster(),
             store,
             live: Mutex::new(HashMap::new()),
@@ -109,6 +113,11 @@ impl Registry {
     /// The server's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Fired whenever a run's end has been written.
+    pub fn ended(&self) -> Arc<tokio::sync::Notify> {
+        self.ended.clone()
     }
 
     /// The store behind it.

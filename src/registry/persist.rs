@@ -166,6 +166,7 @@ impl Registry {
                     "run finished"
                 );
                 self.retire(id);
+                self.ended.notify_one();
             }
             Err(StoreError::Fenced(_)) => {
                 // Another node runs it now: its end is that node's to write.
@@ -218,6 +219,7 @@ impl Registry {
             }
             self.pending_lock().retain(|(p, _)| *p != id);
             self.retire(id);
+            self.ended.notify_one();
         }
     }
 

@@ -83,6 +83,8 @@ pub struct RunRequest {
     /// The id of the HTTP request that asked for it, for its log lines (`None` from the
     /// library, and for a run claimed from the shared queue by another node).
     pub request_id: Option<String>,
+    /// URLs told when the run ends (the module's, then the request's).
+    pub callbacks: Vec<String>,
 }
 
 impl RunRequest {
@@ -117,6 +119,7 @@ impl RunRequest {
                 max_attempts: 1,
             },
             request_id: None,
+            callbacks: Vec::new(),
         }
     }
 
@@ -163,6 +166,7 @@ impl RunRequest {
                 max_attempts: module.max_attempts,
             },
             request_id: None,
+            callbacks: module.callbacks.clone(),
         }
     }
 }

@@ -172,6 +172,7 @@ impl Inner {
             output_lines: 0,
             created_by: req.created_by.clone(),
             attempt: u32::from(direct.is_some()),
+            callbacks: req.callbacks.clone(),
         };
         let created = self
             .registry

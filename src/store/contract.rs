@@ -126,6 +126,7 @@ fn run(module: &str, state: RunState) -> Run {
         output_lines: 0,
         created_by: None,
         attempt: 0,
+        callbacks: Vec::new(),
     }
 }
 
@@ -194,6 +195,7 @@ contract!(
     idempotency_keys_give_one_run,
     purge_by_count_and_age_keeps_active_runs,
     listing_pages_newest_first_with_filters,
+    a_final_status_brings_its_deliveries,
 );
 
 async fn transitions_check_the_current_state(s: &dyn RunStore) {
@@ -444,4 +446,122 @@ async fn listing_pages_newest_first_with_filters(s: &dyn RunStore) {
         .await
         .unwrap();
     assert!(done.runs.is_empty());
+}
+
+/// A run's final status brings one pending delivery per callback URL (with stable ids, in URL
+/// order), also for a queued run that never started; a claim holds a delivery until its hold
+/// lapses; a retry comes back when due; a result is recorded once; the run's end without URLs
+/// brings none.
+async fn a_final_status_brings_its_deliveries(s: &dyn RunStore) {
+    let mut r = run("hooked", running());
+    r.callbacks = vec!["http://a.test/1".into(), "http://b.test/2".into()];
+    let id = r.id;
+    s.create(new(r, None)).await.unwrap();
+    assert_eq!(s.get(id).await.unwrap().unwrap().callbacks.len(), 2);
+    let now = SystemTime::now();
+    let hold = Duration::from_secs(60);
+    assert!(s.claim_deliveries(now, hold, 10).await.unwrap().is_empty());
+    assert!(s.deliveries(id).await.unwrap().is_empty());
+    let exit = Outcome::Exited(crate::run::Exit::Code(0));
+    s.transition(id, Expect::Running, finished(true, now, exit))
+        .await
+        .unwrap();
+    let plain = run("plain", running());
+    let plain_id = plain.id;
+    s.create(new(plain, None)).await.unwrap();
+    s.transition(
+        plain_id,
+        Expect::Running,
+        finished(true, now, Outcome::Lost),
+    )
+    .await
+    .unwrap();
+
+    let states = s.deliveries(id).await.unwrap();
+    let hex = id.as_uuid().simple().to_string();
+    let ids: Vec<&str> = states.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, [format!("msg_{hex}_1"), format!("msg_{hex}_2")]);
+    assert!(states.iter().all(|d| d.status == DeliveryStatus::Pending));
+    assert_eq!(states[1].url, "http://b.test/2");
+
+    let later = SystemTime::now() + Duration::from_millis(10);
+    let due = s.claim_deliveries(later, hold, 10).await.unwrap();
+    assert_eq!(due.len(), 2, "{due:?}");
+    assert!(due.iter().all(|d| d.run_id == id && d.attempts == 0));
+    // Held: not handed out again until the hold lapses.
+    assert!(
+        s.claim_deliveries(later, hold, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let first = due.iter().find(|d| d.url == "http://a.test/1").unwrap();
+    let second = due.iter().find(|d| d.url == "http://b.test/2").unwrap();
+    s.record_delivery(
+        first.id.clone(),
+        DeliveryResult::Retry {
+            next_at: later,
+            status: Some(500),
+            error: "answered 500".into(),
+        },
+    )
+    .await
+    .unwrap();
+    s.record_delivery(second.id.clone(), DeliveryResult::Delivered { status: 204 })
+        .await
+        .unwrap();
+    let again = s.claim_deliveries(later, hold, 10).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].id, first.id);
+    assert_eq!(again[0].attempts, 1);
+    s.record_delivery(
+        first.id.clone(),
+        DeliveryResult::Failed {
+            status: None,
+            error: "no answer".into(),
+        },
+    )
+    .await
+    .unwrap();
+    // A late report of a finished delivery changes nothing.
+    s.record_delivery(
+        second.id.clone(),
+        DeliveryResult::Failed {
+            status: None,
+            error: "late".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let states = s.deliveries(id).await.unwrap();
+    assert_eq!(states[0].status, DeliveryStatus::Failed);
+    assert_eq!(states[0].attempts, 2);
+    assert_eq!(states[0].last_error.as_deref(), Some("no answer"));
+    assert_eq!(states[1].status, DeliveryStatus::Delivered);
+    assert_eq!(states[1].last_status, Some(204));
+    assert!(states[1].done_at.is_some());
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    assert!(s.claim_deliveries(far, hold, 10).await.unwrap().is_empty());
+
+    // A queued run cancelled before it started also tells its URLs.
+    let mut q = run("hooked", RunState::Queued);
+    q.callbacks = vec!["http://c.test/".into()];
+    let qid = q.id;
+    s.create(new(q, None)).await.unwrap();
+    let cancelled = Outcome::Cancelled {
+        reason: CancelReason::Request,
+        exit: None,
+        by: None,
+    };
+    s.transition(
+        qid,
+        Expect::Active,
+        finished(false, SystemTime::now(), cancelled),
+    )
+    .await
+    .unwrap();
+    let states = s.deliveries(qid).await.unwrap();
+    assert_eq!(states.len(), 1);
+    assert_eq!(states[0].status, DeliveryStatus::Pending);
+    assert!(s.deliveries(plain_id).await.unwrap().is_empty());
 }

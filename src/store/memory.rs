@@ -3,11 +3,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use super::{
-    Created, Expect, IdempotencyKey, ListQuery, NewRun, Page, Recovered, Retention, RunStore,
-    StoreError, StoreFuture,
+    Created, DeliveryResult, DeliveryState, DeliveryStatus, DueDelivery, Expect, IdempotencyKey,
+    ListQuery, NewRun, Page, Recovered, Retention, RunStore, StoreError, StoreFuture,
 };
 use crate::run::{Line, Run, RunId, RunState};
 
@@ -23,6 +23,19 @@ pub struct MemoryStore {
 struct Inner {
     runs: BTreeMap<RunId, Entry>,
     keys: HashMap<String, (u64, RunId)>,
+    /// Completion callbacks by delivery id. Bounded like the runs: one per callback URL of a
+    /// retained run (purged with it).
+    deliveries: BTreeMap<String, Delivery>,
+}
+
+#[derive(Debug, Clone)]
+struct Delivery {
+    run_id: RunId,
+    url: String,
+    state: DeliveryState,
+    created_at: SystemTime,
+    /// When it is due (or the held attempt lapses).
+    next_at: SystemTime,
 }
 
 #[derive(Debug)]
@@ -115,7 +128,33 @@ impl RunStore for MemoryStore {
         if !expect.allows(&entry.run.state) {
             return ready(Err(StoreError::WrongState(Box::new(entry.snapshot()))));
         }
+        let ends = !entry.run.state.is_finished() && next.is_finished();
         entry.run.state = next;
+        if !ends || entry.run.callbacks.is_empty() {
+            return ready(Ok(()));
+        }
+        // With the final status, under the same lock: a run never ends without them.
+        let at = entry.run.finished_at().unwrap_or_else(SystemTime::now);
+        let urls = entry.run.callbacks.clone();
+        for (n, url) in urls.into_iter().enumerate() {
+            let key = format!("msg_{}_{}", id.as_uuid().simple(), n + 1);
+            inner.deliveries.entry(key.clone()).or_insert(Delivery {
+                run_id: id,
+                url: url.clone(),
+                state: DeliveryState {
+                    id: key,
+                    url,
+                    status: DeliveryStatus::Pending,
+                    attempts: 0,
+                    last_status: None,
+                    last_error: None,
+                    next_at: Some(at),
+                    done_at: None,
+                },
+                created_at: at,
+                next_at: at,
+            });
+        }
         ready(Ok(()))
     }
 
@@ -205,6 +244,7 @@ impl RunStore for MemoryStore {
         for id in &doomed {
             inner.remove(*id);
         }
+        inner.deliveries.retain(|_, d| !doomed.contains(&d.run_id));
         ready(Ok(doomed.len()))
     }
 
@@ -214,5 +254,85 @@ impl RunStore for MemoryStore {
 
     fn recover(&self) -> StoreFuture<'_, Recovered> {
         ready(Ok(Recovered::default()))
+    }
+
+    fn claim_deliveries(
+        &self,
+        now: SystemTime,
+        hold: Duration,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<DueDelivery>> {
+        let mut inner = self.lock();
+        let mut due: Vec<&mut Delivery> = inner
+            .deliveries
+            .values_mut()
+            .filter(|d| d.state.status == DeliveryStatus::Pending && d.next_at <= now)
+            .collect();
+        due.sort_by_key(|d| d.next_at);
+        let out = due
+            .into_iter()
+            .take(limit)
+            .map(|d| {
+                d.next_at = now + hold;
+                DueDelivery {
+                    id: d.state.id.clone(),
+                    run_id: d.run_id,
+                    url: d.url.clone(),
+                    attempts: d.state.attempts,
+                    created_at: d.created_at,
+                }
+            })
+            .collect();
+        ready(Ok(out))
+    }
+
+    fn record_delivery(&self, id: String, result: DeliveryResult) -> StoreFuture<'_, ()> {
+        let mut inner = self.lock();
+        if let Some(d) = inner.deliveries.get_mut(&id)
+            && d.state.status == DeliveryStatus::Pending
+        {
+            let now = SystemTime::now();
+            d.state.attempts += 1;
+            match result {
+                DeliveryResult::Delivered { status } => {
+                    d.state.status = DeliveryStatus::Delivered;
+                    d.state.last_status = Some(status);
+                    d.state.last_error = None;
+                    d.state.done_at = Some(now);
+                }
+                DeliveryResult::Retry {
+                    next_at,
+                    status,
+                    error,
+                } => {
+                    d.next_at = next_at;
+                    d.state.last_status = status;
+                    d.state.last_error = Some(error);
+                }
+                DeliveryResult::Failed { status, error } => {
+                    d.state.status = DeliveryStatus::Failed;
+                    d.state.last_status = status;
+                    d.state.last_error = Some(error);
+                    d.state.done_at = Some(now);
+                }
+            }
+        }
+        ready(Ok(()))
+    }
+
+    fn deliveries(&self, run: RunId) -> StoreFuture<'_, Vec<DeliveryState>> {
+        let inner = self.lock();
+        let mut out: Vec<DeliveryState> = inner
+            .deliveries
+            .values()
+            .filter(|d| d.run_id == run)
+            .map(|d| {
+                let mut s = d.state.clone();
+                s.next_at = (s.status == DeliveryStatus::Pending).then_some(d.next_at);
+                s
+            })
+            .collect();
+        super::sort_deliveries(&mut out);
+        ready(Ok(out))
     }
 }

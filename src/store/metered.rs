@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use super::{
-    Cluster, Created, Expect, IdempotencyKey, ListQuery, NewRun, Page, Recovered, Retention,
-    RunStore, StoreFuture,
+    Cluster, Created, DeliveryResult, DeliveryState, DueDelivery, Expect, IdempotencyKey,
+    ListQuery, NewRun, Page, Recovered, Retention, RunStore, StoreFuture,
 };
 use crate::metrics::Metrics;
 use crate::run::{Line, Run, RunId, RunState};
@@ -70,6 +70,20 @@ impl RunStore for Metered {
     }
     fn probe(&self) -> StoreFuture<'_, ()> {
         self.inner.probe()
+    }
+    fn claim_deliveries(
+        &self,
+        now: SystemTime,
+        hold: std::time::Duration,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<DueDelivery>> {
+        self.inner.claim_deliveries(now, hold, limit)
+    }
+    fn record_delivery(&self, id: String, result: DeliveryResult) -> StoreFuture<'_, ()> {
+        self.inner.record_delivery(id, result)
+    }
+    fn deliveries(&self, run: RunId) -> StoreFuture<'_, Vec<DeliveryState>> {
+        self.inner.deliveries(run)
     }
     fn cluster(self: Arc<Self>) -> Option<Arc<dyn Cluster>> {
         self.inner.clone().cluster()

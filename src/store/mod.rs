@@ -160,6 +160,112 @@ pub struct Recovered {
     pub queued: Vec<(Run, Held)>,
 }
 
+/// A completion callback due to be sent. The store writes one per callback URL of a run in the
+/// same transaction as the run's final status (so a run cannot end without them), and hands it
+/// out again until it is delivered or given up (at least once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueDelivery {
+    /// `msg_<run id>_<n>`: the `webhook-id`, the same at every attempt.
+    pub id: String,
+    /// The run it tells of.
+    pub run_id: RunId,
+    /// Where it goes.
+    pub url: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    /// When the run ended (the delivery's retries are bounded from here).
+    pub created_at: SystemTime,
+}
+
+/// What one delivery attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryResult {
+    /// A 2xx answer.
+    Delivered {
+        /// Its status.
+        status: u16,
+    },
+    /// Try again at `next_at`.
+    Retry {
+        /// When.
+        next_at: SystemTime,
+        /// The answer's status, if there was one.
+        status: Option<u16>,
+        /// What went wrong, for the run's record.
+        error: String,
+    },
+    /// Given up.
+    Failed {
+        /// The last answer's status, if there was one.
+        status: Option<u16>,
+        /// Why.
+        error: String,
+    },
+}
+
+/// Where a delivery is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// Not delivered yet; it will be tried (again).
+    Pending,
+    /// Answered with a 2xx.
+    Delivered,
+    /// Given up after `callbacks.retry_for`.
+    Failed,
+}
+
+impl DeliveryStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+
+    /// From the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(DeliveryStatus::Pending),
+            "delivered" => Some(DeliveryStatus::Delivered),
+            "failed" => Some(DeliveryStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A delivery as its run shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryState {
+    /// The `webhook-id`.
+    pub id: String,
+    /// Where it goes.
+    pub url: String,
+    /// Where it is.
+    pub status: DeliveryStatus,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last answer's status.
+    pub last_status: Option<u16>,
+    /// The last attempt's error.
+    pub last_error: Option<String>,
+    /// When the next attempt is due (pending only).
+    pub next_at: Option<SystemTime>,
+    /// When it was delivered or given up.
+    pub done_at: Option<SystemTime>,
+}
+
+/// Deliveries in the order of their run's URLs (`msg_<run>_<n>`: by `n`).
+pub(crate) fn sort_deliveries(list: &mut [DeliveryState]) {
+    list.sort_by_key(|d| {
+        d.id.rsplit('_')
+            .next()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(u32::MAX)
+    });
+}
+
 /// Store failures.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -262,6 +368,31 @@ pub trait RunStore: Send + Sync + 'static {
     /// A small real write, to find out whether the store takes writes again after an outage
     /// (nothing else may be writing then).
     fn probe(&self) -> StoreFuture<'_, ()>;
+
+    /// Up to `limit` deliveries due at `now`, each held (not handed out again) until
+    /// `now + hold`, when an attempt that never reported is retried. Default: none (a store
+    /// without completion callbacks).
+    fn claim_deliveries(
+        &self,
+        now: SystemTime,
+        hold: Duration,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<DueDelivery>> {
+        let _ = (now, hold, limit);
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+
+    /// Record what an attempt of delivery `id` came to.
+    fn record_delivery(&self, id: String, result: DeliveryResult) -> StoreFuture<'_, ()> {
+        let _ = (id, result);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// The deliveries of a run, in URL order (none before the run has ended).
+    fn deliveries(&self, run: RunId) -> StoreFuture<'_, Vec<DeliveryState>> {
+        let _ = run;
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
 
     /// What a store shared by several nodes adds; `None` for a store of one node.
     fn cluster(self: Arc<Self>) -> Option<Arc<dyn Cluster>> {

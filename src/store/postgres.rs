@@ -36,8 +36,9 @@ use uuid::Uuid;
 
 use super::record::{StateColumns, StoredRun, StoredState, chunks, decode_chunk, micros};
 use super::{
-    CancelAck, Claimed, Cluster, ClusterSignal, Created, Expect, Heartbeat, Held, IdempotencyKey,
-    ListQuery, NewRun, Outage, Page, Recovered, Retention, RunStore, StoreError, StoreFuture,
+    CancelAck, Claimed, Cluster, ClusterSignal, Created, DeliveryResult, DeliveryState,
+    DeliveryStatus, DueDelivery, Expect, Heartbeat, Held, IdempotencyKey, ListQuery, NewRun,
+    Outage, Page, Recovered, Retention, RunStore, StoreError, StoreFuture,
 };
 use crate::run::{Line, Outcome, Run, RunId, RunState};
 
@@ -86,7 +87,7 @@ trait Cached: deadpool_postgres::GenericClient {
 impl<T: deadpool_postgres::GenericClient> Cached for T {}
 
 /// The schema version this binary writes (migration `i` upgrades from version `i`).
-pub const PG_SCHEMA_VERSION: i32 = 1;
+pub const PG_SCHEMA_VERSION: i32 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -144,6 +145,39 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (run_id, last_seq)
     );
     CREATE TABLE probe (k integer PRIMARY KEY, v bytea NOT NULL);",
+    // 1 -> 2: completion callbacks. A run's URLs; one delivery per URL, written by a trigger in
+    // the same transaction as the run's final status (every path to it: the owner's end, a
+    // queued run's cancel, the reaper).
+    "ALTER TABLE runs ADD COLUMN callbacks text;     -- JSON array of URLs, NULL when none
+    CREATE TABLE deliveries (
+        id text PRIMARY KEY,                -- msg_<run id hex>_<n>: the webhook-id of every attempt
+        run_id uuid NOT NULL REFERENCES runs ON DELETE CASCADE,
+        url text NOT NULL,
+        state text NOT NULL,                -- pending | delivered | failed
+        attempts integer NOT NULL DEFAULT 0,
+        created_at bigint NOT NULL,         -- µs: when the run ended
+        next_at bigint NOT NULL,            -- µs: when the next attempt is due (or the held one lapses)
+        last_status integer,
+        last_error text,
+        done_at bigint
+    );
+    CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
+    CREATE INDEX deliveries_by_run ON deliveries (run_id);
+    CREATE FUNCTION modrun_deliveries() RETURNS trigger LANGUAGE plpgsql AS $fn$
+    BEGIN
+        INSERT INTO deliveries (id, run_id, url, state, created_at, next_at)
+        SELECT 'msg_' || replace(NEW.id::text, '-', '') || '_' || e.n, NEW.id, e.url, 'pending',
+            coalesce(NEW.finished_at, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint),
+            coalesce(NEW.finished_at, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+        FROM jsonb_array_elements_text(NEW.callbacks::jsonb) WITH ORDINALITY AS e(url, n)
+        ON CONFLICT (id) DO NOTHING;
+        RETURN NULL;
+    END
+    $fn$;
+    CREATE TRIGGER runs_deliveries AFTER UPDATE OF status ON runs FOR EACH ROW
+        WHEN (NEW.callbacks IS NOT NULL AND OLD.status IN ('queued', 'running')
+              AND NEW.status NOT IN ('queued', 'running'))
+        EXECUTE FUNCTION modrun_deliveries();",
 ];
 
 /// Advisory lock keys (the first argument of the two-key form is modrun's).
@@ -158,7 +192,7 @@ const CH_CANCEL: &str = "modrun_cancel";
 
 const RUN_COLUMNS: &str = "id, module_id, module_name, parameters, argv, mode, timeout_ms, \
     created_at, status, started_at, finished_at, pid, stopping, outcome, exit_code, signal, \
-    cancel_reason, message, output_lines, created_by, cancelled_by, attempt";
+    cancel_reason, message, output_lines, created_by, cancelled_by, attempt, callbacks";
 
 /// Signals queued for the runner at most. Overflow policy: a lagging receiver treats the lag as
 /// a resync (it re-reads what it waits for).
@@ -284,6 +318,7 @@ fn run_from_row(r: &Row) -> Result<Run, StoreError> {
         created_at: r.try_get(7).map_err(bad)?,
         output_lines: r.try_get(18).map_err(bad)?,
         created_by: r.try_get(19).map_err(bad)?,
+        callbacks: r.try_get(22).map_err(bad)?,
         state: StoredState {
             status: r.try_get(8).map_err(bad)?,
             started_at: r.try_get(9).map_err(bad)?,
@@ -611,7 +646,9 @@ impl PgStore {
         let attempt: i32 = i32::from(running);
         let module_limit = new.policy.module_limit.and_then(|n| i32::try_from(n).ok());
         let max_attempts = i32::try_from(new.policy.max_attempts.max(1)).unwrap_or(1);
-        let params: [&(dyn ToSql + Sync); 29] = [
+        let callbacks = (!r.callbacks.is_empty())
+            .then(|| serde_json::to_string(&r.callbacks).unwrap_or_else(|_| "[]".into()));
+        let params: [&(dyn ToSql + Sync); 30] = [
             &id,
             &r.module_id,
             &r.module_name,
@@ -641,14 +678,15 @@ impl PgStore {
             &st.cancel_reason,
             &st.message,
             &st.cancelled_by,
+            &callbacks,
         ];
         const INSERT: &str = "INSERT INTO runs (id, module_id, module_name, parameters, argv, \
                mode, timeout_ms, created_at, status, started_at, idem_key, idem_fp, stdin, \
                secrets, created_by, owner, attempt, module_limit, retry_on_lost, max_attempts, \
                finished_at, pid, stopping, outcome, exit_code, signal, cancel_reason, message, \
-               cancelled_by) \
+               cancelled_by, callbacks) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-               $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29) \
+               $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30) \
              ON CONFLICT (idem_key) DO NOTHING";
         let mut client = self.client().await?;
         let inserted = if running {
@@ -1402,8 +1440,141 @@ impl RunStore for PgStore {
         })
     }
 
+    fn claim_deliveries(
+        &self,
+        now: SystemTime,
+        hold: Duration,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<DueDelivery>> {
+        boxed(async move {
+            let client = self.client().await?;
+            // Several nodes deliver: a row is taken by one of them (SKIP LOCKED) and held.
+            let rows = client
+                .cquery(
+                    "UPDATE deliveries SET next_at = $2 WHERE id IN ( \
+                       SELECT id FROM deliveries WHERE state = 'pending' AND next_at <= $1 \
+                       ORDER BY next_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                     RETURNING id, run_id, url, attempts, created_at",
+                    &[&micros(now), &micros(now + hold), &(limit as i64)],
+                )
+                .await
+                .map_err(pg)?;
+            rows.iter()
+                .map(|r| {
+                    let bad = |e: tokio_postgres::Error| {
+                        StoreError::Backend(format!("bad delivery row: {e}"))
+                    };
+                    Ok(DueDelivery {
+                        id: r.try_get(0).map_err(bad)?,
+                        run_id: run_id(r.try_get(1).map_err(bad)?),
+                        url: r.try_get(2).map_err(bad)?,
+                        attempts: u32::try_from(r.try_get::<_, i32>(3).map_err(bad)?).unwrap_or(0),
+                        created_at: super::record::from_micros(r.try_get(4).map_err(bad)?),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn record_delivery(&self, id: String, result: DeliveryResult) -> StoreFuture<'_, ()> {
+        boxed(async move {
+            let client = self.client().await?;
+            let (state, next_at, status, error, done) = delivery_columns(&result);
+            client
+                .cexecute(
+                    "UPDATE deliveries SET state = $2, attempts = attempts + 1, \
+                       next_at = coalesce($3, next_at), last_status = $4, last_error = $5, \
+                       done_at = $6 \
+                     WHERE id = $1 AND state = 'pending'",
+                    &[&id, &state, &next_at, &status, &error, &done],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn deliveries(&self, run: RunId) -> StoreFuture<'_, Vec<DeliveryState>> {
+        boxed(async move {
+            let client = self.client().await?;
+            let rows = client
+                .cquery(
+                    "SELECT id, url, state, attempts, last_status, last_error, next_at, done_at \
+                     FROM deliveries WHERE run_id = $1",
+                    &[&uuid(run)],
+                )
+                .await
+                .map_err(pg)?;
+            let bad =
+                |e: tokio_postgres::Error| StoreError::Backend(format!("bad delivery row: {e}"));
+            let mut out = Vec::new();
+            for r in &rows {
+                let state: String = r.try_get(2).map_err(bad)?;
+                let status = DeliveryStatus::parse(&state).ok_or_else(|| {
+                    StoreError::Backend(format!("bad delivery state {state:?} in the store"))
+                })?;
+                let next_at: i64 = r.try_get(6).map_err(bad)?;
+                out.push(DeliveryState {
+                    id: r.try_get(0).map_err(bad)?,
+                    url: r.try_get(1).map_err(bad)?,
+                    status,
+                    attempts: u32::try_from(r.try_get::<_, i32>(3).map_err(bad)?).unwrap_or(0),
+                    last_status: r
+                        .try_get::<_, Option<i32>>(4)
+                        .map_err(bad)?
+                        .and_then(|s| u16::try_from(s).ok()),
+                    last_error: r.try_get(5).map_err(bad)?,
+                    next_at: (status == DeliveryStatus::Pending)
+                        .then(|| super::record::from_micros(next_at)),
+                    done_at: r
+                        .try_get::<_, Option<i64>>(7)
+                        .map_err(bad)?
+                        .map(super::record::from_micros),
+                });
+            }
+            super::sort_deliveries(&mut out);
+            Ok(out)
+        })
+    }
+
     fn cluster(self: Arc<Self>) -> Option<Arc<dyn Cluster>> {
         Some(self)
+    }
+}
+
+/// The columns an attempt's result sets: state, next_at, last_status, last_error, done_at.
+fn delivery_columns(
+    r: &DeliveryResult,
+) -> (
+    &'static str,
+    Option<i64>,
+    Option<i32>,
+    Option<String>,
+    Option<i64>,
+) {
+    let now = micros(SystemTime::now());
+    match r {
+        DeliveryResult::Delivered { status } => {
+            ("delivered", None, Some(i32::from(*status)), None, Some(now))
+        }
+        DeliveryResult::Retry {
+            next_at,
+            status,
+            error,
+        } => (
+            "pending",
+            Some(micros(*next_at)),
+            status.map(i32::from),
+            Some(error.clone()),
+            None,
+        ),
+        DeliveryResult::Failed { status, error } => (
+            "failed",
+            None,
+            status.map(i32::from),
+            Some(error.clone()),
+            Some(now),
+        ),
     }
 }
 
@@ -1516,6 +1687,7 @@ mod tests {
                 output_lines: 0,
                 created_by: None,
                 attempt: 0,
+                callbacks: Vec::new(),
             },
             key: None,
             held: Held {

@@ -192,6 +192,8 @@ pub(super) struct StoredRun {
     pub created_at: i64,
     pub output_lines: i64,
     pub created_by: Option<String>,
+    /// JSON array of URLs, or none.
+    pub callbacks: Option<String>,
     pub state: StoredState,
 }
 
@@ -227,6 +229,12 @@ impl StoredRun {
             output_lines: self.output_lines.max(0) as u64,
             created_by: self.created_by,
             attempt,
+            callbacks: match self.callbacks {
+                None => Vec::new(),
+                Some(text) => {
+                    serde_json::from_str(&text).map_err(|_| "bad callbacks".to_owned())?
+                }
+            },
         })
     }
 }

@@ -17,13 +17,14 @@ use super::record::{
     StateColumns, StoredRun, StoredState, chunks, decode_chunk, micros, parse_status,
 };
 use super::{
-    Created, Expect, Held, IdempotencyKey, ListQuery, NewRun, Outage, Page, Recovered, Retention,
-    RunStore, StoreError, StoreFuture,
+    Created, DeliveryResult, DeliveryState, DeliveryStatus, DueDelivery, Expect, Held,
+    IdempotencyKey, ListQuery, NewRun, Outage, Page, Recovered, Retention, RunStore, StoreError,
+    StoreFuture,
 };
 use crate::run::{Line, Outcome, Run, RunId, RunState};
 
 /// The schema version this binary writes (migration `i` upgrades from version `i`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -70,6 +71,33 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE runs ADD COLUMN secrets TEXT;
     -- One row rewritten by the probe that finds out when a full disk has room again.
     CREATE TABLE probe (k INTEGER PRIMARY KEY, v BLOB NOT NULL);",
+    // 2 -> 3: completion callbacks. A run's URLs; one delivery per URL, written by a trigger in
+    // the same transaction as the run's final status (every path to it: transition, recovery).
+    "ALTER TABLE runs ADD COLUMN callbacks TEXT;   -- JSON array of URLs, NULL when none
+    CREATE TABLE deliveries (
+        id TEXT PRIMARY KEY,            -- msg_<run id hex>_<n>: the webhook-id of every attempt
+        run_id BLOB NOT NULL,
+        url TEXT NOT NULL,
+        state TEXT NOT NULL,            -- pending | delivered | failed
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,    -- µs: when the run ended
+        next_at INTEGER NOT NULL,       -- µs: when the next attempt is due (or the held one lapses)
+        last_status INTEGER,
+        last_error TEXT,
+        done_at INTEGER
+    );
+    CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
+    CREATE INDEX deliveries_by_run ON deliveries (run_id);
+    CREATE TRIGGER runs_deliveries AFTER UPDATE OF status ON runs
+    WHEN NEW.callbacks IS NOT NULL AND OLD.status IN ('queued', 'running')
+        AND NEW.status NOT IN ('queued', 'running')
+    BEGIN
+        INSERT OR IGNORE INTO deliveries (id, run_id, url, state, created_at, next_at)
+        SELECT 'msg_' || lower(hex(NEW.id)) || '_' || (j.key + 1), NEW.id, j.value, 'pending',
+            coalesce(NEW.finished_at, CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)),
+            coalesce(NEW.finished_at, CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER))
+        FROM json_each(NEW.callbacks) AS j;
+    END;",
 ];
 
 /// Commands group-committed per transaction, at most.
@@ -81,7 +109,7 @@ const PURGE_CHUNKS: i64 = 512;
 
 const RUN_COLUMNS: &str = "id, module_id, module_name, parameters, argv, mode, timeout_ms, \
     created_at, status, started_at, finished_at, pid, stopping, outcome, exit_code, signal, \
-    cancel_reason, message, output_lines, created_by, cancelled_by";
+    cancel_reason, message, output_lines, created_by, cancelled_by, callbacks";
 
 /// Why the store could not be opened. modrun refuses to start; it never replaces or resets a
 /// store it cannot read.
@@ -133,6 +161,8 @@ enum Cmd {
     Purge(Retention, SystemTime, Reply<usize>),
     Recover(Reply<Recovered>),
     Probe(Reply<()>),
+    ClaimDeliveries(SystemTime, Duration, usize, Reply<Vec<DueDelivery>>),
+    RecordDelivery(String, DeliveryResult, Reply<()>),
 }
 
 impl Cmd {
@@ -145,6 +175,8 @@ impl Cmd {
             Cmd::Purge(_, _, to) => drop(to.send(Err(e))),
             Cmd::Recover(to) => drop(to.send(Err(e))),
             Cmd::Probe(to) => drop(to.send(Err(e))),
+            Cmd::ClaimDeliveries(_, _, _, to) => drop(to.send(Err(e))),
+            Cmd::RecordDelivery(_, _, to) => drop(to.send(Err(e))),
         }
     }
 }
@@ -425,6 +457,10 @@ fn apply(
         Cmd::Purge(policy, now, to) => reply(to, purge(tx, policy, now), failed),
         Cmd::Recover(to) => reply(to, recover(tx), failed),
         Cmd::Probe(to) => reply(to, probe(tx), failed),
+        Cmd::ClaimDeliveries(now, hold, limit, to) => {
+            reply(to, claim_deliveries(tx, now, hold, limit), failed)
+        }
+        Cmd::RecordDelivery(id, result, to) => reply(to, record_delivery(tx, &id, &result), failed),
     }
 }
 
@@ -449,8 +485,8 @@ fn create(c: &Connection, new: NewRun) -> Result<Created, StoreError> {
     };
     c.prepare_cached(
         "INSERT INTO runs (id, module_id, module_name, parameters, argv, mode, timeout_ms,
-             created_at, status, idem_key, idem_fp, stdin, created_by, secrets)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+             created_at, status, idem_key, idem_fp, stdin, created_by, secrets, callbacks)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )
     .map_err(backend)?
     .execute(params![
@@ -469,6 +505,8 @@ fn create(c: &Connection, new: NewRun) -> Result<Created, StoreError> {
         r.created_by,
         (!new.held.secrets.is_empty())
             .then(|| serde_json::Value::Object(new.held.secrets.clone()).to_string()),
+        (!r.callbacks.is_empty())
+            .then(|| serde_json::to_string(&r.callbacks).unwrap_or_else(|_| "[]".into())),
     ])
     .map_err(backend)?;
     let mut run = new.run;
@@ -637,6 +675,9 @@ fn purge(c: &Connection, policy: Retention, now: SystemTime) -> Result<usize, St
         if budget <= 0 {
             break;
         }
+        c.prepare_cached("DELETE FROM deliveries WHERE run_id = ?1")
+            .and_then(|mut s| s.execute([&id[..]]))
+            .map_err(backend)?;
         removed += c
             .prepare_cached("DELETE FROM runs WHERE id = ?1")
             .and_then(|mut s| s.execute([&id[..]]))
@@ -647,6 +688,141 @@ fn purge(c: &Connection, policy: Retention, now: SystemTime) -> Result<usize, St
             .map_err(backend)?;
     }
     Ok(removed)
+}
+
+/// Due deliveries, held until `now + hold`.
+fn claim_deliveries(
+    c: &Connection,
+    now: SystemTime,
+    hold: Duration,
+    limit: usize,
+) -> Result<Vec<DueDelivery>, StoreError> {
+    let until = micros(now + hold);
+    let mut stmt = c
+        .prepare_cached(
+            "UPDATE deliveries SET next_at = ?2
+             WHERE id IN (SELECT id FROM deliveries WHERE state = 'pending' AND next_at <= ?1
+                          ORDER BY next_at LIMIT ?3)
+             RETURNING id, run_id, url, attempts, created_at",
+        )
+        .map_err(backend)?;
+    let rows = stmt
+        .query_map(params![micros(now), until, limit as i64], |r| {
+            let run: Vec<u8> = r.get(1)?;
+            Ok((
+                r.get::<_, String>(0)?,
+                run,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, run, url, attempts, created_at) = row.map_err(backend)?;
+        let run_id = RunId::from_bytes(&run).ok_or_else(|| failure("bad run id in the store"))?;
+        out.push(DueDelivery {
+            id,
+            run_id,
+            url,
+            attempts: u32::try_from(attempts).unwrap_or(0),
+            created_at: super::record::from_micros(created_at),
+        });
+    }
+    Ok(out)
+}
+
+fn record_delivery(c: &Connection, id: &str, result: &DeliveryResult) -> Result<(), StoreError> {
+    let (state, next_at, status, error, done) = delivery_columns(result);
+    c.prepare_cached(
+        "UPDATE deliveries SET state = ?2, attempts = attempts + 1, next_at = coalesce(?3, next_at),
+             last_status = ?4, last_error = ?5, done_at = ?6
+         WHERE id = ?1 AND state = 'pending'",
+    )
+    .map_err(backend)?
+    .execute(params![id, state, next_at, status, error, done])
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// The columns an attempt's result sets: state, next_at, last_status, last_error, done_at.
+fn delivery_columns(
+    r: &DeliveryResult,
+) -> (
+    &'static str,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+) {
+    let now = micros(SystemTime::now());
+    match r {
+        DeliveryResult::Delivered { status } => {
+            ("delivered", None, Some(i64::from(*status)), None, Some(now))
+        }
+        DeliveryResult::Retry {
+            next_at,
+            status,
+            error,
+        } => (
+            "pending",
+            Some(micros(*next_at)),
+            status.map(i64::from),
+            Some(error.clone()),
+            None,
+        ),
+        DeliveryResult::Failed { status, error } => (
+            "failed",
+            None,
+            status.map(i64::from),
+            Some(error.clone()),
+            Some(now),
+        ),
+    }
+}
+
+fn deliveries_of(c: &Connection, run: RunId) -> Result<Vec<DeliveryState>, StoreError> {
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT id, url, state, attempts, last_status, last_error, next_at, done_at
+             FROM deliveries WHERE run_id = ?1",
+        )
+        .map_err(backend)?;
+    let rows = stmt
+        .query_map([&id_bytes(run)[..]], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+            ))
+        })
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, url, state, attempts, last_status, last_error, next_at, done_at) =
+            row.map_err(backend)?;
+        let status = DeliveryStatus::parse(&state)
+            .ok_or_else(|| failure(format!("bad delivery state {state:?} in the store")))?;
+        out.push(DeliveryState {
+            id,
+            url,
+            status,
+            attempts: u32::try_from(attempts).unwrap_or(0),
+            last_status: last_status.and_then(|s| u16::try_from(s).ok()),
+            last_error,
+            next_at: (status == DeliveryStatus::Pending)
+                .then(|| super::record::from_micros(next_at)),
+            done_at: done_at.map(super::record::from_micros),
+        });
+    }
+    super::sort_deliveries(&mut out);
+    Ok(out)
 }
 
 /// A write that needs a fresh page (a full disk refuses it): a 4 KiB row, rewritten.
@@ -665,14 +841,14 @@ fn recover(c: &Connection) -> Result<Recovered, StoreError> {
         .and_then(|mut s| {
             s.query_map([status], |r| {
                 let secrets = match r
-                    .get::<_, Option<String>>(22)?
+                    .get::<_, Option<String>>(23)?
                     .map(|t| serde_json::from_str(&t))
                 {
                     None => serde_json::Map::new(),
                     Some(Ok(serde_json::Value::Object(m))) => m,
                     Some(_) => {
                         return Err(rusqlite::Error::FromSqlConversionFailure(
-                            22,
+                            23,
                             rusqlite::types::Type::Text,
                             "bad secrets in the store".into(),
                         ));
@@ -681,7 +857,7 @@ fn recover(c: &Connection) -> Result<Recovered, StoreError> {
                 Ok((
                     run_from_row(r)?,
                     Held {
-                        stdin: r.get(21)?,
+                        stdin: r.get(22)?,
                         secrets,
                     },
                 ))
@@ -729,6 +905,7 @@ fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
         created_at: r.get(7)?,
         output_lines: r.get(18)?,
         created_by: r.get(19)?,
+        callbacks: r.get(21)?,
         state: StoredState {
             status: r.get(8)?,
             started_at: r.get(9)?,
@@ -823,6 +1000,23 @@ impl RunStore for SqliteStore {
 
     fn purge(&self, policy: Retention, now: SystemTime) -> StoreFuture<'_, usize> {
         self.send(|to| Cmd::Purge(policy, now, to))
+    }
+
+    fn claim_deliveries(
+        &self,
+        now: SystemTime,
+        hold: Duration,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<DueDelivery>> {
+        self.send(|to| Cmd::ClaimDeliveries(now, hold, limit, to))
+    }
+
+    fn record_delivery(&self, id: String, result: DeliveryResult) -> StoreFuture<'_, ()> {
+        self.send(|to| Cmd::RecordDelivery(id, result, to))
+    }
+
+    fn deliveries(&self, run: RunId) -> StoreFuture<'_, Vec<DeliveryState>> {
+        self.read(move |c| deliveries_of(c, run))
     }
 
     fn recover(&self) -> StoreFuture<'_, Recovered> {

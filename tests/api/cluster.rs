@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::helpers::{Server, SseEvent, marked, read_sse, signal, start_server_with};
+use crate::helpers::{Server, SseEvent, marked, read_sse, signal, start_server_with, wait_until};
 
 /// A short lease keeps the tests quick.
 const TTL: Duration = Duration::from_secs(2);
@@ -975,5 +975,52 @@ async fn a_graceful_stop_leaves_queued_runs_to_the_others() {
         .unwrap()
         .get(0);
     assert_eq!(left, 0, "the stopped node left the cluster");
+    c.done().await;
+}
+
+/// 12. Completion callbacks across the cluster: both nodes deliver, yet with a receiver that
+///     answers each run's callback arrives once, signed; its delivery shows on every node.
+#[tokio::test]
+async fn callbacks_are_delivered_once_across_nodes() {
+    let (rx, base, _task) = crate::callbacks::receiver().await;
+    let extra = format!(
+        "[callbacks]\nsecrets = [\"{}\"]\nallow_urls = [\"{base}/\"]\n",
+        crate::callbacks::KEY_A
+    );
+    let c = Cluster::start(2, &extra, false).await;
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let res = c
+            .client
+            .post(c.node(i % 2).url("/runs"))
+            .json(&json!({"module_id": "mark", "callbacks": [format!("{base}/done")]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        let run: Value = res.json().await.unwrap();
+        ids.push(run["id"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || rx.got().len() >= 12).await,
+        "delivered: {}",
+        rx.got().len()
+    );
+    // Both nodes poll every 500 ms: give a second delivery time to show up, if one would.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = rx.got();
+    assert_eq!(got.len(), 12, "each callback once");
+    let webhook_ids: HashSet<&str> = got.iter().map(|g| g.id.as_str()).collect();
+    for id in &ids {
+        assert!(webhook_ids.contains(format!("msg_{}_1", id.replace('-', "")).as_str()));
+    }
+    assert!(
+        got.iter()
+            .all(|g| crate::callbacks::signed_by(g, crate::callbacks::KEY_A))
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let run = c.run((i + 1) % 2, id).await;
+        assert_eq!(run["callbacks"][0]["state"], "delivered", "{run}");
+    }
     c.done().await;
 }

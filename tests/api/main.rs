@@ -2,6 +2,7 @@
 
 mod auth;
 mod basics;
+mod callbacks;
 mod cancel;
 #[cfg(feature = "postgres")]
 mod cluster;

@@ -172,9 +172,11 @@ async fn json_logs_are_one_object_per_line() {
             let log = log.lock().unwrap();
             log.iter()
                 .any(|l| l.contains("run finished") && l.contains(&id))
-                && log
-                    .iter()
-                    .any(|l| l.contains(r#""method":"POST""#) && l.contains("req-42"))
+                && log.iter().any(|l| {
+                    l.contains(r#""message":"request""#)
+                        && l.contains(r#""method":"POST""#)
+                        && l.contains("req-42")
+                })
         }
     };
     assert!(
