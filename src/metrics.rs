@@ -318,7 +318,7 @@ impl Metrics {
         );
         r.register(
             "runs_queued",
-            "Runs waiting for a slot on this node",
+            "Runs waiting for a slot (in a cluster: in the shared queue)",
             m.runs_queued.clone(),
         );
         r.register(

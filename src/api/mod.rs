@@ -346,6 +346,13 @@ async fn openapi() -> impl axum::response::IntoResponse {
 /// The metrics, in the Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut load = state.runner.load();
+    if let Some(cluster) = state.runner.registry().cluster() {
+        // A cluster's queue is the database's, shared by every node: each node says the same.
+        match cluster.queued_by_module().await {
+            Ok(queued) => load.queued = queued,
+            Err(e) => tracing::debug!(error = %e, "cannot count the cluster's queued runs"),
+        }
+    }
     load.modules = state
         .config()
         .modules

@@ -476,6 +476,8 @@ pub trait Cluster: Send + Sync + 'static {
     fn holds(&self) -> HashSet<RunId>;
     /// This node stops: its row goes.
     fn leave(&self) -> StoreFuture<'_, ()>;
+    /// The runs waiting in the shared queue, by module id (for the metrics).
+    fn queued_by_module(&self) -> StoreFuture<'_, Vec<(String, usize)>>;
     /// The notification listener, until `stop` fires.
     fn listen(self: Arc<Self>, stop: CancellationToken) -> BoxFuture<'static, ()>;
 }

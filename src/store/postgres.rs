@@ -1626,6 +1626,31 @@ impl Cluster for PgStore {
         self.claims().keys().copied().collect()
     }
 
+    fn queued_by_module(&self) -> StoreFuture<'_, Vec<(String, usize)>> {
+        boxed(async move {
+            let client = self.client().await?;
+            let rows = client
+                .cquery(
+                    "SELECT module_id, count(*) FROM runs WHERE status = 'queued' \
+                     GROUP BY module_id",
+                    &[],
+                )
+                .await
+                .map_err(pg)?;
+            rows.iter()
+                .map(|r| {
+                    let module: String = r
+                        .try_get(0)
+                        .map_err(|e| StoreError::Backend(e.to_string()))?;
+                    let n: i64 = r
+                        .try_get(1)
+                        .map_err(|e| StoreError::Backend(e.to_string()))?;
+                    Ok((module, usize::try_from(n).unwrap_or(0)))
+                })
+                .collect()
+        })
+    }
+
     fn leave(&self) -> StoreFuture<'_, ()> {
         boxed(async move {
             let client = self.client().await?;

@@ -1024,3 +1024,50 @@ async fn callbacks_are_delivered_once_across_nodes() {
     }
     c.done().await;
 }
+
+/// 13. The metrics of a cluster: `modrun_runs_queued` is the shared queue (the same on every
+///     node), `modrun_runs_running` each node's own.
+#[tokio::test]
+async fn metrics_show_the_shared_queue_on_every_node() {
+    let c = Cluster::start(2, "", false).await;
+    let mut ids = Vec::new();
+    // Two nodes of four slots: eight run, two wait.
+    for i in 0..10 {
+        let run = c
+            .post(i % 2, "ticker", json!({"n": 1000, "delay": 1}))
+            .await;
+        ids.push(run["id"].as_str().unwrap().to_owned());
+    }
+    let gauge = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    let mut texts = Vec::new();
+    for _ in 0..500 {
+        texts.clear();
+        for i in 0..2 {
+            texts.push(c.get(i, "/metrics").await.text().await.unwrap());
+        }
+        let running: f64 = texts
+            .iter()
+            .map(|t| gauge(t, r#"modrun_runs_running{module="ticker"}"#))
+            .sum();
+        if running == 8.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in &texts {
+        assert_eq!(gauge(t, r#"modrun_runs_running{module="ticker"}"#), 4.0);
+        assert_eq!(gauge(t, r#"modrun_runs_queued{module="ticker"}"#), 2.0);
+    }
+    for id in &ids {
+        c.client
+            .delete(c.node(0).url(&format!("/runs/{id}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    c.done().await;
+}
