@@ -23,6 +23,7 @@ pub struct RunDto<'a> {
     cancelled_by: Option<&'a str>,
     parameters: &'a Map<String, Value>,
     mode: &'static str,
+    #[serde(serialize_with = "seconds")]
     timeout_s: f64,
     pid: Option<u32>,
     output_lines: u64,
@@ -54,6 +55,15 @@ impl<'a> From<&'a Run> for RunDto<'a> {
             // A store of one node does not count attempts: a run that started did so once.
             attempt: r.attempt.max(u32::from(r.started_at().is_some())),
         }
+    }
+}
+
+/// Seconds as JSON: a whole number without a fraction (`60`, not `60.0`), else as is.
+fn seconds<S: serde::Serializer>(s: &f64, ser: S) -> Result<S::Ok, S::Error> {
+    if s.fract() == 0.0 && (0.0..9.0e15).contains(s) {
+        ser.serialize_u64(*s as u64)
+    } else {
+        ser.serialize_f64(*s)
     }
 }
 
@@ -115,6 +125,7 @@ pub struct ModuleDto<'a> {
     id: &'a str,
     name: &'a str,
     description: Option<&'a str>,
+    #[serde(serialize_with = "seconds")]
     timeout_s: f64,
     max_concurrent: Option<usize>,
     parameters: Vec<ParameterDto<'a>>,

@@ -1,5 +1,6 @@
 //! Integration tests: the real service on real sockets, with real child processes.
 
+mod answers;
 mod auth;
 mod basics;
 mod callbacks;

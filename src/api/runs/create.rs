@@ -1,32 +1,30 @@
-//! `/runs` handlers: create (with `?wait` and `Idempotency-Key`), list, get, cancel, output.
+//! `POST /runs`: the body's shape, the module's parameters, callbacks, `traceparent`, the
+//! `Idempotency-Key`, and `?wait`.
 
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::{Map, Value, json};
 
-use super::AppState;
-use super::access::CallerExt;
-use super::dto::{LineDto, run_json};
-use super::error::{ApiError, Message};
-use super::extract::{JsonBody, QueryPairs, RunIdPath};
-use crate::auth::Caller;
+use super::output::{StreamFilter, text_body, text_type};
+use super::wants_text;
+use crate::api::AppState;
+use crate::api::access::CallerExt;
+use crate::api::dto::{LineDto, run_json};
+use crate::api::error::{ApiError, Message};
+use crate::api::extract::{JsonBody, QueryPairs};
 use crate::module::{FieldError, echo, exec_size, json_type};
-use crate::run::{Run, RunId, RunMode, RunStatus};
+use crate::run::{Run, RunMode};
 use crate::runner::{self, RunRequest, Submitted};
-use crate::store::{IdempotencyKey, ListQuery};
+use crate::store::IdempotencyKey;
 
-fn run_response(status: StatusCode, run: &Run) -> Response {
-    let mut res = (status, Json(run_json(run))).into_response();
-    if let Ok(loc) = HeaderValue::from_str(&format!("/runs/{}", run.id)) {
-        res.headers_mut().insert(header::LOCATION, loc);
-    }
-    res
-}
+/// `?include=output` adds at most this many lines to the run...
+const INCLUDE_LINES: usize = 1000;
+/// ...and at most this much of their text.
+const INCLUDE_BYTES: usize = 1 << 20;
 
 /// The shortest timeout a request may ask for.
 const MIN_TIMEOUT_S: f64 = 0.001;
@@ -207,9 +205,9 @@ fn idempotency_key(headers: &HeaderMap, body: &Value) -> Result<Option<Idempoten
                 "the Idempotency-Key header must be 1 to 255 visible ASCII characters",
             )
         })?;
-    // serde_json's maps are sorted, so equal JSON bodies have equal text here. FNV-1a: the
+    // Keys sorted at every level, so equal JSON bodies have equal text here. FNV-1a: the
     // fingerprint is stored, so it must not change between builds (std's hasher may).
-    let fingerprint = body
+    let fingerprint = canonical(body)
         .to_string()
         .bytes()
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
@@ -221,6 +219,23 @@ fn idempotency_key(headers: &HeaderMap, body: &Value) -> Result<Option<Idempoten
     }))
 }
 
+/// `v` with the keys of every object in sorted order (maps keep insertion order otherwise).
+fn canonical(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            Value::Object(
+                keys.into_iter()
+                    .map(|k| (k.clone(), canonical(&m[k])))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
+        other => other.clone(),
+    }
+}
+
 /// `POST /runs`.
 pub async fn create(
     State(state): State<AppState>,
@@ -230,6 +245,17 @@ pub async fn create(
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let wait = query.u64_in("wait", 1..=300)?;
+    let filter = StreamFilter::from_query(&query)?;
+    let include_output = match query.get("include").map(str::trim) {
+        None | Some("") => false,
+        Some("output") => true,
+        Some(other) => {
+            return Err(ApiError::invalid_field(
+                "include",
+                format!("can only be `output`, got `{}`", echo(other)),
+            ));
+        }
+    };
     let key = idempotency_key(&headers, &body)?;
     let (req, mut errors) = parse_create(&body)?;
     let live = state.live.get();
@@ -331,7 +357,9 @@ pub async fn create(
     run_req.callbacks.extend(req.callbacks);
     run_req.idempotency = key;
     run_req.created_by = caller.name().map(str::to_owned);
-    run_req.request_id = super::error::REQUEST_ID.try_with(|id| id.to_string()).ok();
+    run_req.request_id = crate::api::error::REQUEST_ID
+        .try_with(|id| id.to_string())
+        .ok();
 
     let module_id = run_req.module_id.clone();
     let (handle, existing) = match state.runner.submit(run_req).await? {
@@ -345,198 +373,101 @@ pub async fn create(
         Submitted::Existing(h) => (h, true),
     };
     let id = handle.id();
+    let mut waited = None;
     if let Some(secs) = wait {
-        let waited = tokio::select! {
+        waited = tokio::select! {
             r = tokio::time::timeout(Duration::from_secs(secs), handle.wait()) => r.ok().flatten(),
             () = state.streams_end.cancelled() => None,
         };
-        if let Some(run) = waited {
-            return Ok(run_response(StatusCode::OK, &run));
-        }
     }
-    let run = state
-        .runner
-        .get(id)
-        .await?
-        .ok_or_else(|| ApiError::internal(Message(format!("run {id} vanished"))))?;
-    let status = if existing {
+    let status = if waited.is_some() || existing {
         StatusCode::OK
     } else {
         StatusCode::ACCEPTED
     };
-    Ok(run_response(status, &run))
+    let run = match waited {
+        Some(run) => run,
+        None => state
+            .runner
+            .get(id)
+            .await?
+            .ok_or_else(|| ApiError::internal(Message(format!("run {id} vanished"))))?,
+    };
+    if wants_text(&headers) {
+        return Ok(text_answer(&state, status, &run, filter));
+    }
+    let mut body = run_json(&run);
+    if include_output {
+        body["output"] = first_lines(&state, &run, filter).await?;
+    }
+    let mut res = (status, Json(body)).into_response();
+    if let Ok(loc) = HeaderValue::from_str(&format!("/runs/{}", run.id)) {
+        res.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(res)
 }
 
-/// `GET /runs`.
-pub async fn list(
-    State(state): State<AppState>,
-    Extension(caller): CallerExt,
-    query: QueryPairs,
-) -> Result<Response, ApiError> {
-    let limit = query.u64_in("limit", 1..=1000)?.unwrap_or(50) as usize;
-    let before =
-        match query.get("cursor").filter(|c| !c.is_empty()) {
-            None => None,
-            Some(c) => Some(c.parse::<RunId>().map_err(|_| {
-                ApiError::bad_request(format!("`{}` is not a valid cursor", echo(c)))
-            })?),
-        };
-    let statuses = match query.get("status").filter(|s| !s.is_empty()) {
-        None => None,
-        Some(list) => {
-            let mut out = Vec::new();
-            let mut errors = Vec::new();
-            for s in list.split(',').map(str::trim) {
-                match s.parse::<RunStatus>() {
-                    Ok(st) => out.push(st),
-                    Err(_) => errors.push(FieldError::new(
-                        "status",
-                        format!(
-                            "unknown status `{}`; expected any of {}",
-                            echo(s),
-                            RunStatus::ALL.map(|s| s.as_str()).join(", ")
-                        ),
-                    )),
-                }
-            }
-            if !errors.is_empty() {
-                return Err(ApiError::validation(errors));
-            }
-            Some(out)
+/// The answer to `Accept: text/plain`: a finished run's output text (the run in headers:
+/// `Modrun-Run-Id`, `Modrun-Status`, `Modrun-Exit-Code` or `Modrun-Signal`); a run that has not
+/// finished yet, a line saying where to follow it.
+fn text_answer(state: &AppState, status: StatusCode, run: &Run, filter: StreamFilter) -> Response {
+    let id = run.id;
+    let mut res = if run.state.is_finished() {
+        text_body(state.runner.registry().clone(), id, 0, filter).into_response()
+    } else {
+        format!(
+            "run {id} is {}: its output at /runs/{id}/output, live at /runs/{id}/stream\n",
+            run.status().as_str()
+        )
+        .into_response()
+    };
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, text_type());
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
         }
     };
-    let page = state
-        .runner
-        .list(ListQuery {
-            statuses,
-            module_id: query
-                .get("module_id")
-                .filter(|m| !m.is_empty())
-                .map(String::from),
-            before,
-            limit,
-            modules: caller.module_patterns().map(<[_]>::to_vec),
-        })
-        .await?;
-    let runs: Vec<Value> = page.runs.iter().map(run_json).collect();
-    Ok(Json(json!({
-        "runs": runs,
-        "next_cursor": page.next_cursor.map(|c| c.to_string()),
-    }))
-    .into_response())
-}
-
-fn not_found(id: RunId) -> ApiError {
-    ApiError::not_found(format!("no run {id}"))
-}
-
-/// The run `id` as the caller may see it: 404 when it does not exist or belongs to a module
-/// outside the caller's patterns (the two look the same).
-pub(super) async fn visible_run(
-    state: &AppState,
-    caller: &Caller,
-    id: RunId,
-) -> Result<Run, ApiError> {
-    state
-        .runner
-        .get(id)
-        .await?
-        .filter(|run| caller.sees_module(&run.module_id))
-        .ok_or_else(|| not_found(id))
-}
-
-/// `GET /runs/{id}`.
-pub async fn get(
-    State(state): State<AppState>,
-    Extension(caller): CallerExt,
-    RunIdPath(id): RunIdPath,
-) -> Result<Response, ApiError> {
-    let run = visible_run(&state, &caller, id).await?;
-    let mut body = run_json(&run);
-    if !run.callbacks.is_empty() {
-        let deliveries = state.runner.registry().store().deliveries(id).await?;
-        body["callbacks"] = super::dto::callbacks_json(&run, &deliveries);
+    set("location", format!("/runs/{id}"));
+    set("modrun-run-id", id.to_string());
+    set("modrun-status", run.status().as_str().to_owned());
+    if let Some(code) = run.exit_code() {
+        set("modrun-exit-code", code.to_string());
     }
-    Ok(Json(body).into_response())
+    if let Some(sig) = run.signal() {
+        set("modrun-signal", sig.to_string());
+    }
+    res
 }
 
-/// `DELETE /runs/{id}`.
-pub async fn cancel(
-    State(state): State<AppState>,
-    Extension(caller): CallerExt,
-    RunIdPath(id): RunIdPath,
-) -> Result<Response, ApiError> {
-    visible_run(&state, &caller, id).await?;
-    let run = state
-        .runner
-        .cancel_by(id, caller.name().map(str::to_owned))
-        .await?;
-    Ok(run_response(StatusCode::ACCEPTED, &run))
-}
-
-fn wants_text(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/plain") && !a.contains("application/json"))
-}
-
-/// `GET /runs/{id}/output`.
-pub async fn output(
-    State(state): State<AppState>,
-    Extension(caller): CallerExt,
-    RunIdPath(id): RunIdPath,
-    query: QueryPairs,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let after = query.u64("after")?.unwrap_or(0);
-    let limit = query.u64_in("limit", 1..=10_000)?.unwrap_or(1000) as usize;
-    let run = visible_run(&state, &caller, id).await?;
-    let registry = state.runner.registry().clone();
-    if wants_text(&headers) {
-        // Stream the text in batches rather than building it whole.
-        let body = futures_util::stream::unfold(Some(after), move |pos| {
-            let registry = registry.clone();
-            async move {
-                let pos = pos?;
-                let lines = match registry.read_output(id, pos, 4096).await {
-                    Ok(Some(lines)) => lines,
-                    Ok(None) => return None,
-                    Err(e) => {
-                        return Some((Err(std::io::Error::other(e.to_string())), None));
-                    }
-                };
-                let last = lines.last()?.seq;
-                let mut text = String::with_capacity(lines.iter().map(|l| l.text.len() + 1).sum());
-                for l in &lines {
-                    text.push_str(&l.text);
-                    text.push('\n');
-                }
-                Some((Ok(Bytes::from(text)), Some(last)))
+/// `?include=output`: the run's first lines (those `filter` keeps), at most [`INCLUDE_LINES`]
+/// and [`INCLUDE_BYTES`] of text; `truncated` says whether there are more.
+async fn first_lines(state: &AppState, run: &Run, filter: StreamFilter) -> Result<Value, ApiError> {
+    let registry = state.runner.registry();
+    let mut kept: Vec<crate::run::Line> = Vec::new();
+    let mut bytes = 0usize;
+    let mut after = 0;
+    let mut truncated = false;
+    'read: loop {
+        let Some(lines) = registry.read_output(run.id, after, 4096).await? else {
+            break;
+        };
+        let Some(last) = lines.last().map(|l| l.seq) else {
+            break;
+        };
+        for l in lines.into_iter().filter(|l| filter.keeps(l)) {
+            if kept.len() == INCLUDE_LINES || bytes + l.text.len() > INCLUDE_BYTES {
+                truncated = true;
+                break 'read;
             }
-        });
-        let mut res = Body::from_stream(body).into_response();
-        res.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        return Ok(res);
+            bytes += l.text.len();
+            kept.push(l);
+        }
+        after = last;
     }
-    let lines = registry
-        .read_output(id, after, limit)
-        .await?
-        .ok_or_else(|| not_found(id))?;
-    let next_after = lines.last().map_or(after, |l| l.seq);
-    // A finished run's log was closed before its final status was recorded: its line count
-    // is final.
-    let complete = run.state.is_finished() && next_after >= run.output_lines;
-    let dtos: Vec<LineDto> = lines.iter().map(LineDto::from).collect();
-    Ok(Json(json!({
-        "lines": dtos,
-        "next_after": next_after,
-        "complete": complete,
-    }))
-    .into_response())
+    let lines: Vec<LineDto> = kept.iter().map(LineDto::from).collect();
+    Ok(json!({"lines": lines, "truncated": truncated}))
 }
 
 /// The request's `traceparent` header when it is a valid W3C Trace Context value
