@@ -32,6 +32,23 @@ async fn run_and_answer_with_the_output_text() {
     let res = post("wait=30&stream=stderr", "mixed").await.unwrap();
     assert_eq!(res.text().await.unwrap(), "err1\nerr2\n");
 
+    // More output than a run keeps in memory (3 MB): every line, in order, from the store.
+    let res = app
+        .client
+        .post(app.url("/runs?wait=60"))
+        .header("accept", "text/plain")
+        .json(&json!({"module_id": "big", "parameters": {"lines": 30000, "width": 99}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = res.text().await.unwrap();
+    assert_eq!(text.len(), 30000 * 100);
+    assert!(
+        text.lines()
+            .all(|l| l.len() == 99 && l.bytes().all(|b| b == b'0'))
+    );
+
     // Not finished in time: 202, a line saying where to follow it.
     let res = post("wait=1", "sleep").await.unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);

@@ -360,6 +360,94 @@ async fn raw_spawn_load(true_path: &str, clients: usize, dur: Duration) -> Load 
     .await
 }
 
+/// The run-and-answer scenario's program prints this many lines...
+const ANSWER_LINES: usize = 1000;
+/// ...of this many bytes (with the line break).
+const ANSWER_WIDTH: usize = 80;
+
+/// 9. The webhook use case with output: a program that prints 1,000 lines of 80 bytes, run and
+/// answered with its output in one request (modrun: `POST /runs?wait` with `Accept:
+/// text/plain`; webhook: include-command-output-in-response), under the same load.
+async fn scenario_answer(ctx: &Ctx, t: &mut Table) {
+    let p = ctx.plan;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text: String = (0..ANSWER_LINES)
+        .map(|i| format!("{i:04} {}\n", "x".repeat(ANSWER_WIDTH - 6)))
+        .collect();
+    let lines = dir.path().join("lines.txt");
+    std::fs::write(&lines, text).expect("write lines");
+    let script = dir.path().join("answer.sh");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\nexec cat '{}'\n", lines.display()),
+    )
+    .expect("write script");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod script");
+    }
+    let script = script.display().to_string();
+    // The last line: the whole output arrived.
+    let needle = Box::leak(format!("{:04} ", ANSWER_LINES - 1).into_boxed_str()) as &str;
+    let modules = format!("[[modules]]\nid = \"answer\"\ncommand = [\"{script}\"]\n");
+    let webhook = procs::webhook(&[("answer", &script)]).await;
+    let (mut hook, mut sqlite, mut memory) = (vec![], vec![], vec![]);
+    for round in 0..p.rounds {
+        let w = procs::wrk(
+            &webhook.url("/hooks/answer"),
+            None,
+            Some(needle),
+            p.clients,
+            p.load_for,
+        )
+        .await;
+        if w.errors > 0 {
+            t.fail(format!("webhook: {} wrong answers or errors", w.errors));
+        }
+        hook.push(w.ok as f64 / w.elapsed.as_secs_f64().max(1e-9));
+        for (store, out) in [("data", &mut sqlite), ("", &mut memory)] {
+            let server = procs::modrun(&ctx.modrun, &base_config(store, &modules)).await;
+            let m = procs::wrk_with(
+                &server.url("/runs?wait=30"),
+                Some(r#"{"module_id":"answer"}"#),
+                Some(needle),
+                &[("Accept", "text/plain")],
+                p.clients,
+                p.load_for,
+            )
+            .await;
+            if m.errors > 0 || m.ok == 0 {
+                t.fail(format!(
+                    "modrun ({store:?}): {} wrong answers or errors, {} ok",
+                    m.errors, m.ok
+                ));
+            }
+            out.push(m.ok as f64 / m.elapsed.as_secs_f64().max(1e-9));
+            server.stop().await;
+        }
+        eprintln!(
+            "  round {round}: webhook {:.0}/s, modrun sqlite {:.0}/s, memory {:.0}/s",
+            hook[round], sqlite[round], memory[round]
+        );
+    }
+    webhook.stop().await;
+    let c = p.clients;
+    for (store, values) in [("SQLite", &sqlite), ("memory", &memory)] {
+        t.add(
+            "9 run and answer",
+            &format!("runs/s, {ANSWER_LINES} lines of {ANSWER_WIDTH} B in the answer, {c} wrk connections, {store}"),
+            "/s",
+            values.clone(),
+            Some(("webhook", hook.clone())),
+            Some((
+                ">= 1.2x webhook",
+                ratio(values, &hook).unwrap_or(0.0) >= 1.2,
+            )),
+        );
+    }
+}
+
 /// What every answer of `POST /runs?wait=…` for `/bin/true` must hold.
 const MODRUN_OK: &str = r#""status":"succeeded""#;
 
@@ -1029,6 +1117,9 @@ async fn main() {
     if want("cluster") {
         let required = only.as_deref() == Some("cluster");
         cluster::scenario_cluster(&ctx, &mut table, required).await;
+    }
+    if want("answer") {
+        scenario_answer(&ctx, &mut table).await;
     }
     if want("soak") {
         soak::scenario_soak(&ctx, &mut table).await;

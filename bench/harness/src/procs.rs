@@ -205,6 +205,18 @@ pub async fn wrk(
     connections: usize,
     dur: Duration,
 ) -> WrkResult {
+    wrk_with(url, body, needle, &[], connections, dur).await
+}
+
+/// [`wrk`], with more request headers.
+pub async fn wrk_with(
+    url: &str,
+    body: Option<&str>,
+    needle: Option<&str>,
+    headers: &[(&str, &str)],
+    connections: usize,
+    dur: Duration,
+) -> WrkResult {
     let dir = tempfile::tempdir().expect("temp dir");
     let script = dir.path().join("load.lua");
     let lua_str = |s: Option<&str>| match s {
@@ -221,6 +233,7 @@ if body then
 else
   wrk.method = "POST"
 end
+{headers}
 local threads = {{}}
 function setup(thread) table.insert(threads, thread) end
 function init(args) bad = 0 end
@@ -237,6 +250,10 @@ end
 "#,
         body = lua_str(body),
         needle = lua_str(needle),
+        headers = headers
+            .iter()
+            .map(|(k, v)| format!("wrk.headers[{k:?}] = {v:?}\n"))
+            .collect::<String>(),
     );
     std::fs::write(&script, lua).expect("write wrk script");
     let out = Command::new("wrk")

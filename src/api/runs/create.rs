@@ -1,6 +1,7 @@
 //! `POST /runs`: the body's shape, the module's parameters, callbacks, `traceparent`, the
 //! `Idempotency-Key`, and `?wait`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -17,6 +18,7 @@ use crate::api::dto::{LineDto, run_json};
 use crate::api::error::{ApiError, Message};
 use crate::api::extract::{JsonBody, QueryPairs};
 use crate::module::{FieldError, echo, exec_size, json_type};
+use crate::output::OutputLog;
 use crate::run::{Run, RunMode};
 use crate::runner::{self, RunRequest, Submitted};
 use crate::store::IdempotencyKey;
@@ -373,6 +375,10 @@ pub async fn create(
         Submitted::Existing(h) => (h, true),
     };
     let id = handle.id();
+    // A text answer reads the output from memory when it can.
+    let log = wants_text(&headers)
+        .then(|| state.runner.registry().live_log(id))
+        .flatten();
     let mut waited = None;
     if let Some(secs) = wait {
         waited = tokio::select! {
@@ -394,7 +400,7 @@ pub async fn create(
             .ok_or_else(|| ApiError::internal(Message(format!("run {id} vanished"))))?,
     };
     if wants_text(&headers) {
-        return Ok(text_answer(&state, status, &run, filter));
+        return Ok(text_answer(&state, status, &run, filter, log));
     }
     let mut body = run_json(&run);
     if include_output {
@@ -410,10 +416,16 @@ pub async fn create(
 /// The answer to `Accept: text/plain`: a finished run's output text (the run in headers:
 /// `Modrun-Run-Id`, `Modrun-Status`, `Modrun-Exit-Code` or `Modrun-Signal`); a run that has not
 /// finished yet, a line saying where to follow it.
-fn text_answer(state: &AppState, status: StatusCode, run: &Run, filter: StreamFilter) -> Response {
+fn text_answer(
+    state: &AppState,
+    status: StatusCode,
+    run: &Run,
+    filter: StreamFilter,
+    log: Option<Arc<OutputLog>>,
+) -> Response {
     let id = run.id;
     let mut res = if run.state.is_finished() {
-        text_body(state.runner.registry().clone(), id, 0, filter).into_response()
+        text_body(state.runner.registry().clone(), id, 0, filter, log).into_response()
     } else {
         format!(
             "run {id} is {}: its output at /runs/{id}/output, live at /runs/{id}/stream\n",

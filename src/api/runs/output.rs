@@ -18,6 +18,7 @@ use crate::api::dto::LineDto;
 use crate::api::error::ApiError;
 use crate::api::extract::{QueryPairs, RunIdPath};
 use crate::module::echo;
+use crate::output::OutputLog;
 use crate::registry::Registry;
 use crate::run::{Line, RunId, Stream};
 
@@ -57,23 +58,38 @@ impl StreamFilter {
 const TEXT_BATCH: usize = 4096;
 
 /// The run's output after line `after` as text (each line and `\n`), read and sent in batches
-/// rather than built whole.
+/// rather than built whole. `log`, the run's output log taken while it was live, answers from
+/// memory what it still holds (a run that just ended: no store read).
 pub(super) fn text_body(
     registry: Arc<Registry>,
     id: RunId,
     after: u64,
     filter: StreamFilter,
+    log: Option<Arc<OutputLog>>,
 ) -> Body {
     let body = futures_util::stream::unfold(Some(after), move |pos| {
         let registry = registry.clone();
+        let log = log.clone();
         async move {
             let pos = pos?;
-            let lines = match registry.read_output(id, pos, TEXT_BATCH).await {
-                Ok(Some(lines)) => lines,
-                Ok(None) => return None,
-                Err(e) => {
-                    return Some((Err(std::io::Error::other(e.to_string())), None));
-                }
+            let held = match &log {
+                Some(l) => match l.read_after(pos, TEXT_BATCH) {
+                    Ok(lines) if !lines.is_empty() => Some(lines),
+                    // A closed log that holds nothing after `pos`: the output ends there.
+                    Ok(_) if l.is_closed() => return None,
+                    _ => None,
+                },
+                None => None,
+            };
+            let lines = match held {
+                Some(lines) => lines,
+                None => match registry.read_output(id, pos, TEXT_BATCH).await {
+                    Ok(Some(lines)) => lines,
+                    Ok(None) => return None,
+                    Err(e) => {
+                        return Some((Err(std::io::Error::other(e.to_string())), None));
+                    }
+                },
             };
             let last = lines.last()?.seq;
             let kept = lines.iter().filter(|l| filter.keeps(l));
@@ -107,7 +123,7 @@ pub async fn output(
     let run = visible_run(&state, &caller, id).await?;
     let registry = state.runner.registry().clone();
     if wants_text(&headers) {
-        let mut res = text_body(registry, id, after, filter).into_response();
+        let mut res = text_body(registry, id, after, filter, None).into_response();
         res.headers_mut().insert(header::CONTENT_TYPE, text_type());
         return Ok(res);
     }
