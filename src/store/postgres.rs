@@ -34,7 +34,9 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::record::{StateColumns, StoredRun, StoredState, chunks, decode_chunk, micros};
+use super::record::{
+    DeliveryColumns, StateColumns, StoredRun, StoredState, chunks, decode_chunk, micros,
+};
 use super::{
     CancelAck, Claimed, Cluster, ClusterSignal, Created, DeliveryResult, DeliveryState,
     DeliveryStatus, DueDelivery, Expect, Heartbeat, Held, IdempotencyKey, ListQuery, NewRun,
@@ -1479,7 +1481,13 @@ impl RunStore for PgStore {
     fn record_delivery(&self, id: String, result: DeliveryResult) -> StoreFuture<'_, ()> {
         boxed(async move {
             let client = self.client().await?;
-            let (state, next_at, status, error, done) = delivery_columns(&result);
+            let DeliveryColumns {
+                state,
+                next_at,
+                last_status: status,
+                last_error: error,
+                done_at: done,
+            } = DeliveryColumns::of(&result);
             client
                 .cexecute(
                     "UPDATE deliveries SET state = $2, attempts = attempts + 1, \
@@ -1539,42 +1547,6 @@ impl RunStore for PgStore {
 
     fn cluster(self: Arc<Self>) -> Option<Arc<dyn Cluster>> {
         Some(self)
-    }
-}
-
-/// The columns an attempt's result sets: state, next_at, last_status, last_error, done_at.
-fn delivery_columns(
-    r: &DeliveryResult,
-) -> (
-    &'static str,
-    Option<i64>,
-    Option<i32>,
-    Option<String>,
-    Option<i64>,
-) {
-    let now = micros(SystemTime::now());
-    match r {
-        DeliveryResult::Delivered { status } => {
-            ("delivered", None, Some(i32::from(*status)), None, Some(now))
-        }
-        DeliveryResult::Retry {
-            next_at,
-            status,
-            error,
-        } => (
-            "pending",
-            Some(micros(*next_at)),
-            status.map(i32::from),
-            Some(error.clone()),
-            None,
-        ),
-        DeliveryResult::Failed { status, error } => (
-            "failed",
-            None,
-            status.map(i32::from),
-            Some(error.clone()),
-            Some(now),
-        ),
     }
 }
 

@@ -180,6 +180,52 @@ impl StoredState {
     }
 }
 
+/// The columns a delivery attempt's result sets, as the SQL engines write them.
+pub(super) struct DeliveryColumns {
+    pub state: &'static str,
+    /// µs; `None` keeps the column as it is.
+    pub next_at: Option<i64>,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    /// µs.
+    pub done_at: Option<i64>,
+}
+
+impl DeliveryColumns {
+    /// The columns of `r`, done now.
+    pub fn of(r: &super::DeliveryResult) -> Self {
+        use super::DeliveryResult;
+        let now = micros(SystemTime::now());
+        match r {
+            DeliveryResult::Delivered { status } => Self {
+                state: "delivered",
+                next_at: None,
+                last_status: Some(i32::from(*status)),
+                last_error: None,
+                done_at: Some(now),
+            },
+            DeliveryResult::Retry {
+                next_at,
+                status,
+                error,
+            } => Self {
+                state: "pending",
+                next_at: Some(micros(*next_at)),
+                last_status: status.map(i32::from),
+                last_error: Some(error.clone()),
+                done_at: None,
+            },
+            DeliveryResult::Failed { status, error } => Self {
+                state: "failed",
+                next_at: None,
+                last_status: status.map(i32::from),
+                last_error: Some(error.clone()),
+                done_at: Some(now),
+            },
+        }
+    }
+}
+
 /// The fields of a run's record besides its state, as read back.
 pub(super) struct StoredRun {
     pub id: RunId,

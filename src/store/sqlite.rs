@@ -14,7 +14,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, param
 use tokio::sync::oneshot;
 
 use super::record::{
-    StateColumns, StoredRun, StoredState, chunks, decode_chunk, micros, parse_status,
+    DeliveryColumns, StateColumns, StoredRun, StoredState, chunks, decode_chunk, micros,
+    parse_status,
 };
 use super::{
     Created, DeliveryResult, DeliveryState, DeliveryStatus, DueDelivery, Expect, Held,
@@ -734,7 +735,13 @@ fn claim_deliveries(
 }
 
 fn record_delivery(c: &Connection, id: &str, result: &DeliveryResult) -> Result<(), StoreError> {
-    let (state, next_at, status, error, done) = delivery_columns(result);
+    let DeliveryColumns {
+        state,
+        next_at,
+        last_status: status,
+        last_error: error,
+        done_at: done,
+    } = DeliveryColumns::of(result);
     c.prepare_cached(
         "UPDATE deliveries SET state = ?2, attempts = attempts + 1, next_at = coalesce(?3, next_at),
              last_status = ?4, last_error = ?5, done_at = ?6
@@ -744,42 +751,6 @@ fn record_delivery(c: &Connection, id: &str, result: &DeliveryResult) -> Result<
     .execute(params![id, state, next_at, status, error, done])
     .map_err(backend)?;
     Ok(())
-}
-
-/// The columns an attempt's result sets: state, next_at, last_status, last_error, done_at.
-fn delivery_columns(
-    r: &DeliveryResult,
-) -> (
-    &'static str,
-    Option<i64>,
-    Option<i64>,
-    Option<String>,
-    Option<i64>,
-) {
-    let now = micros(SystemTime::now());
-    match r {
-        DeliveryResult::Delivered { status } => {
-            ("delivered", None, Some(i64::from(*status)), None, Some(now))
-        }
-        DeliveryResult::Retry {
-            next_at,
-            status,
-            error,
-        } => (
-            "pending",
-            Some(micros(*next_at)),
-            status.map(i64::from),
-            Some(error.clone()),
-            None,
-        ),
-        DeliveryResult::Failed { status, error } => (
-            "failed",
-            None,
-            status.map(i64::from),
-            Some(error.clone()),
-            Some(now),
-        ),
-    }
 }
 
 fn deliveries_of(c: &Connection, run: RunId) -> Result<Vec<DeliveryState>, StoreError> {

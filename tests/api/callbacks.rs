@@ -162,14 +162,9 @@ async fn callbacks_are_signed_and_retried_with_one_id() {
         assert_eq!(body["id"], id.as_str());
         assert_eq!(body["status"], "succeeded");
     }
-    let mut shown = Value::Null;
-    for _ in 0..200 {
-        shown = app.get_run(&id).await;
-        if shown["callbacks"][0]["state"] == "delivered" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let shown = app
+        .wait_run(&id, |r| r["callbacks"][0]["state"] == "delivered")
+        .await;
     let cb = &shown["callbacks"][0];
     assert_eq!(cb["state"], "delivered", "{shown}");
     assert_eq!(cb["attempts"], 3);
@@ -223,14 +218,9 @@ async fn request_callbacks_need_the_allow_list_and_redirects_are_not_followed() 
         "{:?}",
         rx.got()
     );
-    let mut shown = Value::Null;
-    for _ in 0..200 {
-        shown = app.get_run(id).await;
-        if shown["callbacks"][1]["attempts"].as_u64() >= Some(1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let shown = app
+        .wait_run(id, |r| r["callbacks"][1]["attempts"].as_u64() >= Some(1))
+        .await;
     assert_eq!(shown["callbacks"][0]["state"], "delivered", "{shown}");
     let redirected = &shown["callbacks"][1];
     assert_eq!(redirected["state"], "pending", "{shown}");
@@ -262,32 +252,11 @@ async fn a_pending_callback_survives_a_restart() {
     let hook = format!("http://127.0.0.1:{port}/hook");
     let (_dir, path) = write_config(&config(&hook, "", ""));
     let server = start_server_at(&path).await;
-    let c = reqwest::Client::new();
-    let run: Value = c
-        .post(server.url("/runs"))
-        .json(&json!({"module_id": "hooked"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let run: Value = server.post_run("hooked").await.json().await.unwrap();
     let id = run["id"].as_str().unwrap().to_owned();
-    let mut shown = Value::Null;
-    for _ in 0..500 {
-        shown = c
-            .get(server.url(&format!("/runs/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if shown["callbacks"][0]["attempts"].as_u64() >= Some(1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let shown = server
+        .wait_run(&id, |r| r["callbacks"][0]["attempts"].as_u64() >= Some(1))
+        .await;
     let cb = &shown["callbacks"][0];
     assert_eq!(cb["state"], "pending", "{shown}");
     assert!(

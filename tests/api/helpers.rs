@@ -304,6 +304,11 @@ impl TestApp {
         }
     }
 
+    /// Poll run `id` until `pred` holds on its JSON (20 s at most).
+    pub async fn wait_run(&self, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        poll_run(|| self.get_run(id), pred).await
+    }
+
     /// Wait until the run's process is running and its pid (= process group) is recorded.
     pub async fn wait_pid(&self, id: &str) -> u64 {
         let start = Instant::now();
@@ -606,6 +611,54 @@ impl Server {
     /// Absolute URL of a path.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// `GET path`, as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        Client::new()
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("JSON body")
+    }
+
+    /// `POST /runs` of `module` (no parameters).
+    pub async fn post_run(&self, module: &str) -> Response {
+        Client::new()
+            .post(self.url("/runs"))
+            .json(&json!({ "module_id": module }))
+            .send()
+            .await
+            .expect("POST /runs")
+    }
+
+    /// Poll run `id` until `pred` holds on its JSON (20 s at most).
+    pub async fn wait_run(&self, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let path = format!("/runs/{id}");
+        poll_run(|| self.get_json(&path), pred).await
+    }
+}
+
+/// Read a run with `get` until `pred` holds (20 s at most): the last read.
+async fn poll_run<F, Fut>(get: F, pred: impl Fn(&Value) -> bool) -> Value
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Value>,
+{
+    let start = Instant::now();
+    loop {
+        let run = get().await;
+        if pred(&run) {
+            return run;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the run never got there: {run}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

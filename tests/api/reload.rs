@@ -40,31 +40,12 @@ id = "added"
 command = ["sh", "-c", "echo new"]
 "#;
 
-async fn post(c: &reqwest::Client, s: &Server, module: &str) -> reqwest::Response {
-    c.post(s.url("/runs"))
-        .json(&json!({"module_id": module}))
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn wait_done(c: &reqwest::Client, s: &Server, id: &str) -> Value {
-    let mut run = Value::Null;
-    for _ in 0..2000 {
-        run = c
-            .get(s.url(&format!("/runs/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if !matches!(run["status"].as_str(), Some("queued" | "running")) {
-            return run;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("run {id} did not finish: {run}");
+/// A run's end, polled.
+async fn wait_done(s: &Server, id: &str) -> Value {
+    s.wait_run(id, |r| {
+        !matches!(r["status"].as_str(), Some("queued" | "running"))
+    })
+    .await
 }
 
 async fn output_text(c: &reqwest::Client, s: &Server, id: &str) -> String {
@@ -108,12 +89,12 @@ async fn sighup_applies_a_valid_config() {
     let (_dir, path) = write_config(BEFORE);
     let server = start_server_with(&path, "127.0.0.1:0", &[("RUST_LOG", "info")]).await;
     let c = reqwest::Client::new();
-    let going = post(&c, &server, "going").await;
+    let going = server.post_run("going").await;
     assert_eq!(going.status(), StatusCode::ACCEPTED);
     let going: Value = going.json().await.unwrap();
     let going_id = going["id"].as_str().unwrap();
     assert_eq!(
-        post(&c, &server, "added").await.status(),
+        server.post_run("added").await.status(),
         StatusCode::NOT_FOUND
     );
 
@@ -124,29 +105,22 @@ async fn sighup_applies_a_valid_config() {
     assert!(line.contains("added=added"), "{line}");
     assert!(line.contains("removed=going"), "{line}");
 
-    let added = post(&c, &server, "added").await;
+    let added = server.post_run("added").await;
     assert_eq!(added.status(), StatusCode::ACCEPTED);
     let added: Value = added.json().await.unwrap();
-    let run = wait_done(&c, &server, added["id"].as_str().unwrap()).await;
+    let run = wait_done(&server, added["id"].as_str().unwrap()).await;
     assert_eq!(run["status"], "succeeded");
     assert_eq!(
-        post(&c, &server, "going").await.status(),
+        server.post_run("going").await.status(),
         StatusCode::NOT_FOUND
     );
-    let run = wait_done(&c, &server, going_id).await;
+    let run = wait_done(&server, going_id).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(
         output_text(&c, &server, going_id).await,
         "started\nfinished\n"
     );
-    let modules: Value = c
-        .get(server.url("/modules"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let modules = server.get_json("/modules").await;
     let ids: Vec<&str> = modules["modules"]
         .as_array()
         .unwrap()
@@ -186,11 +160,11 @@ async fn sighup_keeps_the_config_in_force_when_the_file_is_invalid() {
     let line = log_line(&server, seen, "configuration reload failed").await;
     assert!(line.contains("sse.keep_alive"), "{line}");
     assert_eq!(
-        post(&c, &server, "going").await.status(),
+        server.post_run("going").await.status(),
         StatusCode::ACCEPTED
     );
     assert_eq!(
-        post(&c, &server, "added").await.status(),
+        server.post_run("added").await.status(),
         StatusCode::NOT_FOUND
     );
 
@@ -239,20 +213,14 @@ async fn environment_overrides_the_file() {
         store.join("modrun.db").exists(),
         "the store is where the environment says"
     );
-    let c = reqwest::Client::new();
-    let a = post(&c, &server, "sleep").await;
+    let a = server.post_run("sleep").await;
     assert_eq!(a.status(), StatusCode::ACCEPTED);
-    let b: Value = post(&c, &server, "sleep").await.json().await.unwrap();
+    let b: Value = server.post_run("sleep").await.json().await.unwrap();
     // One slot: the second run waits.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let b = c
-        .get(server.url(&format!("/runs/{}", b["id"].as_str().unwrap())))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
+    let b = server
+        .get_json(&format!("/runs/{}", b["id"].as_str().unwrap()))
+        .await;
     assert_eq!(b["status"], "queued", "{b}");
     drop(server);
 

@@ -365,9 +365,9 @@ const ANSWER_LINES: usize = 1000;
 /// ...of this many bytes (with the line break).
 const ANSWER_WIDTH: usize = 80;
 
-/// 9. The webhook use case with output: a program that prints 1,000 lines of 80 bytes, run and
-/// answered with its output in one request (modrun: `POST /runs?wait` with `Accept:
-/// text/plain`; webhook: include-command-output-in-response), under the same load.
+/// Scenario 9, the webhook use case with output: a program that prints 1,000 lines of 80
+/// bytes, run and answered with its output in one request (modrun: `POST /runs?wait` with
+/// `Accept: text/plain`; webhook: include-command-output-in-response), under the same load.
 async fn scenario_answer(ctx: &Ctx, t: &mut Table) {
     let p = ctx.plan;
     let dir = tempfile::tempdir().expect("temp dir");
