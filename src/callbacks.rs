@@ -121,6 +121,20 @@ pub fn check_prefix(prefix: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// How a callback URL is shown (in the log and in `GET /runs/{id}`): its scheme and host, and
+/// `/…` for the rest. A URL's path or query may be its secret (many receivers put their
+/// token there), so neither is ever shown.
+pub fn shown_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (host, tail) = rest.split_at(end);
+    if tail.is_empty() || tail == "/" {
+        format!("{scheme}://{host}/")
+    } else {
+        format!("{scheme}://{host}/…")
+    }
+}
+
 /// Whether a request may name `url`: it is a valid URL under one of `prefixes`.
 pub fn allowed(url: &str, prefixes: &[String]) -> bool {
     check_url(url).is_ok() && prefixes.iter().any(|p| url.starts_with(p.as_str()))
@@ -238,13 +252,13 @@ impl Deliverer {
         };
         match &result {
             DeliveryResult::Delivered { status } => {
-                tracing::info!(url = %d.url, status, attempt = d.attempts + 1, "callback delivered");
+                tracing::info!(url = %shown_url(&d.url), status, attempt = d.attempts + 1, "callback delivered");
             }
             DeliveryResult::Retry { error, .. } => {
-                tracing::info!(url = %d.url, error = %error, attempt = d.attempts + 1, "callback failed; it will be retried");
+                tracing::info!(url = %shown_url(&d.url), error = %error, attempt = d.attempts + 1, "callback failed; it will be retried");
             }
             DeliveryResult::Failed { error, .. } => {
-                tracing::warn!(url = %d.url, error = %error, attempts = d.attempts + 1, "callback given up");
+                tracing::warn!(url = %shown_url(&d.url), error = %error, attempts = d.attempts + 1, "callback given up");
             }
         }
         self.metrics
@@ -312,9 +326,10 @@ impl Deliverer {
                 )),
                 None,
             ),
+            // Without the URL: the record and the log show only its host.
             Err(e) => (
                 None,
-                Some(format!("cannot send: {}", error_chain(&e))),
+                Some(format!("cannot send: {}", error_chain(&e.without_url()))),
                 None,
             ),
         }
@@ -406,6 +421,12 @@ mod tests {
         assert!(allowed("https://hooks.example.com/a", &allow));
         assert!(!allowed("https://hooks.example.com.evil.net/a", &allow));
         assert!(!allowed("http://hooks.example.com/a", &allow));
+        assert_eq!(
+            shown_url("https://hooks.slack.com/services/T0/B0/secret?x=1"),
+            "https://hooks.slack.com/…"
+        );
+        assert_eq!(shown_url("http://10.0.0.1:8080"), "http://10.0.0.1:8080/");
+        assert_eq!(shown_url("http://h/?token=s"), "http://h/…");
     }
 
     /// Backoff doubles from 1 s and stops at 10 min.

@@ -81,6 +81,7 @@ pub fn callbacks_json(run: &Run, deliveries: &[crate::store::DeliveryState]) -> 
         .enumerate()
         .map(|(i, url)| {
             let id = format!("msg_{}_{}", run.id.as_uuid().simple(), i + 1);
+            let url = crate::callbacks::shown_url(url);
             match deliveries.iter().find(|d| d.id == id) {
                 None => serde_json::json!({"url": url, "webhook_id": id, "state": "waiting", "attempts": 0}),
                 Some(d) => serde_json::json!({

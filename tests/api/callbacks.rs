@@ -169,7 +169,8 @@ async fn callbacks_are_signed_and_retried_with_one_id() {
     assert_eq!(cb["state"], "delivered", "{shown}");
     assert_eq!(cb["attempts"], 3);
     assert_eq!(cb["last_status"], 200);
-    assert_eq!(cb["url"], format!("{base}/hook"));
+    // Only the host is shown: a URL's path may be its secret.
+    assert_eq!(cb["url"], format!("{base}/…"));
     assert_eq!(cb["webhook_id"], format!("msg_{hex}_1"));
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
@@ -262,6 +263,17 @@ async fn a_pending_callback_survives_a_restart() {
     assert!(
         cb["last_error"].as_str().unwrap().contains("cannot send"),
         "{shown}"
+    );
+    // The URL's path (where receivers keep their tokens) is in neither the record nor the log.
+    assert!(!shown.to_string().contains("/hook"), "{shown}");
+    assert!(
+        !server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("/hook")),
+        "a callback URL's path in the log"
     );
     signal(&server.child, Signal::SIGTERM);
     let mut child = server.child;
