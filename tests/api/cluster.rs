@@ -538,7 +538,7 @@ async fn a_paused_node_is_fenced_and_retryable_runs_move() {
         })
         .await;
     assert_eq!(moved["attempt"], 2);
-    c.wait_run(1, &once, Duration::from_secs(5), |r| r["status"] == "lost")
+    c.wait_run(1, &once, Duration::from_secs(20), |r| r["status"] == "lost")
         .await;
     signal(&c.node(0).child, Signal::SIGCONT);
 
@@ -626,7 +626,7 @@ async fn cancel_reaches_the_owning_node() {
             "round {round}: SIGTERM did not reach the child within {limit:?}"
         );
         let took = asked.elapsed();
-        let run = c.wait_run(0, &id, Duration::from_secs(5), finished).await;
+        let run = c.wait_run(0, &id, Duration::from_secs(20), finished).await;
         assert_eq!(run["status"], "cancelled", "round {round}, after {took:?}");
     }
 
@@ -655,7 +655,7 @@ async fn cancel_reaches_the_owning_node() {
         .send()
         .await
         .unwrap();
-    c.wait_run(0, &first, Duration::from_secs(5), finished)
+    c.wait_run(0, &first, Duration::from_secs(20), finished)
         .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(c.run(1, &second).await["status"], "cancelled");

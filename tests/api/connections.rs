@@ -117,7 +117,8 @@ async fn the_connection_limit_answers_instead_of_hanging() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut extra = TcpStream::connect(&a).await.unwrap();
     extra.write_all(GET).await.unwrap();
-    let answer = read_until_closed(&mut extra, Duration::from_secs(5))
+    // A generous deadline: on a loaded 2-core machine the burst of refusals can take seconds.
+    let answer = read_until_closed(&mut extra, Duration::from_secs(20))
         .await
         .expect("answered and closed, not left hanging");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
