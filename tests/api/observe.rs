@@ -394,9 +394,12 @@ async fn read_answer(tcp: &mut tokio::net::TcpStream) -> (String, String) {
 /// refused with 503, and the liveness probe stays 200.
 #[tokio::test]
 async fn readyz_is_503_while_draining() {
-    let mut app = spawn_app_with(&base_config("")).await;
+    // A long kill grace keeps the server draining for as long as the test asks (a loaded CI
+    // machine once took more than the default 1 s); the test ends the drain itself below.
+    let config = base_config("").replace("kill_grace = \"1s\"", "kill_grace = \"60s\"");
+    let mut app = spawn_app_with(&config).await;
     let run = app.start("stubborn", json!({})).await;
-    app.wait_pid(run["id"].as_str().unwrap()).await;
+    let pid = app.wait_pid(run["id"].as_str().unwrap()).await;
     let mut tcp = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
         .await
         .unwrap();
@@ -406,7 +409,7 @@ async fn readyz_is_503_while_draining() {
     assert!(status.contains(" 200 "), "{status}");
 
     app.begin_stop();
-    // The stubborn run holds shutdown for kill_grace (1 s); ask at once.
+    // The stubborn run holds shutdown until the test kills it.
     tokio::time::sleep(Duration::from_millis(100)).await;
     tcp.write_all(get).await.unwrap();
     let (status, body) = read_answer(&mut tcp).await;
@@ -424,5 +427,11 @@ async fn readyz_is_503_while_draining() {
         .await
         .unwrap();
     assert_eq!(post.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // End the drain: the run's process group goes, the run ends, the server stops.
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .status()
+        .unwrap();
+    assert!(killed.success());
     app.stop().await;
 }
