@@ -151,6 +151,16 @@ pub struct Line {
     pub ts: SystemTime,
     /// The text, without its line ending; invalid UTF-8 replaced by U+FFFD.
     pub text: Arc<str>,
+    /// The line's bytes as the program wrote them, kept only when they are not valid UTF-8
+    /// (then `text` is their lossy decoding); `None` means `text` is the bytes.
+    pub raw: Option<Arc<[u8]>>,
+}
+
+impl Line {
+    /// The line's bytes as the program wrote them (without the line ending).
+    pub fn bytes(&self) -> &[u8] {
+        self.raw.as_deref().unwrap_or(self.text.as_bytes())
+    }
 }
 
 /// How a process ended, as the OS reports it.

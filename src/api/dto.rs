@@ -1,5 +1,7 @@
 //! Wire shapes of the API, mirroring `openapi.yaml`.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -107,6 +109,10 @@ pub struct LineDto<'a> {
     stream: &'static str,
     ts: String,
     line: &'a str,
+    /// Base64 of the line's bytes, only when they are not valid UTF-8 (`line` is then their
+    /// lossy decoding).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<String>,
 }
 
 impl<'a> From<&'a Line> for LineDto<'a> {
@@ -116,6 +122,7 @@ impl<'a> From<&'a Line> for LineDto<'a> {
             stream: l.stream.as_str(),
             ts: rfc3339(l.ts),
             line: &l.text,
+            bytes: l.raw.as_deref().map(|b| B64.encode(b)),
         }
     }
 }

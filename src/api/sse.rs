@@ -15,6 +15,8 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
@@ -168,6 +170,12 @@ impl Follow {
         buf.extend_from_slice(ts.as_bytes());
         buf.extend_from_slice(b"\",\"line\":");
         push_json_str(buf, &l.text);
+        if let Some(raw) = &l.raw {
+            // Not valid UTF-8: the bytes themselves, for clients that need them exact.
+            buf.extend_from_slice(b",\"bytes\":\"");
+            buf.extend_from_slice(B64.encode(raw).as_bytes());
+            buf.push(b'"');
+        }
         buf.extend_from_slice(b"}\n\n");
     }
 

@@ -1,10 +1,27 @@
 //! Raw pipe bytes to lines: split at `\n` (a trailing `\r` dropped), over-long lines cut into
 //! pieces of at most `max` bytes (never inside a UTF-8 sequence when the bytes are valid there),
-//! decoded lossily. The work per call is linear in the bytes given, however long a line gets.
+//! decoded lossily, with the bytes themselves kept beside the text of a piece that is not valid
+//! UTF-8. The work per call is linear in the bytes given, however long a line gets.
 
 use std::sync::Arc;
 
 use super::redact::Redactor;
+
+/// One line (or piece of an over-long one) as the splitter gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    /// The text; invalid UTF-8 replaced by U+FFFD.
+    pub text: Arc<str>,
+    /// The bytes, when they are not valid UTF-8 (secrets masked in them too).
+    pub raw: Option<Arc<[u8]>>,
+}
+
+impl std::ops::Deref for Piece {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
 
 /// One pipe's line splitter: keeps the bytes of a line whose `\n` has not arrived yet.
 #[derive(Debug)]
@@ -38,7 +55,7 @@ impl LineSplitter {
 
     /// Take `data`: every complete line (and every full-size piece of an over-long unfinished
     /// one) goes to `out`.
-    pub fn push(&mut self, data: &[u8], out: &mut Vec<Arc<str>>) {
+    pub fn push(&mut self, data: &[u8], out: &mut Vec<Piece>) {
         let r = self.redactor.as_deref();
         let mut rest = data;
         while let Some(i) = memchr::memchr(b'\n', rest) {
@@ -72,7 +89,7 @@ impl LineSplitter {
     }
 
     /// The pipe reached EOF: a final line without `\n` goes to `out`.
-    pub fn finish(&mut self, out: &mut Vec<Arc<str>>) {
+    pub fn finish(&mut self, out: &mut Vec<Piece>) {
         if !self.partial.is_empty() {
             let rest = std::mem::take(&mut self.partial);
             emit_line(&rest, self.max, self.redactor.as_deref(), out);
@@ -87,7 +104,7 @@ impl LineSplitter {
 
 /// Push one complete line (without its `\n`): a trailing `\r` is dropped, secrets are masked,
 /// and a line longer than `max` bytes becomes several.
-fn emit_line(line: &[u8], max: usize, r: Option<&Redactor>, out: &mut Vec<Arc<str>>) {
+fn emit_line(line: &[u8], max: usize, r: Option<&Redactor>, out: &mut Vec<Piece>) {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let redacted = match r {
         Some(r) => r.redact(line),
@@ -102,7 +119,7 @@ fn emit_line(line: &[u8], max: usize, r: Option<&Redactor>, out: &mut Vec<Arc<st
     out.push(decode(line));
 }
 
-fn decode_redacted(piece: &[u8], r: Option<&Redactor>) -> Arc<str> {
+fn decode_redacted(piece: &[u8], r: Option<&Redactor>) -> Piece {
     match r {
         Some(r) => decode(&r.redact(piece)),
         None => decode(piece),
@@ -124,11 +141,17 @@ fn utf8_cut(bytes: &[u8], max: usize) -> usize {
     }
 }
 
-fn decode(bytes: &[u8]) -> Arc<str> {
+fn decode(bytes: &[u8]) -> Piece {
     // The strict check is much faster than the lossy decoder on valid text.
     match std::str::from_utf8(bytes) {
-        Ok(s) => Arc::from(s),
-        Err(_) => Arc::from(&*String::from_utf8_lossy(bytes)),
+        Ok(s) => Piece {
+            text: Arc::from(s),
+            raw: None,
+        },
+        Err(_) => Piece {
+            text: Arc::from(&*String::from_utf8_lossy(bytes)),
+            raw: Some(Arc::from(bytes)),
+        },
     }
 }
 
@@ -137,7 +160,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn split_all(chunks: &[Vec<u8>], max: usize) -> Vec<Arc<str>> {
+    fn split_all(chunks: &[Vec<u8>], max: usize) -> Vec<Piece> {
         let mut s = LineSplitter::new(max);
         let mut out = Vec::new();
         for c in chunks {
@@ -173,6 +196,24 @@ mod tests {
             1 => prop::sample::select(vec![0xC3u8, 0xA9, 0xE2, 0x82, 0xAC, 0xF0, 0x9F]),
         ];
         prop::collection::vec(prop::collection::vec(byte, 0..40), 0..12)
+    }
+
+    /// A line that is not valid UTF-8 keeps its bytes (cut where its pieces are cut, secrets
+    /// masked in them too); a valid one keeps only its text.
+    #[test]
+    fn invalid_utf8_keeps_its_bytes() {
+        let r = Arc::new(Redactor::new(["hunter2"]).unwrap());
+        let mut s = LineSplitter::redacting(8, Some(r));
+        let mut out = Vec::new();
+        s.push(b"ok \xc3\xa9\n\xff\x00bin\r\nab\xfehunter2\n", &mut out);
+        s.finish(&mut out);
+        let raws: Vec<Option<&[u8]>> = out.iter().map(|p| p.raw.as_deref()).collect();
+        assert_eq!(
+            raws,
+            [None, Some(&b"\xff\x00bin"[..]), Some(&b"ab\xfe***"[..]),]
+        );
+        assert_eq!(&*out[0].text, "ok é");
+        assert_eq!(&*out[1].text, "\u{FFFD}\0bin");
     }
 
     /// A secret is masked wherever the reads and the cuts of long lines fall.

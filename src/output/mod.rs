@@ -19,7 +19,7 @@ use crate::run::{Line, Stream};
 mod lines;
 mod redact;
 
-pub use lines::LineSplitter;
+pub use lines::{LineSplitter, Piece};
 pub use redact::{MASK, Redactor};
 
 /// Persisted lines kept in memory per live run for readers that follow closely; older ones are
@@ -101,17 +101,31 @@ struct LogInner {
 }
 
 impl LogInner {
-    fn push(&mut self, stream: Stream, ts: SystemTime, text: Arc<str>) {
-        let len = text.len() as u64;
+    fn push(&mut self, stream: Stream, ts: SystemTime, piece: Piece) {
+        // The bytes kept beside the text of an invalid line count towards memory too.
         self.last_seq += 1;
-        self.mem_bytes += len;
-        self.unflushed_bytes += len;
         self.lines.push_back(Line {
             seq: self.last_seq,
             stream,
             ts,
-            text,
+            text: piece.text,
+            raw: piece.raw,
         });
+        let len = self.lines.back().map_or(0, mem_len);
+        self.mem_bytes += len;
+        self.unflushed_bytes += len;
+    }
+
+    /// A line of modrun's own (valid UTF-8).
+    fn push_text(&mut self, stream: Stream, ts: SystemTime, text: String) {
+        self.push(
+            stream,
+            ts,
+            Piece {
+                text: text.into(),
+                raw: None,
+            },
+        );
     }
 }
 
@@ -119,6 +133,11 @@ impl LogInner {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("these lines were persisted and dropped from memory")]
 pub struct Evicted;
+
+/// Memory a kept line counts for: its text, and its bytes when those are kept beside it.
+fn mem_len(l: &Line) -> u64 {
+    (l.text.len() + l.raw.as_ref().map_or(0, |r| r.len())) as u64
+}
 
 fn idx(stream: Stream) -> usize {
     match stream {
@@ -218,7 +237,7 @@ impl OutputLog {
         self.append(stream, texts);
     }
 
-    fn append(&self, stream: Stream, texts: Vec<Arc<str>>) {
+    fn append(&self, stream: Stream, texts: Vec<Piece>) {
         if texts.is_empty() {
             return;
         }
@@ -267,14 +286,13 @@ impl OutputLog {
         if inner.outage_lines == 0 {
             return;
         }
-        let text: Arc<str> = format!(
+        let text = format!(
             "[modrun] the run store could not be written: {} lines ({} bytes) of output were not kept",
             inner.outage_lines, inner.outage_bytes
-        )
-        .into();
+        );
         inner.outage_lines = 0;
         inner.outage_bytes = 0;
-        inner.push(Stream::Stderr, SystemTime::now(), text);
+        inner.push_text(Stream::Stderr, SystemTime::now(), text);
     }
 
     /// No more output will come. If lines were dropped for the budget, one marker line on
@@ -289,12 +307,11 @@ impl OutputLog {
             inner.closed = true;
             Self::outage_marker(&mut inner);
             if inner.dropped_lines > 0 {
-                let text: Arc<str> = format!(
+                let text = format!(
                     "[modrun] output limit of {} bytes reached: {} more lines ({} bytes) were not kept",
                     self.limits.max_run_bytes, inner.dropped_lines, inner.dropped_bytes
-                )
-                .into();
-                inner.push(Stream::Stderr, SystemTime::now(), text);
+                );
+                inner.push_text(Stream::Stderr, SystemTime::now(), text);
             }
         }
         self.changes.send_modify(|v| *v += 1);
@@ -360,7 +377,7 @@ impl OutputLog {
             let to = seq.min(inner.last_seq);
             let newly: u64 = (from..=to)
                 .filter_map(|s| inner.lines.get((s - first) as usize))
-                .map(|l| l.text.len() as u64)
+                .map(mem_len)
                 .sum();
             inner.unflushed_bytes = inner.unflushed_bytes.saturating_sub(newly);
             inner.flushed = to;
@@ -368,7 +385,7 @@ impl OutputLog {
                 && inner.lines.front().is_some_and(|l| l.seq <= inner.flushed)
             {
                 if let Some(l) = inner.lines.pop_front() {
-                    inner.mem_bytes -= l.text.len() as u64;
+                    inner.mem_bytes -= mem_len(&l);
                 }
             }
         }

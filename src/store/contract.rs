@@ -169,6 +169,7 @@ fn line(seq: u64, text: &str) -> Line {
         },
         ts: SystemTime::now(),
         text: Arc::from(text),
+        raw: None,
     }
 }
 
@@ -285,10 +286,15 @@ async fn output_appends_are_idempotent_and_pages_read_back(s: &dyn RunStore) {
         let batch: Vec<Line> = (0..400)
             .map(|_| {
                 seq += 1;
-                line(
+                let mut l = line(
                     seq,
                     &format!("line {seq} é\u{1F600} {}", "x".repeat(seq as usize % 97)),
-                )
+                );
+                // Every 7th line was not valid UTF-8: its bytes are kept beside the text.
+                if seq.is_multiple_of(7) {
+                    l.raw = Some(Arc::from(raw_bytes(seq)));
+                }
+                l
             })
             .collect();
         s.append_output(id, batch).await.unwrap();
@@ -317,8 +323,17 @@ async fn output_appends_are_idempotent_and_pages_read_back(s: &dyn RunStore) {
             Stream::Stdout
         };
         assert_eq!(l.stream, want);
+        let raw = (l.seq > 3 && l.seq.is_multiple_of(7)).then(|| raw_bytes(l.seq));
+        assert_eq!(l.raw.as_deref(), raw.as_deref(), "seq {}", l.seq);
     }
     assert_eq!(s.get(id).await.unwrap().unwrap().output_lines, 2003);
+}
+
+/// Bytes that are not UTF-8 (NUL, a lone continuation byte, 0xFF), different per line.
+fn raw_bytes(seq: u64) -> Vec<u8> {
+    let mut b = format!("raw {seq} ").into_bytes();
+    b.extend_from_slice(&[0, 0x80, 0xff, (seq % 251) as u8]);
+    b
 }
 
 async fn idempotency_keys_give_one_run(s: &dyn RunStore) {

@@ -1701,6 +1701,7 @@ mod tests {
             stream: Stream::Stdout,
             ts: SystemTime::now(),
             text: Arc::from(format!("line {seq}")),
+            raw: None,
         }
     }
 

@@ -296,12 +296,30 @@ pub(super) const CHUNK_BYTES: usize = 256 * 1024;
 /// A stored output chunk holds at most this many lines.
 pub(super) const CHUNK_LINES: usize = 4096;
 
-/// Append one line to a chunk: stream u8, ts i64 LE (µs), len u32 LE, text.
+/// Flag bits of a line's first byte in a chunk.
+const STDERR: u8 = 1;
+/// The line's raw bytes follow its text (len u32 LE, bytes): it is not valid UTF-8.
+const RAW: u8 = 2;
+
+/// Append one line to a chunk: flags u8 ([`STDERR`], [`RAW`]), ts i64 LE (µs), len u32 LE,
+/// text, and with [`RAW`] len u32 LE and the bytes. Chunks written before [`RAW`] existed
+/// decode unchanged.
 pub(super) fn encode_line(out: &mut Vec<u8>, l: &Line) {
-    out.push(matches!(l.stream, Stream::Stderr) as u8);
+    let mut flags = 0;
+    if matches!(l.stream, Stream::Stderr) {
+        flags |= STDERR;
+    }
+    if l.raw.is_some() {
+        flags |= RAW;
+    }
+    out.push(flags);
     out.extend_from_slice(&micros(l.ts).to_le_bytes());
     out.extend_from_slice(&(l.text.len() as u32).to_le_bytes());
     out.extend_from_slice(l.text.as_bytes());
+    if let Some(raw) = &l.raw {
+        out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+        out.extend_from_slice(raw);
+    }
 }
 
 /// Split `lines` (consecutive seqs) into chunks: (first seq, last seq, data).
@@ -337,7 +355,8 @@ pub(super) fn decode_chunk(
     let mut seq = first_seq;
     while pos < data.len() && out.len() < limit {
         let header = data.get(pos..pos + 13).ok_or_else(corrupt)?;
-        let stream = if header[0] == 1 {
+        let flags = header[0];
+        let stream = if flags & STDERR != 0 {
             Stream::Stderr
         } else {
             Stream::Stdout
@@ -346,12 +365,22 @@ pub(super) fn decode_chunk(
         let len = u32::from_le_bytes(header[9..13].try_into().map_err(|_| corrupt())?) as usize;
         let text = data.get(pos + 13..pos + 13 + len).ok_or_else(corrupt)?;
         pos += 13 + len;
+        let raw = if flags & RAW != 0 {
+            let len = data.get(pos..pos + 4).ok_or_else(corrupt)?;
+            let len = u32::from_le_bytes(len.try_into().map_err(|_| corrupt())?) as usize;
+            let raw = data.get(pos + 4..pos + 4 + len).ok_or_else(corrupt)?;
+            pos += 4 + len;
+            Some(raw)
+        } else {
+            None
+        };
         if seq > after {
             out.push(Line {
                 seq,
                 stream,
                 ts: from_micros(ts),
                 text: Arc::from(std::str::from_utf8(text).map_err(|_| corrupt())?),
+                raw: raw.map(Arc::from),
             });
         }
         seq += 1;

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -137,6 +139,27 @@ async fn bytes_are_never_fatal() {
         .map(|l| l["line"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(lines, ["ok \u{fffd}\u{fffd} end", "no newline at end"]);
+    // The bytes themselves are kept: base64 beside the text in JSON and SSE, as they are in
+    // the text download.
+    let raw = B64.encode(b"ok \xff\xfe end");
+    let out = app.output(id).await;
+    assert_eq!(out[0]["bytes"], raw.as_str());
+    assert!(out[1].get("bytes").is_none(), "{}", out[1]);
+    let events = app.stream_run(id, None).await;
+    let events: Vec<&SseEvent> = events.iter().filter(|e| e.event == "stdout").collect();
+    assert_eq!(events[0].data["bytes"], raw.as_str());
+    assert!(events[1].data.get("bytes").is_none());
+    let text = app
+        .client
+        .get(app.url(&format!("/runs/{id}/output")))
+        .header("accept", "text/plain")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&text[..], b"ok \xff\xfe end\nno newline at end\n");
 
     let run = app.start("longline", json!({})).await;
     let id = run["id"].as_str().unwrap();

@@ -57,7 +57,8 @@ impl StreamFilter {
 /// Lines read per batch of a text body.
 const TEXT_BATCH: usize = 4096;
 
-/// The run's output after line `after` as text (each line and `\n`), read and sent in batches
+/// The run's output after line `after` as text (each line's bytes as the program wrote them,
+/// and `\n`: a line that is not valid UTF-8 comes as its bytes), read and sent in batches
 /// rather than built whole. `log`, the run's output log taken while it was live, answers from
 /// memory what it still holds (a run that just ended: no store read).
 pub(super) fn text_body(
@@ -93,10 +94,10 @@ pub(super) fn text_body(
             };
             let last = lines.last()?.seq;
             let kept = lines.iter().filter(|l| filter.keeps(l));
-            let mut text = String::with_capacity(lines.iter().map(|l| l.text.len() + 1).sum());
+            let mut text = Vec::with_capacity(lines.iter().map(|l| l.bytes().len() + 1).sum());
             for l in kept {
-                text.push_str(&l.text);
-                text.push('\n');
+                text.extend_from_slice(l.bytes());
+                text.push(b'\n');
             }
             Some((Ok(Bytes::from(text)), Some(last)))
         }
