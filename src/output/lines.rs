@@ -210,7 +210,7 @@ mod tests {
         let raws: Vec<Option<&[u8]>> = out.iter().map(|p| p.raw.as_deref()).collect();
         assert_eq!(
             raws,
-            [None, Some(&b"\xff\x00bin"[..]), Some(&b"ab\xfe***"[..]),]
+            [None, Some(&b"\xff\x00bin"[..]), Some(&b"ab\xfe***"[..])]
         );
         assert_eq!(&*out[0].text, "ok é");
         assert_eq!(&*out[1].text, "\u{FFFD}\0bin");
