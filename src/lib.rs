@@ -75,6 +75,11 @@
 //!   descriptors), TLS ([`tls`]), graceful shutdown. Domain errors become problem+json in one place
 //!   (`api::error`): a store outage is a 503 with a plain reason, an internal failure a 500 that
 //!   shows only the request id.
+//! - [`client`] — a client of the HTTP API ([`client::Client`]: problem+json as one-line
+//!   errors, `POST /runs` retried under one Idempotency-Key, a run's stream followed across
+//!   reconnects with `Last-Event-ID`; `client::sse` parses event streams) and the binary's
+//!   client commands on it (`client::cli`: `run`, `runs`, `logs`, `cancel`, `modules`, their
+//!   exit codes).
 //! - [`telemetry`] — logging through a bounded queue drained by one thread: a slow or broken
 //!   log sink drops (and counts) lines, never blocks a request or a run.
 //! - [`app`] — wiring: open the store, serve a bound listener (503 but for the probes while
@@ -97,6 +102,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod callbacks;
+pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod module;

@@ -1,12 +1,14 @@
 //! The `modrun` command: `modrun serve [--config FILE] [--bind ADDR]` (SIGINT or SIGTERM stop
 //! it, SIGHUP reloads the configuration file), `modrun check-config [--config FILE]`,
-//! `modrun token new`.
+//! `modrun token new`, and the client commands (`modrun::client::cli`): `run`, `runs`, `logs`,
+//! `cancel`, `modules`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use modrun::client::cli;
 use modrun::config::Config;
 
 #[derive(Parser)]
@@ -43,6 +45,17 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Run a module on a server: print its output as it comes (stdout to stdout, stderr to
+    /// stderr, byte for byte) and exit with its exit code. Ctrl-C cancels the run.
+    Run(cli::RunArgs),
+    /// List runs on a server, newest first.
+    Runs(cli::RunsArgs),
+    /// Print a run's output (with -f, follow it until it ends).
+    Logs(cli::LogsArgs),
+    /// Cancel a run.
+    Cancel(cli::CancelArgs),
+    /// List a server's modules, or show one with its parameters.
+    Modules(cli::ModulesArgs),
 }
 
 #[derive(Subcommand)]
@@ -71,8 +84,12 @@ fn main() -> ExitCode {
     // queued (bounded, whatever the sink does). `serve` starts it once its config (which
     // chooses the format) is read.
     let _log = match &cli.command {
-        Command::Serve { .. } => None,
-        _ => modrun::telemetry::init("info", std::io::stderr(), ansi),
+        Command::CheckConfig { .. } | Command::Token { .. } => {
+            modrun::telemetry::init("info", std::io::stderr(), ansi)
+        }
+        // `serve` starts it once it has read its config; the client commands say what they
+        // have to say themselves.
+        _ => None,
     };
     match cli.command {
         Command::Serve { config, bind } => serve(config, bind, ansi),
@@ -85,6 +102,11 @@ fn main() -> ExitCode {
                     modules,
                 },
         } => new_token(&name, &scopes, &modules),
+        Command::Run(args) => ExitCode::from(cli::run(args)),
+        Command::Runs(args) => ExitCode::from(cli::runs(args)),
+        Command::Logs(args) => ExitCode::from(cli::logs(args)),
+        Command::Cancel(args) => ExitCode::from(cli::cancel(args)),
+        Command::Modules(args) => ExitCode::from(cli::modules(args)),
     }
 }
 

@@ -5,6 +5,7 @@ mod auth;
 mod basics;
 mod callbacks;
 mod cancel;
+mod cli;
 #[cfg(feature = "postgres")]
 mod cluster;
 mod connections;
