@@ -397,6 +397,9 @@ pub struct Run {
     pub attempt: u32,
     /// The URLs told when it ends (the module's, then the request's).
     pub callbacks: Vec<String>,
+    /// When a cancel was first asked for while it ran (kept once it has ended); `None` when
+    /// none was, or when the cancel found it queued (it ended then).
+    pub cancel_requested_at: Option<SystemTime>,
 }
 
 impl Run {

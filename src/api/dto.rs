@@ -23,6 +23,7 @@ pub struct RunDto<'a> {
     error: Option<String>,
     created_by: Option<&'a str>,
     cancelled_by: Option<&'a str>,
+    cancel_requested_at: Option<String>,
     parameters: &'a Map<String, Value>,
     mode: &'static str,
     #[serde(serialize_with = "seconds")]
@@ -48,6 +49,7 @@ impl<'a> From<&'a Run> for RunDto<'a> {
             error: r.error(),
             created_by: r.created_by.as_deref(),
             cancelled_by: r.cancelled_by(),
+            cancel_requested_at: r.cancel_requested_at.map(rfc3339),
             parameters: &r.parameters,
             mode: r.mode.as_str(),
             timeout_s: r.timeout.as_secs_f64(),

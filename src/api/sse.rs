@@ -329,6 +329,7 @@ mod tests {
             created_by: None,
             attempt: 0,
             callbacks: Vec::new(),
+            cancel_requested_at: None,
         };
         let id = run.id;
         registry

@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use crate::metrics::Metrics;
 use crate::output::{Evicted, OutputLimits, OutputLog, Redactor};
@@ -206,6 +207,24 @@ impl Registry {
                 *p = Some(pid);
             }
         });
+    }
+
+    /// A cancel was asked for running run `id` at `at`: shown at once (a live run) and
+    /// written to the store (kept after the run ends). The first request's time stays.
+    pub async fn cancel_requested(&self, id: RunId, at: SystemTime) -> Result<(), StoreError> {
+        let log = {
+            let mut map = self.lock();
+            map.get_mut(&id).map(|live| {
+                live.run.cancel_requested_at.get_or_insert(at);
+                live.log.clone()
+            })
+        };
+        if let Some(log) = log {
+            log.touch();
+        }
+        let written = self.store.cancel_requested(id, at).await;
+        self.health.note(&written);
+        written
     }
 
     /// Change a live run's state in memory only, then wake its readers. Nothing for a run that

@@ -54,7 +54,7 @@ pub use request::{CancelError, RunRequest, RunnerSettings, SubmitError, Submitte
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -288,6 +288,10 @@ impl ModuleRunner {
                 Err(StoreError::NotFound(_)) => Err(CancelError::NotFound(id)),
                 Err(e) => Err(CancelError::Store(e)),
             };
+        }
+        if signalled && let Err(e) = registry.cancel_requested(id, SystemTime::now()).await {
+            // The run is being stopped all the same; only the time of the request is not kept.
+            tracing::warn!(run_id = %id, error = %e, "cannot record the cancel request");
         }
         match registry.get(id).await {
             Ok(None) => Err(CancelError::NotFound(id)),

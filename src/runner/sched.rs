@@ -173,6 +173,7 @@ impl Inner {
             created_by: req.created_by.clone(),
             attempt: u32::from(direct.is_some()),
             callbacks: req.callbacks.clone(),
+            cancel_requested_at: None,
         };
         let created = self
             .registry

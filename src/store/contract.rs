@@ -127,6 +127,7 @@ fn run(module: &str, state: RunState) -> Run {
         created_by: None,
         attempt: 0,
         callbacks: Vec::new(),
+        cancel_requested_at: None,
     }
 }
 
@@ -197,6 +198,7 @@ contract!(
     purge_by_count_and_age_keeps_active_runs,
     listing_pages_newest_first_with_filters,
     a_final_status_brings_its_deliveries,
+    a_cancel_request_is_noted_once_and_kept,
 );
 
 async fn transitions_check_the_current_state(s: &dyn RunStore) {
@@ -579,4 +581,41 @@ async fn a_final_status_brings_its_deliveries(s: &dyn RunStore) {
     assert_eq!(states.len(), 1);
     assert_eq!(states[0].status, DeliveryStatus::Pending);
     assert!(s.deliveries(plain_id).await.unwrap().is_empty());
+}
+
+async fn a_cancel_request_is_noted_once_and_kept(s: &dyn RunStore) {
+    let r = run("a", running());
+    let id = r.id;
+    s.create(new(r, None)).await.unwrap();
+    assert_eq!(s.get(id).await.unwrap().unwrap().cancel_requested_at, None);
+    // Whole microseconds: what every engine keeps.
+    let first = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+    s.cancel_requested(id, first).await.unwrap();
+    s.cancel_requested(id, first + Duration::from_secs(5))
+        .await
+        .unwrap();
+    let got = s.get(id).await.unwrap().unwrap();
+    assert_eq!(got.cancel_requested_at, Some(first));
+    assert_eq!(got.status(), RunStatus::Running);
+    let cancelled = Outcome::Cancelled {
+        reason: CancelReason::Request,
+        exit: None,
+        by: None,
+    };
+    s.transition(
+        id,
+        Expect::Running,
+        finished(true, SystemTime::now(), cancelled),
+    )
+    .await
+    .unwrap();
+    let got = s.get(id).await.unwrap().unwrap();
+    assert_eq!(got.status(), RunStatus::Cancelled);
+    assert_eq!(got.cancel_requested_at, Some(first), "kept after the end");
+    // Not running: nothing to note.
+    let q = run("a", RunState::Queued);
+    let qid = q.id;
+    s.create(new(q, None)).await.unwrap();
+    s.cancel_requested(qid, first).await.unwrap();
+    assert_eq!(s.get(qid).await.unwrap().unwrap().cancel_requested_at, None);
 }

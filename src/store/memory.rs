@@ -120,6 +120,15 @@ impl RunStore for MemoryStore {
         ready(Ok(self.lock().runs.get(&id).map(Entry::snapshot)))
     }
 
+    fn cancel_requested(&self, id: RunId, at: SystemTime) -> StoreFuture<'_, ()> {
+        if let Some(entry) = self.lock().runs.get_mut(&id)
+            && matches!(entry.run.state, RunState::Running { .. })
+        {
+            entry.run.cancel_requested_at.get_or_insert(at);
+        }
+        ready(Ok(()))
+    }
+
     fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, ()> {
         let mut inner = self.lock();
         let Some(entry) = inner.runs.get_mut(&id) else {

@@ -53,6 +53,9 @@ impl RunStore for Metered {
     fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, ()> {
         self.timed("transition", self.inner.transition(id, expect, next))
     }
+    fn cancel_requested(&self, id: RunId, at: SystemTime) -> StoreFuture<'_, ()> {
+        self.timed("cancel_requested", self.inner.cancel_requested(id, at))
+    }
     fn append_output(&self, id: RunId, lines: Vec<Line>) -> StoreFuture<'_, ()> {
         self.timed("append_output", self.inner.append_output(id, lines))
     }

@@ -369,6 +369,15 @@ pub trait RunStore: Send + Sync + 'static {
     /// (nothing else may be writing then).
     fn probe(&self) -> StoreFuture<'_, ()>;
 
+    /// Note that a cancel was asked for run `id` at `at`, if it is running and none was
+    /// before (the run's `cancel_requested_at`; kept after it ends). The default keeps
+    /// nothing: a store that does not implement it shows the time only while the run is live
+    /// in memory.
+    fn cancel_requested(&self, id: RunId, at: SystemTime) -> StoreFuture<'_, ()> {
+        let _ = (id, at);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Up to `limit` deliveries due at `now`, each held (not handed out again) until
     /// `now + hold`, when an attempt that never reported is retried. Default: none (a store
     /// without completion callbacks).

@@ -89,7 +89,7 @@ trait Cached: deadpool_postgres::GenericClient {
 impl<T: deadpool_postgres::GenericClient> Cached for T {}
 
 /// The schema version this binary writes (migration `i` upgrades from version `i`).
-pub const PG_SCHEMA_VERSION: i32 = 2;
+pub const PG_SCHEMA_VERSION: i32 = 3;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -180,6 +180,8 @@ const MIGRATIONS: &[&str] = &[
         WHEN (NEW.callbacks IS NOT NULL AND OLD.status IN ('queued', 'running')
               AND NEW.status NOT IN ('queued', 'running'))
         EXECUTE FUNCTION modrun_deliveries();",
+    // 2 -> 3: when a cancel was asked for a running run (µs); kept after it ends.
+    "ALTER TABLE runs ADD COLUMN cancel_requested_at bigint;",
 ];
 
 /// Advisory lock keys (the first argument of the two-key form is modrun's).
@@ -194,7 +196,8 @@ const CH_CANCEL: &str = "modrun_cancel";
 
 const RUN_COLUMNS: &str = "id, module_id, module_name, parameters, argv, mode, timeout_ms, \
     created_at, status, started_at, finished_at, pid, stopping, outcome, exit_code, signal, \
-    cancel_reason, message, output_lines, created_by, cancelled_by, attempt, callbacks";
+    cancel_reason, message, output_lines, created_by, cancelled_by, attempt, callbacks, \
+    cancel_requested_at";
 
 /// Signals queued for the runner at most. Overflow policy: a lagging receiver treats the lag as
 /// a resync (it re-reads what it waits for).
@@ -321,6 +324,7 @@ fn run_from_row(r: &Row) -> Result<Run, StoreError> {
         output_lines: r.try_get(18).map_err(bad)?,
         created_by: r.try_get(19).map_err(bad)?,
         callbacks: r.try_get(22).map_err(bad)?,
+        cancel_requested_at: r.try_get(23).map_err(bad)?,
         state: StoredState {
             status: r.try_get(8).map_err(bad)?,
             started_at: r.try_get(9).map_err(bad)?,
@@ -1273,9 +1277,9 @@ impl PgStore {
             }
             "running" => {
                 tx.cexecute(
-                    "UPDATE runs SET cancel_requested = true, cancel_by = coalesce(cancel_by, $2) \
-                     WHERE id = $1",
-                    &[&key, &by],
+                    "UPDATE runs SET cancel_requested = true, cancel_by = coalesce(cancel_by, $2), \
+                     cancel_requested_at = coalesce(cancel_requested_at, $3) WHERE id = $1",
+                    &[&key, &by, &micros(SystemTime::now())],
                 )
                 .await
                 .map_err(pg)?;
@@ -1425,6 +1429,21 @@ impl RunStore for PgStore {
     /// lapses), and queued runs wait in the database for any node.
     fn recover(&self) -> StoreFuture<'_, Recovered> {
         Box::pin(std::future::ready(Ok(Recovered::default())))
+    }
+
+    fn cancel_requested(&self, id: RunId, at: SystemTime) -> StoreFuture<'_, ()> {
+        boxed(async move {
+            let client = self.client().await?;
+            client
+                .cexecute(
+                    "UPDATE runs SET cancel_requested_at = coalesce(cancel_requested_at, $2) \
+                     WHERE id = $1 AND status = 'running'",
+                    &[&uuid(id), &micros(at)],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
     }
 
     fn probe(&self) -> StoreFuture<'_, ()> {
@@ -1685,6 +1704,7 @@ mod tests {
                 created_by: None,
                 attempt: 0,
                 callbacks: Vec::new(),
+                cancel_requested_at: None,
             },
             key: None,
             held: Held {

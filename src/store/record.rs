@@ -240,6 +240,8 @@ pub(super) struct StoredRun {
     pub created_by: Option<String>,
     /// JSON array of URLs, or none.
     pub callbacks: Option<String>,
+    /// µs.
+    pub cancel_requested_at: Option<i64>,
     pub state: StoredState,
 }
 
@@ -281,6 +283,7 @@ impl StoredRun {
                     serde_json::from_str(&text).map_err(|_| "bad callbacks".to_owned())?
                 }
             },
+            cancel_requested_at: self.cancel_requested_at.map(from_micros),
         })
     }
 }

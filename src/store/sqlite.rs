@@ -25,7 +25,7 @@ use super::{
 use crate::run::{Line, Outcome, Run, RunId, RunState};
 
 /// The schema version this binary writes (migration `i` upgrades from version `i`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -99,6 +99,8 @@ const MIGRATIONS: &[&str] = &[
             coalesce(NEW.finished_at, CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER))
         FROM json_each(NEW.callbacks) AS j;
     END;",
+    // 3 -> 4: when a cancel was asked for a running run (µs); kept after it ends.
+    "ALTER TABLE runs ADD COLUMN cancel_requested_at INTEGER;",
 ];
 
 /// Commands group-committed per transaction, at most.
@@ -110,7 +112,9 @@ const PURGE_CHUNKS: i64 = 512;
 
 const RUN_COLUMNS: &str = "id, module_id, module_name, parameters, argv, mode, timeout_ms, \
     created_at, status, started_at, finished_at, pid, stopping, outcome, exit_code, signal, \
-    cancel_reason, message, output_lines, created_by, cancelled_by, callbacks";
+    cancel_reason, message, output_lines, created_by, cancelled_by, callbacks, cancel_requested_at";
+/// How many columns [`RUN_COLUMNS`] names (a query's own columns come after them).
+const RUN_COLUMN_COUNT: usize = 23;
 
 /// Why the store could not be opened. modrun refuses to start; it never replaces or resets a
 /// store it cannot read.
@@ -164,6 +168,7 @@ enum Cmd {
     Probe(Reply<()>),
     ClaimDeliveries(SystemTime, Duration, usize, Reply<Vec<DueDelivery>>),
     RecordDelivery(String, DeliveryResult, Reply<()>),
+    CancelRequested(RunId, SystemTime, Reply<()>),
 }
 
 impl Cmd {
@@ -178,6 +183,7 @@ impl Cmd {
             Cmd::Probe(to) => drop(to.send(Err(e))),
             Cmd::ClaimDeliveries(_, _, _, to) => drop(to.send(Err(e))),
             Cmd::RecordDelivery(_, _, to) => drop(to.send(Err(e))),
+            Cmd::CancelRequested(_, _, to) => drop(to.send(Err(e))),
         }
     }
 }
@@ -462,7 +468,19 @@ fn apply(
             reply(to, claim_deliveries(tx, now, hold, limit), failed)
         }
         Cmd::RecordDelivery(id, result, to) => reply(to, record_delivery(tx, &id, &result), failed),
+        Cmd::CancelRequested(id, at, to) => reply(to, cancel_requested(tx, id, at), failed),
     }
+}
+
+/// Note the first cancel request of a running run.
+fn cancel_requested(c: &Connection, id: RunId, at: SystemTime) -> Result<(), StoreError> {
+    c.prepare_cached(
+        "UPDATE runs SET cancel_requested_at = coalesce(cancel_requested_at, ?2) \
+         WHERE id = ?1 AND status = 'running'",
+    )
+    .and_then(|mut st| st.execute(rusqlite::params![&id_bytes(id)[..], micros(at)]))
+    .map_err(backend)?;
+    Ok(())
 }
 
 fn get_run(c: &Connection, id: RunId) -> Result<Option<Run>, StoreError> {
@@ -812,14 +830,14 @@ fn recover(c: &Connection) -> Result<Recovered, StoreError> {
         .and_then(|mut s| {
             s.query_map([status], |r| {
                 let secrets = match r
-                    .get::<_, Option<String>>(23)?
+                    .get::<_, Option<String>>(RUN_COLUMN_COUNT + 1)?
                     .map(|t| serde_json::from_str(&t))
                 {
                     None => serde_json::Map::new(),
                     Some(Ok(serde_json::Value::Object(m))) => m,
                     Some(_) => {
                         return Err(rusqlite::Error::FromSqlConversionFailure(
-                            23,
+                            RUN_COLUMN_COUNT + 1,
                             rusqlite::types::Type::Text,
                             "bad secrets in the store".into(),
                         ));
@@ -828,7 +846,7 @@ fn recover(c: &Connection) -> Result<Recovered, StoreError> {
                 Ok((
                     run_from_row(r)?,
                     Held {
-                        stdin: r.get(22)?,
+                        stdin: r.get(RUN_COLUMN_COUNT)?,
                         secrets,
                     },
                 ))
@@ -877,6 +895,7 @@ fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
         output_lines: r.get(18)?,
         created_by: r.get(19)?,
         callbacks: r.get(21)?,
+        cancel_requested_at: r.get(22)?,
         state: StoredState {
             status: r.get(8)?,
             started_at: r.get(9)?,
@@ -986,6 +1005,10 @@ impl RunStore for SqliteStore {
         self.send(|to| Cmd::RecordDelivery(id, result, to))
     }
 
+    fn cancel_requested(&self, id: RunId, at: SystemTime) -> StoreFuture<'_, ()> {
+        self.send(|to| Cmd::CancelRequested(id, at, to))
+    }
+
     fn deliveries(&self, run: RunId) -> StoreFuture<'_, Vec<DeliveryState>> {
         self.read(move |c| deliveries_of(c, run))
     }
@@ -1002,6 +1025,12 @@ impl RunStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Queries that read columns past the run's count on [`RUN_COLUMN_COUNT`].
+    #[test]
+    fn the_run_column_count_is_right() {
+        assert_eq!(RUN_COLUMNS.split(',').count(), RUN_COLUMN_COUNT);
+    }
 
     /// The SQLite failures that pass are outages with a plain reason; the rest are failures.
     #[test]

@@ -84,13 +84,28 @@ async fn sigkill_after_grace() {
     let pgid = app.wait_pid(id).await;
     assert!(wait_until_output(&app, id, 1).await);
     let t = Instant::now();
-    app.cancel_run(id).await;
+    let answer: Value = app.cancel_run(id).await.json().await.unwrap();
+    // The answer shows the cancel under way.
+    assert_eq!(answer["status"], "running");
+    let asked = answer["cancel_requested_at"]
+        .as_str()
+        .expect("a time")
+        .to_owned();
     let mid = app.get_run(id).await;
     assert_eq!(
         mid["status"], "running",
         "still stopping during the grace period"
     );
+    assert_eq!(mid["cancel_requested_at"], asked.as_str());
+    // A second request does not move the time of the first.
+    app.cancel_run(id).await;
+    assert_eq!(app.get_run(id).await["cancel_requested_at"], asked.as_str());
     let done = app.wait_finished(id).await;
+    assert_eq!(
+        done["cancel_requested_at"],
+        asked.as_str(),
+        "kept after the end"
+    );
     assert!(
         t.elapsed() >= Duration::from_millis(900),
         "waited for the grace period"
@@ -117,6 +132,7 @@ async fn cancel_queued_run() {
     assert_eq!(run["status"], "cancelled");
     assert_eq!(run["started_at"], Value::Null);
     assert_eq!(run["pid"], Value::Null);
+    assert_eq!(run["cancel_requested_at"], Value::Null, "it ended at once");
     assert!(run["finished_at"].is_string());
     assert_eq!(run["error"], "the run was cancelled before it started");
     let events = app.stream_run(qid, None).await;

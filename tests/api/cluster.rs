@@ -615,6 +615,9 @@ async fn cancel_reaches_the_owning_node() {
             .await
             .unwrap();
         assert_eq!(res.status(), StatusCode::ACCEPTED);
+        let answer: Value = res.json().await.unwrap();
+        let requested = answer["cancel_requested_at"].as_str().map(str::to_owned);
+        assert!(requested.is_some(), "the answer shows the cancel: {answer}");
         let term = c.work().join(format!("term-{id}"));
         let limit = if round == 0 {
             Duration::from_secs(1)
@@ -628,6 +631,7 @@ async fn cancel_reaches_the_owning_node() {
         let took = asked.elapsed();
         let run = c.wait_run(0, &id, Duration::from_secs(20), finished).await;
         assert_eq!(run["status"], "cancelled", "round {round}, after {took:?}");
+        assert_eq!(run["cancel_requested_at"].as_str(), requested.as_deref());
     }
 
     // Cancelled while queued (behind a run of a module limited to one).
