@@ -13,6 +13,7 @@ RUN mkdir -p src bench/harness/src \
  && rm -rf src target/release/.fingerprint/modrun-* target/release/deps/modrun-* \
            target/release/deps/libmodrun-* target/release/modrun
 COPY openapi.yaml ./
+COPY ui ui
 COPY src src
 RUN cargo build --release --locked --bin modrun
 

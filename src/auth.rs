@@ -177,6 +177,11 @@ impl Caller {
         self.scopes.contains(&scope)
     }
 
+    /// Every scope it has.
+    pub fn scopes(&self) -> &[Scope] {
+        &self.scopes
+    }
+
     /// True if it may see (and run) module `id`.
     pub fn sees_module(&self, id: &str) -> bool {
         self.modules

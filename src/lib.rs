@@ -51,7 +51,8 @@
 //!   that masks a run's secrets in every line, also across reads and cuts (`output::redact`).
 //! - [`registry`] — live runs in front of the store; `registry::persist` (the output flusher,
 //!   run ends, the retention purger, store outages: bounded buffering, held-back run ends,
-//!   a probe, [`registry::StoreHealth`] for readiness) and `registry::cursor` (readers).
+//!   a probe, [`registry::StoreHealth`] for readiness), `registry::cursor` (readers) and
+//!   `registry::events` (the feed of run changes: a bounded ring with resumable ids).
 //! - [`store`] — the persistence boundary ([`store::RunStore`], plus [`store::Cluster`] for a
 //!   store that several nodes share): the embedded SQLite store (writer thread with group
 //!   commit, read pool, migrations, lock file), the memory store, and the PostgreSQL store
@@ -70,7 +71,11 @@
 //!   kills the pool if modrun dies; the subreaper fallback; rlimits).
 //!   Children are started by `runner::spawn` with `clone(CLONE_VM | CLONE_VFORK)` (not fork:
 //!   see its docs), the crate's one documented exception to `unsafe_code = "deny"`.
-//! - [`api`] — the only code that knows HTTP. `api::server` is the connection loop (hyper under
+//! - [`api`] — the only code that knows HTTP. `api::events` is `GET /events` (every run's
+//!   changes as SSE, from the registry's feed, `registry::events`); `api::session` the
+//!   dashboard's sign-in cookie (checked with the CSRF header in `api::access`);
+//!   `api::dashboard` serves the page of `ui/`, compiled in.
+//!   `api::server` is the connection loop (hyper under
 //!   the router): header and idle timeouts, the connection limit (503 past it, even out of file
 //!   descriptors), TLS ([`tls`]), graceful shutdown. Domain errors become problem+json in one place
 //!   (`api::error`): a store outage is a 503 with a plain reason, an internal failure a 500 that

@@ -29,6 +29,13 @@ pub const ROUTES: &[(&str, &str, Option<Scope>)] = &[
     ("DELETE", "/runs/{id}", Some(Scope::RunsCancel)),
     ("GET", "/runs/{id}/output", Some(Scope::RunsRead)),
     ("GET", "/runs/{id}/stream", Some(Scope::RunsRead)),
+    ("GET", "/events", Some(Scope::RunsRead)),
+    ("GET", "/", None),
+    ("GET", "/ui/app.js", None),
+    ("GET", "/ui/app.css", None),
+    ("GET", "/session", None),
+    ("POST", "/session", None),
+    ("DELETE", "/session", None),
 ];
 
 /// The scope a matched route needs: `Ok(None)` for an open route, `Err` for a route that is not
@@ -87,15 +94,17 @@ async fn check(
             return (refused.into_response(), None);
         }
     };
-    let header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(HeaderValue::as_bytes);
     let auth = state.live.get().auth.clone();
-    let caller = match auth.authenticate(header) {
-        Ok(caller) => caller,
+    let (caller, by_cookie) = match credentials(&auth, req.headers()) {
+        Ok(c) => c,
         Err(e) => return (unauthorized(e), None),
     };
+    if by_cookie && !is_safe(req.method()) && !req.headers().contains_key(CSRF_HEADER) {
+        let refused = ApiError::forbidden(format!(
+            "a request signed in with the session cookie must carry the `{CSRF_HEADER}` header"
+        ));
+        return (refused.into_response(), caller.name().map(str::to_owned));
+    }
     let token = caller.name().map(str::to_owned);
     if !caller.can(scope) {
         let refused = ApiError::forbidden(format!(
@@ -106,6 +115,49 @@ async fn check(
     }
     req.extensions_mut().insert(caller);
     (next.run(req).await, token)
+}
+
+/// The session cookie of the dashboard: the API token itself, `HttpOnly` (no script reads it)
+/// and `SameSite=Strict` (no other site's page sends it).
+pub const SESSION_COOKIE: &str = "modrun_session";
+
+/// The header a state-changing request signed in by the session cookie must carry: another
+/// site can make a browser send a cookie-bearing form, never a custom header (that needs a
+/// CORS preflight, which modrun never grants).
+pub const CSRF_HEADER: &str = "x-modrun-csrf";
+
+fn is_safe(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// The token of the session cookie, if the request has one.
+pub fn session_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == SESSION_COOKIE && !v.is_empty()).then_some(v)
+        })
+}
+
+/// Who is asking: the `Authorization` header when there is one, else the session cookie,
+/// else anonymous (when the server allows it). `true` when the cookie was used.
+pub fn credentials(
+    auth: &crate::auth::Auth,
+    headers: &axum::http::HeaderMap,
+) -> Result<(Arc<Caller>, bool), AuthError> {
+    if let Some(h) = headers.get(header::AUTHORIZATION) {
+        return auth.authenticate(Some(h.as_bytes())).map(|c| (c, false));
+    }
+    match session_token(headers) {
+        Some(token) => auth
+            .authenticate(Some(format!("Bearer {token}").as_bytes()))
+            .map(|c| (c, true)),
+        None => auth.authenticate(None).map(|c| (c, false)),
+    }
 }
 
 /// 401 with the challenge RFC 6750 asks for.

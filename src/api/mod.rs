@@ -1,11 +1,14 @@
 //! The HTTP API: the router, its state, and the handlers. The only code that knows HTTP.
 
 mod access;
+mod dashboard;
 mod dto;
 mod error;
+mod events;
 mod extract;
 mod runs;
 pub mod server;
+mod session;
 mod sse;
 
 use std::sync::Arc;
@@ -119,6 +122,16 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{id}", get(runs::get).delete(runs::cancel))
         .route("/runs/{id}/output", get(runs::output))
         .route("/runs/{id}/stream", get(sse::stream))
+        .route("/events", get(events::events))
+        .route("/", get(dashboard::page))
+        .route("/ui/app.js", get(dashboard::script))
+        .route("/ui/app.css", get(dashboard::style))
+        .route(
+            "/session",
+            get(session::get)
+                .post(session::sign_in)
+                .delete(session::sign_out),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             access::authorize,

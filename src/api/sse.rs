@@ -110,10 +110,10 @@ struct Follow {
 }
 
 /// An open stream, as the metrics see it: counted open from its creation to its drop.
-struct OpenStream(Arc<crate::metrics::Metrics>);
+pub(super) struct OpenStream(Arc<crate::metrics::Metrics>);
 
 impl OpenStream {
-    fn new(metrics: Arc<crate::metrics::Metrics>, resumed: bool) -> Self {
+    pub(super) fn new(metrics: Arc<crate::metrics::Metrics>, resumed: bool) -> Self {
         metrics.sse_open.inc();
         if resumed {
             metrics.sse_resumed.inc();

@@ -13,7 +13,8 @@
 //! - A store that cannot write (`persist`) makes live runs hold their output in bounded memory
 //!   and their end in `pending`, until the flusher finds the store writable again.
 //!
-//! `cursor` is a reader's position in a run's output (replay, then live).
+//! `cursor` is a reader's position in a run's output (replay, then live); `events` is the
+//! feed of run changes (`GET /events`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,9 +28,11 @@ use crate::store::{
 };
 
 mod cursor;
+pub mod events;
 mod persist;
 
 pub use cursor::Cursor;
+pub use events::RunFeed;
 pub use persist::{FLUSH_EVERY, PROBE_EVERY, StoreHealth};
 
 /// Live runs in front of a store.
@@ -54,6 +57,8 @@ pub struct Registry {
     pending: Mutex<Vec<(RunId, RunState)>>,
     /// The server's metrics (runs, output, store writes).
     metrics: Arc<Metrics>,
+    /// Every creation and status change of a run here, for `GET /events`.
+    feed: RunFeed,
     /// Fired when a run's end is written (its completion callbacks are due). A `Notify` keeps
     /// at most one wake-up: nothing queues.
     ended: Arc<tokio::sync::Notify>,
@@ -104,7 +109,13 @@ impl Registry {
             limits,
             health: StoreHealth::default(),
             pending: Mutex::default(),
+            feed: RunFeed::default(),
         }
+    }
+
+    /// The feed of run changes.
+    pub fn feed(&self) -> &RunFeed {
+        &self.feed
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, HashMap<RunId, Live>> {
@@ -153,6 +164,7 @@ impl Registry {
             if !queued_elsewhere {
                 self.adopt(run.clone(), redactor, 0);
             }
+            self.feed.publish(run.clone());
         }
         Ok(created)
     }
@@ -212,15 +224,16 @@ impl Registry {
     /// A cancel was asked for running run `id` at `at`: shown at once (a live run) and
     /// written to the store (kept after the run ends). The first request's time stays.
     pub async fn cancel_requested(&self, id: RunId, at: SystemTime) -> Result<(), StoreError> {
-        let log = {
+        let live = {
             let mut map = self.lock();
             map.get_mut(&id).map(|live| {
                 live.run.cancel_requested_at.get_or_insert(at);
-                live.log.clone()
+                (live.snapshot(), live.log.clone())
             })
         };
-        if let Some(log) = log {
+        if let Some((run, log)) = live {
             log.touch();
+            self.feed.publish(run);
         }
         let written = self.store.cancel_requested(id, at).await;
         self.health.note(&written);
@@ -262,20 +275,26 @@ impl Registry {
                 (live.snapshot(), live.log.clone())
             })
         };
-        match live {
+        let run = match live {
             Some((run, log)) => {
                 log.touch();
-                Ok(run)
+                run
             }
             // Not live (a run recovered at start-up): the store has the whole record.
-            None => self.store.get(id).await?.ok_or(StoreError::NotFound(id)),
-        }
+            None => self.store.get(id).await?.ok_or(StoreError::NotFound(id))?,
+        };
+        self.feed.publish(run.clone());
+        Ok(run)
     }
 
     /// The store refused a run's final state: take it here anyway (memory only), so that the run
     /// is seen to end. Wakes the run's readers.
     pub fn finish_in_memory(&self, id: RunId, state: RunState) {
         self.update_live(id, |s| *s = state);
+        let run = self.lock().get(&id).map(Live::snapshot);
+        if let Some(run) = run {
+            self.feed.publish(run);
+        }
     }
 
     /// A run is finished and its output persisted: serve it from the store from now on.

@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 mod connections;
 mod contain;
+mod dashboard;
 mod errors;
 mod faults;
 mod faulty;
