@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::AppState;
 use super::access::CallerExt;
-use super::dto::run_json;
+use super::dto::RunDto;
 use super::error::ApiError;
 use super::sse::OpenStream;
 use crate::auth::Caller;
@@ -133,7 +133,7 @@ impl FeedFollow {
                         buf.extend_from_slice(b"event: run\nid: ");
                         buf.extend_from_slice(feed.event_id(e.seq).as_bytes());
                         buf.extend_from_slice(b"\ndata: ");
-                        let _ = serde_json::to_writer(&mut buf, &run_json(&e.run));
+                        let _ = serde_json::to_writer(&mut buf, &RunDto::from(&*e.run));
                         buf.extend_from_slice(b"\n\n");
                     }
                     if !buf.is_empty() {

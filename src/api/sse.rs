@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::AppState;
 use super::access::CallerExt;
-use super::dto::run_json;
+use super::dto::RunDto;
 use super::error::ApiError;
 use super::extract::{QueryPairs, RunIdPath};
 use crate::registry::{Cursor, Registry};
@@ -145,7 +145,7 @@ fn push_run_event(buf: &mut Vec<u8>, kind: &str, run: &Run) {
     buf.extend_from_slice(kind.as_bytes());
     buf.extend_from_slice(b"\ndata: ");
     // A JSON serialisation never contains a raw newline, so one data line is enough.
-    let _ = serde_json::to_writer(&mut *buf, &run_json(run));
+    let _ = serde_json::to_writer(&mut *buf, &RunDto::from(run));
     buf.extend_from_slice(b"\n\n");
 }
 

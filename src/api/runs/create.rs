@@ -402,10 +402,11 @@ pub async fn create(
     if wants_text(&headers) {
         return Ok(text_answer(&state, status, &run, filter, log));
     }
-    let mut body = run_json(&run);
-    if include_output {
-        body["output"] = first_lines(&state, &run, filter).await?;
+    if !include_output {
+        return Ok(super::run_response(status, &run));
     }
+    let mut body = run_json(&run);
+    body["output"] = first_lines(&state, &run, filter).await?;
     let mut res = (status, Json(body)).into_response();
     if let Ok(loc) = HeaderValue::from_str(&format!("/runs/{}", run.id)) {
         res.headers_mut().insert(header::LOCATION, loc);

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::access::CallerExt;
-use super::dto::run_json;
+use super::dto::{RunDto, run_json};
 use super::error::ApiError;
 use super::extract::{QueryPairs, RunIdPath};
 use crate::auth::Caller;
@@ -23,8 +23,9 @@ use crate::module::{FieldError, echo};
 use crate::run::{Run, RunId, RunStatus};
 use crate::store::ListQuery;
 
-fn run_response(status: StatusCode, run: &Run) -> Response {
-    let mut res = (status, Json(run_json(run))).into_response();
+pub(super) fn run_response(status: StatusCode, run: &Run) -> Response {
+    // Straight from the wire shape to bytes (no JSON tree in between).
+    let mut res = (status, Json(RunDto::from(run))).into_response();
     if let Ok(loc) = HeaderValue::from_str(&format!("/runs/{}", run.id)) {
         res.headers_mut().insert(header::LOCATION, loc);
     }
