@@ -704,3 +704,41 @@ async fn final_status_and_output_survive_store_errors() {
         "the store never took it"
     );
 }
+
+/// A child starts with the signal dispositions a program expects: SIGPIPE at its default
+/// (the Rust runtime of the server ignores it), the other signals the server ignores still
+/// ignored (as any child inherits them), nothing caught.
+#[tokio::test]
+async fn a_child_starts_with_default_signal_dispositions() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = script(
+        dir.path(),
+        "sigs.sh",
+        "#!/bin/sh\nexec cat /proc/self/status\n",
+    );
+    let out = execute_module(&s, Vec::<String>::new(), dir.path(), RunMode::Async)
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0, "{}", out.stderr);
+    let mask = |status: &str, name: &str| {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in {status}"));
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    let pipe = 1u64 << (13 - 1);
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+    assert_ne!(
+        mask(&ours, "SigIgn:") & pipe,
+        0,
+        "the server ignores SIGPIPE"
+    );
+    assert_eq!(
+        mask(&out.stdout, "SigIgn:"),
+        mask(&ours, "SigIgn:") & !pipe,
+        "{}",
+        out.stdout
+    );
+    assert_eq!(mask(&out.stdout, "SigCgt:"), 0, "{}", out.stdout);
+}
