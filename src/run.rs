@@ -403,6 +403,27 @@ pub struct Run {
 }
 
 impl Run {
+    /// A queued run of `module` (`true`, async mode, 60 s), for tests.
+    #[cfg(test)]
+    pub(crate) fn queued_for_test(module: &str) -> Run {
+        Run {
+            id: RunId::new(),
+            module_id: module.into(),
+            module_name: module.into(),
+            parameters: Default::default(),
+            argv: vec!["true".into()],
+            mode: RunMode::Async,
+            timeout: Duration::from_secs(60),
+            created_at: SystemTime::now(),
+            state: RunState::Queued,
+            output_lines: 0,
+            created_by: None,
+            attempt: 0,
+            callbacks: Vec::new(),
+            cancel_requested_at: None,
+        }
+    }
+
     /// Shortcut for `self.state.status()`.
     pub fn status(&self) -> RunStatus {
         self.state.status()

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Extension;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -22,7 +22,7 @@ use super::AppState;
 use super::access::CallerExt;
 use super::dto::RunDto;
 use super::error::ApiError;
-use super::sse::OpenStream;
+use super::sse::{Events, OpenStream, event_stream};
 use crate::auth::Caller;
 use crate::registry::Registry;
 use crate::registry::events::Position;
@@ -68,19 +68,13 @@ pub async fn events(
         _slot: slot,
         _open: open,
     };
-    let body = futures_util::stream::unfold(follow, |mut f| async move {
-        let chunk = f.next_chunk().await?;
-        Some((Ok::<_, std::convert::Infallible>(chunk), f))
-    });
-    let mut res = Body::from_stream(body).into_response();
-    let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(res)
+    Ok(event_stream(follow))
+}
+
+impl Events for FeedFollow {
+    fn next_chunk(&mut self) -> impl Future<Output = Option<Bytes>> + Send + '_ {
+        FeedFollow::next_events(self)
+    }
 }
 
 struct FeedFollow {
@@ -105,7 +99,7 @@ impl FeedFollow {
         buf.extend_from_slice(format!("event: {kind}\nid: {id}\ndata: {{}}\n\n").as_bytes());
     }
 
-    async fn next_chunk(&mut self) -> Option<Bytes> {
+    async fn next_events(&mut self) -> Option<Bytes> {
         if self.done {
             return None;
         }

@@ -76,7 +76,25 @@ pub async fn stream(
         _slot: Some(slot),
         _open: open,
     };
-    let body = futures_util::stream::unfold(follow, |mut f| async move {
+    Ok(event_stream(follow))
+}
+
+/// What an event stream sends: its next whole events (or a keep-alive comment), `None` once
+/// it is over.
+pub(super) trait Events: Send + 'static {
+    /// The next bytes to send.
+    fn next_chunk(&mut self) -> impl Future<Output = Option<Bytes>> + Send + '_;
+}
+
+impl Events for Follow {
+    fn next_chunk(&mut self) -> impl Future<Output = Option<Bytes>> + Send + '_ {
+        Follow::next_events(self)
+    }
+}
+
+/// The response of an event stream: `source`'s chunks as they come, not buffered by proxies.
+pub(super) fn event_stream(source: impl Events) -> Response {
+    let body = futures_util::stream::unfold(source, |mut f| async move {
         let chunk = f.next_chunk().await?;
         Some((Ok::<_, std::convert::Infallible>(chunk), f))
     });
@@ -88,7 +106,7 @@ pub async fn stream(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(res)
+    res
 }
 
 struct Follow {
@@ -203,7 +221,7 @@ impl Follow {
 
     /// The next bytes to send: one or more whole events (or a keep-alive comment); `None` once
     /// the stream is over.
-    async fn next_chunk(&mut self) -> Option<Bytes> {
+    async fn next_events(&mut self) -> Option<Bytes> {
         if self.done {
             return None;
         }
@@ -375,7 +393,7 @@ mod tests {
                 })
                 .collect()
         };
-        let first = follow.next_chunk().await.unwrap();
+        let first = follow.next_events().await.unwrap();
         assert_eq!(events(&first), [("status".into(), "queued".into())]);
 
         let started_at = SystemTime::now();
@@ -399,7 +417,7 @@ mod tests {
             .transition(id, Expect::Running, finished)
             .await
             .unwrap();
-        let rest = follow.next_chunk().await.unwrap();
+        let rest = follow.next_events().await.unwrap();
         let expected: Vec<(String, String)> = [
             ("status", "running"),
             ("status", "succeeded"),
@@ -408,7 +426,7 @@ mod tests {
         .map(|(e, s)| (e.to_owned(), s.to_owned()))
         .to_vec();
         assert_eq!(events(&rest), expected);
-        assert!(follow.next_chunk().await.is_none());
+        assert!(follow.next_events().await.is_none());
     }
 
     #[test]

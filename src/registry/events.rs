@@ -142,25 +142,9 @@ impl RunFeed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::{RunId, RunMode, RunState};
 
     fn run() -> Run {
-        Run {
-            id: RunId::new(),
-            module_id: "m".into(),
-            module_name: "m".into(),
-            parameters: Default::default(),
-            argv: Vec::new(),
-            mode: RunMode::Async,
-            timeout: std::time::Duration::from_secs(1),
-            created_at: SystemTime::now(),
-            state: RunState::Queued,
-            output_lines: 0,
-            created_by: None,
-            attempt: 0,
-            callbacks: Vec::new(),
-            cancel_requested_at: None,
-        }
+        Run::queued_for_test("m")
     }
 
     /// A subscriber resumes from its id while the ring holds it; another feed's id, a bad one,

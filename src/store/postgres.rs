@@ -1661,7 +1661,7 @@ impl Cluster for PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::{Exit, RunMode, RunStatus, Stream};
+    use crate::run::{Exit, RunStatus, Stream};
     use crate::store::RunPolicy;
     use crate::store::contract::pg;
 
@@ -1690,22 +1690,7 @@ mod tests {
 
     fn queued(module: &str, policy: RunPolicy) -> NewRun {
         NewRun {
-            run: Run {
-                id: RunId::new(),
-                module_id: module.into(),
-                module_name: module.into(),
-                parameters: Default::default(),
-                argv: vec!["true".into()],
-                mode: RunMode::Async,
-                timeout: Duration::from_secs(60),
-                created_at: SystemTime::now(),
-                state: RunState::Queued,
-                output_lines: 0,
-                created_by: None,
-                attempt: 0,
-                callbacks: Vec::new(),
-                cancel_requested_at: None,
-            },
+            run: Run::queued_for_test(module),
             key: None,
             held: Held {
                 stdin: Some("input".into()),

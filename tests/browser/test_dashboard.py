@@ -66,6 +66,15 @@ def call(base, method, path, body=None, token=None):
         return json.loads(res.read() or b"null")
 
 
+def shut(*socks):
+    """Both directions of each socket, whatever state it is in."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class CuttingProxy:
     """A TCP proxy that cuts a connection once it has passed `cut` bytes of a run's event
     stream to the browser (other requests pass whole)."""
@@ -103,11 +112,7 @@ class CuttingProxy:
             except OSError:
                 pass
             finally:
-                for s in (client, server):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                shut(client, server)
 
         threading.Thread(target=up, daemon=True).start()
         passed = 0
@@ -128,12 +133,9 @@ class CuttingProxy:
         except OSError:
             pass
         finally:
-            for s in (client, server):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+            shut(client, server)
+            client.close()
+            server.close()
 
 
 def browser():
