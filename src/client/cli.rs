@@ -421,8 +421,11 @@ async fn follow_run(client: &Client, id: &str, cancel_on_interrupt: bool) -> u8 
                     say(format_args!("cannot cancel run {id}: {e}"));
                 }
             }
-            _ = tick.tick(), if tty && queued.get() => {
-                if let Some(n) = queue_position(client, id).await
+            // Enabled on a terminal whatever the status: a precondition is only looked at
+            // when the select starts again, which the stream does not make it do.
+            _ = tick.tick(), if tty => {
+                if queued.get()
+                    && let Some(n) = queue_position(client, id).await
                     && queued.get()
                 {
                     let _ = std::io::Write::write_all(

@@ -348,3 +348,49 @@ async fn a_lost_answer_and_a_cut_stream_lose_nothing() {
     assert!(connections.load(Ordering::SeqCst) > 20, "{connections:?}");
     app.stop().await;
 }
+
+/// On a terminal (a pty, through `script`), `modrun run` shows the run's place in the queue
+/// until it starts, then wipes that line and prints the output.
+#[tokio::test]
+async fn a_terminal_sees_the_queue_position() {
+    let app =
+        spawn_app_with(&base_config("").replace("max_concurrent = 4", "max_concurrent = 1")).await;
+    let blocker = app.start("sleep", serde_json::json!({"s": 60})).await;
+    let blocker = blocker["id"].as_str().unwrap().to_owned();
+    app.wait_pid(&blocker).await;
+    let cmd = format!("{} run lines -p n=2", binary().display());
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .env("MODRUN_URL", &app.base)
+        .env_remove("MODRUN_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("script(1), from util-linux");
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !String::from_utf8_lossy(&seen).contains("queued (position 1)") {
+            let n = out.read(&mut buf).await.unwrap();
+            assert!(n > 0, "ended early: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the queue position in time");
+    app.cancel_run(&blocker).await;
+    tokio::time::timeout(Duration::from_secs(20), out.read_to_end(&mut seen))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = child.wait().await.unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = String::from_utf8_lossy(&seen);
+    let after = &text[text.rfind("queued (position 1)").unwrap()..];
+    assert!(after.contains("\r\x1b[K"), "the line is wiped: {after:?}");
+    assert!(after.contains("line 1\r\nline 2\r\n"), "{after:?}");
+    app.stop().await;
+}
