@@ -1,6 +1,7 @@
 //! Run changes as one feed (`GET /events`): every creation and status change of a run on this
 //! node, numbered, kept in a bounded ring so that a subscriber that reconnects resumes where
-//! it was (`Last-Event-ID`), or learns that it fell behind and must reload (`reset`).
+//! it was (`Last-Event-ID`), or learns that it fell behind and must reload (`reset`). Changes
+//! are kept from the first subscription on: a server nobody watches copies nothing per run.
 //!
 //! An event id is `<feed>.<seq>`: `feed` names this feed (it changes at every start of the
 //! process), `seq` counts its events from 1. An id of another feed, or one older than the
@@ -9,6 +10,7 @@
 //! talks to, and the shared history through `GET /runs`.)
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -48,6 +50,9 @@ pub struct RunFeed {
     /// Bumped after every event. Overflow policy: a watch keeps only the latest value; a woken
     /// subscriber reads the ring from its own position, so nothing queues for a slow one.
     changes: watch::Sender<u64>,
+    /// Set by the first subscription. Before it, nobody can hold a position in this feed (its
+    /// ids are new at every start), so a change is not worth a copy of its run.
+    watched: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +71,7 @@ impl Default for RunFeed {
             id: format!("{started:x}"),
             inner: Mutex::default(),
             changes: watch::Sender::new(0),
+            watched: AtomicBool::new(false),
         }
     }
 }
@@ -75,8 +81,16 @@ impl RunFeed {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A run was created or changed: this is it now.
+    /// Whether a change is worth publishing: someone has subscribed to this feed.
+    pub fn watched(&self) -> bool {
+        self.watched.load(Ordering::Relaxed)
+    }
+
+    /// A run was created or changed: this is it now. (Nothing until the first subscription.)
     pub fn publish(&self, run: Run) {
+        if !self.watched() {
+            return;
+        }
         let seq = {
             let mut ring = self.lock();
             ring.last += 1;
@@ -133,8 +147,10 @@ impl RunFeed {
         Ok(ring.events.range(start..).take(limit).cloned().collect())
     }
 
-    /// A receiver that fires after each event; mark it seen before reading.
+    /// A receiver that fires after each event; mark it seen before reading. From the first
+    /// subscription on, every change is kept in the ring.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.watched.store(true, Ordering::Relaxed);
         self.changes.subscribe()
     }
 }
@@ -152,6 +168,10 @@ mod tests {
     #[test]
     fn positions_resume_or_reset() {
         let feed = RunFeed::default();
+        // Nobody watching yet: nothing kept.
+        feed.publish(run());
+        assert_eq!(feed.last(), 0);
+        let _rx = feed.subscribe();
         for _ in 0..3 {
             feed.publish(run());
         }

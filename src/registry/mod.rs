@@ -164,7 +164,9 @@ impl Registry {
             if !queued_elsewhere {
                 self.adopt(run.clone(), redactor, 0);
             }
-            self.feed.publish(run.clone());
+            if self.feed.watched() {
+                self.feed.publish(run.clone());
+            }
         }
         Ok(created)
     }
@@ -283,7 +285,9 @@ impl Registry {
             // Not live (a run recovered at start-up): the store has the whole record.
             None => self.store.get(id).await?.ok_or(StoreError::NotFound(id))?,
         };
-        self.feed.publish(run.clone());
+        if self.feed.watched() {
+            self.feed.publish(run.clone());
+        }
         Ok(run)
     }
 

@@ -21,7 +21,7 @@ import time
 import urllib.request
 
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -148,7 +148,7 @@ def browser():
     return webdriver.Chrome(service=service, options=opts)
 
 
-def wait(driver, what, timeout=20):
+def wait(driver, what, timeout=30):
     try:
         return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: what(d))
     except TimeoutException:
@@ -158,6 +158,18 @@ def wait(driver, what, timeout=20):
 
 def css(driver, selector):
     return driver.find_element(By.CSS_SELECTOR, selector)
+
+
+def click(driver, selector):
+    """Click what `selector` finds, finding it again if the page re-rendered it meanwhile
+    (a live row is rebuilt on each change of its run)."""
+    for _ in range(20):
+        try:
+            css(driver, selector).click()
+            return
+        except StaleElementReferenceException:
+            time.sleep(0.1)
+    raise AssertionError(f"{selector} kept changing")
 
 
 def log_lines(driver):
@@ -222,7 +234,7 @@ def test_live_table_and_cancel(driver, base):
     wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, row) and css(d, row).get_attribute("data-status") == "running")
     driver.save_screenshot(os.path.join(SHOTS, "runs.png"))
     # Cancel from the run's page.
-    css(driver, f"{row} a").click()
+    click(driver, f"{row} a")
     wait(driver, lambda d: "sleeping" in log_lines(d))
     css(driver, "#run-cancel").click()
     wait(driver, lambda d: css(d, "#run-status").text == "cancelled")
