@@ -322,7 +322,7 @@ mod tests {
     use super::{Follow, push_json_str};
     use crate::output::OutputLimits;
     use crate::registry::{Cursor, Registry};
-    use crate::run::{Exit, Outcome, Run, RunId, RunMode, RunState};
+    use crate::run::{Exit, Outcome, Run, RunState};
     use crate::store::{Expect, MemoryStore, NewRun};
 
     /// A subscriber that saw the run queued, and next sees it finished, still gets `running`
@@ -334,20 +334,9 @@ mod tests {
             OutputLimits::default(),
         ));
         let run = Run {
-            id: RunId::new(),
-            module_id: "m".into(),
             module_name: "M".into(),
-            parameters: serde_json::Map::new(),
-            argv: vec!["true".into()],
-            mode: RunMode::Async,
             timeout: Duration::from_secs(10),
-            created_at: SystemTime::now(),
-            state: RunState::Queued,
-            output_lines: 0,
-            created_by: None,
-            attempt: 0,
-            callbacks: Vec::new(),
-            cancel_requested_at: None,
+            ..Run::queued_for_test("m")
         };
         let id = run.id;
         registry

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::*;
-use crate::run::{CancelReason, Outcome, RunMode, RunStatus, Stream};
+use crate::run::{CancelReason, Outcome, RunStatus, Stream};
 
 /// A store under test, and what to clean up after it.
 struct Fixture {
@@ -114,20 +114,9 @@ async fn postgres() -> Fixture {
 
 fn run(module: &str, state: RunState) -> Run {
     Run {
-        id: RunId::new(),
-        module_id: module.into(),
-        module_name: module.into(),
-        parameters: Default::default(),
-        argv: vec!["true".into()],
-        mode: RunMode::Async,
         timeout: Duration::from_secs(1),
-        created_at: SystemTime::now(),
         state,
-        output_lines: 0,
-        created_by: None,
-        attempt: 0,
-        callbacks: Vec::new(),
-        cancel_requested_at: None,
+        ..Run::queued_for_test(module)
     }
 }
 
