@@ -517,10 +517,13 @@ async fn a_killed_node_loses_its_runs_and_leaves_no_process() {
 #[tokio::test]
 async fn a_paused_node_is_fenced_and_retryable_runs_move() {
     let c = Cluster::start(2, "", false).await;
+    // 500 lines 20 ms apart: 10 s at least, so that neither run can end before the pause even
+    // when a loaded machine is slow to show their first lines (with 150, one once did: it was
+    // never lost and the test failed).
     let retry = c
-        .post(0, "ticker_retry", json!({"n": 150, "delay": 0.02}))
+        .post(0, "ticker_retry", json!({"n": 500, "delay": 0.02}))
         .await;
-    let once = c.post(0, "ticker", json!({"n": 150, "delay": 0.02})).await;
+    let once = c.post(0, "ticker", json!({"n": 500, "delay": 0.02})).await;
     let (retry, once) = (
         retry["id"].as_str().unwrap().to_owned(),
         once["id"].as_str().unwrap().to_owned(),
@@ -545,7 +548,7 @@ async fn a_paused_node_is_fenced_and_retryable_runs_move() {
     signal(&c.node(0).child, Signal::SIGCONT);
 
     let done = c
-        .wait_run(1, &retry, Duration::from_secs(20), finished)
+        .wait_run(1, &retry, Duration::from_secs(60), finished)
         .await;
     assert_eq!(
         (done["status"].as_str(), done["attempt"].as_u64()),
@@ -553,7 +556,7 @@ async fn a_paused_node_is_fenced_and_retryable_runs_move() {
     );
     let out = c.output(1, &retry).await;
     let texts: Vec<&str> = out.iter().map(|l| l["line"].as_str().unwrap()).collect();
-    let want: Vec<String> = (1..=150).map(|i| format!("n2 line {i}")).collect();
+    let want: Vec<String> = (1..=500).map(|i| format!("n2 line {i}")).collect();
     assert_eq!(
         texts, want,
         "attempt 2's output, and nothing of the stale attempt"
