@@ -62,8 +62,10 @@ struct ChildArgs {
     stdin: RawFd,
     stdout: RawFd,
     stderr: RawFd,
-    /// Where the child writes its step and errno if it fails before exec (close-on-exec).
-    status: RawFd,
+    /// Where the child writes its step and errno if it fails before exec: memory of the
+    /// parent's frame, shared through `CLONE_VM` (no pipe: the parent reads it once `clone`
+    /// has returned, which `CLONE_VFORK` delays until the child has exec'd or exited).
+    report: *mut [c_int; 2],
     parent: libc::pid_t,
     /// `cgroup.procs` of the run's cgroup, open for writing; -1 for none.
     cgroup: RawFd,
@@ -163,13 +165,32 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((high_fd(fds[0])?, high_fd(fds[1])?))
 }
 
-fn dev_null() -> io::Result<OwnedFd> {
+/// /dev/null open for reading (close-on-exec), opened once: the stdin of every run without
+/// input (each child dup2s it onto its own descriptor 0).
+fn dev_null() -> io::Result<RawFd> {
+    static NULL: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = NULL.get() {
+        return Ok(fd.as_raw_fd());
+    }
     // SAFETY: a NUL-terminated literal path.
     let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    high_fd(fd)
+    let fd = high_fd(fd)?;
+    // Two threads may open it at once: one descriptor is kept, the other closed.
+    Ok(NULL.get_or_init(|| fd).as_raw_fd())
+}
+
+/// The stack a child runs on until it execs: 64 KiB, allocated once per thread that spawns
+/// and reused (a fresh allocation per run cost a heap extension and its page faults). The
+/// spawning thread is suspended while its child uses it (`CLONE_VFORK`), so one per thread
+/// is never used twice at once.
+const CHILD_STACK: usize = 64 * 1024;
+
+thread_local! {
+    static STACK: std::cell::Cell<Option<Box<[std::mem::MaybeUninit<u8>]>>> =
+        const { std::cell::Cell::new(None) };
 }
 
 /// Start `program` as `spec` describes: own process group, parent-death signal SIGKILL, stdin
@@ -205,11 +226,15 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
     let (in_r, in_w) = match spec.stdin {
         Some(_) => {
             let (r, w) = pipe()?;
-            (r, Some(w))
+            (Some(r), Some(w))
         }
-        None => (dev_null()?, None),
+        None => (None, None),
     };
-    let (status_r, status_w) = pipe()?;
+    let stdin = match &in_r {
+        Some(r) => r.as_raw_fd(),
+        None => dev_null()?,
+    };
+    let mut report: [c_int; 2] = [0, 0];
     let mut rlimits = [(
         0,
         libc::rlimit {
@@ -231,10 +256,10 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         cwd: cwd.as_ptr(),
-        stdin: in_r.as_raw_fd(),
+        stdin,
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
-        status: status_w.as_raw_fd(),
+        report: &mut report,
         // SAFETY: getpid cannot fail.
         parent: unsafe { libc::getpid() },
         cgroup: setup.cgroup_procs.unwrap_or(-1),
@@ -244,10 +269,12 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
     };
     // The child's stack: it runs there until it execs (or exits), while this thread waits.
     // Never read from Rust, so it need not be initialised.
-    let mut stack: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut stack = STACK
+        .take()
+        .unwrap_or_else(|| Box::new_uninit_slice(CHILD_STACK));
     // SAFETY: one past the end of the allocation, aligned down to 16 bytes as the ABI wants;
     // the stack grows down from there and stays alive until clone returns.
-    let top = unsafe { stack.as_mut_ptr().add(stack.capacity()) };
+    let top = unsafe { stack.as_mut_ptr().add(stack.len()) };
     let top = ((top as usize) & !15) as *mut c_void;
 
     // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask only write into it.
@@ -276,13 +303,13 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
     unsafe {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
     }
-    drop(stack);
+    STACK.set(Some(stack));
     if pid < 0 {
         return Err(clone_error.into());
     }
     leader.started(pid as u32);
     // Our copies of the child's ends: closing them lets EOF and EPIPE work.
-    drop((out_w, err_w, in_r, status_w));
+    drop((out_w, err_w, in_r));
     let mut child = Child {
         pid: pid as u32,
         stdin: in_w,
@@ -290,24 +317,18 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
         stderr: Some(err_r),
         reaped: false,
     };
-    // The exec either happened (the status pipe closed on exec: EOF) or failed (a step and
-    // an errno).
-    let mut report = [0u8; 8];
-    let n = loop {
-        // SAFETY: reads at most 8 bytes into an 8-byte buffer from a descriptor we own.
-        let n = unsafe { libc::read(status_r.as_raw_fd(), report.as_mut_ptr().cast(), 8) };
-        if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break n;
-        }
-    };
-    if n == 8 {
+    // The exec either happened (the report untouched) or failed (a step and an errno). The
+    // child wrote it before `clone` returned; a volatile read, since the compiler cannot see
+    // that write.
+    // SAFETY: `report` is a live local of this frame.
+    let [step, errno] = unsafe { std::ptr::read_volatile(&report) };
+    if step != 0 {
         let _ = child.wait_blocking();
-        let step = match i32::from_ne_bytes([report[0], report[1], report[2], report[3]]) {
+        let step = match step {
             STEP_CGROUP => Step::Cgroup,
             STEP_LIMITS => Step::Limits,
             _ => Step::Exec,
         };
-        let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
         return Err(SpawnFailure {
             step,
             error: io::Error::from_raw_os_error(errno),
@@ -317,12 +338,12 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
 }
 
 /// Report the failed step and errno to the parent and exit (child side).
-unsafe fn fail(status: RawFd, step: c_int) -> ! {
-    // SAFETY: errno location of this (borrowed) thread; write and _exit are async-signal-safe.
+unsafe fn fail(report: *mut [c_int; 2], step: c_int) -> ! {
+    // SAFETY: errno location of this (borrowed) thread; `report` points into the suspended
+    // parent's frame (shared memory); _exit is async-signal-safe.
     unsafe {
         let e = *libc::__errno_location();
-        let report: [c_int; 2] = [step, e];
-        libc::write(status, report.as_ptr().cast(), 8);
+        std::ptr::write_volatile(report, [step, e]);
         libc::_exit(127)
     }
 }
@@ -349,7 +370,7 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
             }
         }
         if libc::setpgid(0, 0) != 0 {
-            fail(a.status, STEP_EXEC);
+            fail(a.report, STEP_EXEC);
         }
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,
@@ -359,7 +380,7 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
             0,
         ) != 0
         {
-            fail(a.status, STEP_EXEC);
+            fail(a.report, STEP_EXEC);
         }
         // The parent may have died before the death signal was armed.
         if libc::getppid() != a.parent {
@@ -368,23 +389,23 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         // Into the run's cgroup: every descendant stays in it, whatever it does to its
         // process group or session.
         if a.cgroup >= 0 && libc::write(a.cgroup, b"0".as_ptr().cast(), 1) != 1 {
-            fail(a.status, STEP_CGROUP);
+            fail(a.report, STEP_CGROUP);
         }
         let no_core = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
         if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
-            fail(a.status, STEP_LIMITS);
+            fail(a.report, STEP_LIMITS);
         }
         for (resource, limit) in &a.rlimits[..a.rlimit_count] {
             if libc::setrlimit(*resource, limit) != 0 {
-                fail(a.status, STEP_LIMITS);
+                fail(a.report, STEP_LIMITS);
             }
         }
         for (from, to) in [(a.stdin, 0), (a.stdout, 1), (a.stderr, 2)] {
             if libc::dup2(from, to) < 0 {
-                fail(a.status, STEP_EXEC);
+                fail(a.report, STEP_EXEC);
             }
         }
         // Raw system calls, not the libc wrappers: glibc's setuid/setgid signal every thread
@@ -394,19 +415,19 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
                 || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
                 || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0)
         {
-            fail(a.status, STEP_LIMITS);
+            fail(a.report, STEP_LIMITS);
         }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            fail(a.status, STEP_LIMITS);
+            fail(a.report, STEP_LIMITS);
         }
         if libc::chdir(a.cwd) != 0 {
-            fail(a.status, STEP_EXEC);
+            fail(a.report, STEP_EXEC);
         }
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         libc::execve(a.path, a.argv, a.envp);
-        fail(a.status, STEP_EXEC)
+        fail(a.report, STEP_EXEC)
     }
 }
 

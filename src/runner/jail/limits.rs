@@ -31,9 +31,14 @@ pub(crate) fn rlimits(l: &Limits) -> Vec<(libc::__rlimit_resource_t, u64, u64)> 
     match (l.open_files, CHILD_OPEN_FILES.get()) {
         (Some(n), _) => out.push((libc::RLIMIT_NOFILE, n, n)),
         (None, Some(soft)) => {
-            let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-                .map_or(*soft, |(_, hard)| hard);
-            out.push((libc::RLIMIT_NOFILE, *soft, hard));
+            // Read once: modrun never changes its hard limit (a system call per run otherwise).
+            static HARD: OnceLock<Option<u64>> = OnceLock::new();
+            let hard = HARD.get_or_init(|| {
+                nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                    .ok()
+                    .map(|(_, hard)| hard)
+            });
+            out.push((libc::RLIMIT_NOFILE, *soft, hard.unwrap_or(*soft)));
         }
         (None, None) => {}
     }
