@@ -451,6 +451,20 @@ impl PgStore {
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("modrun");
         }
+        // A node that stops between two statements of a transaction (paused, starved of CPU)
+        // would hold that transaction's row locks for as long as it is stopped, and the other
+        // nodes' reaper (`FOR UPDATE SKIP LOCKED`) would skip its runs meanwhile: the database
+        // ends such a session once it has been idle in a transaction for a lease. A node that
+        // slow has lost its lease anyway (and its later writes are fenced).
+        let idle_limit = format!(
+            "-c idle_in_transaction_session_timeout={}",
+            settings.lease_ttl.as_millis().max(1)
+        );
+        let options = match pg_config.get_options() {
+            Some(given) if !given.is_empty() => format!("{given} {idle_limit}"),
+            _ => idle_limit,
+        };
+        pg_config.options(&options);
         let manager = Manager::from_config(
             pg_config.clone(),
             NoTls,
@@ -1870,6 +1884,51 @@ mod tests {
         assert_eq!(out, [3, 4], "attempt 1's output went with it");
         let run = b.get(r1.id).await.unwrap().unwrap();
         assert_eq!((run.status(), run.attempt), (RunStatus::Succeeded, 2));
+        pg::drop_schema(&schema).await;
+    }
+
+    /// A node stopped in the middle of a transaction on one of its runs (here: a row lock held
+    /// by an open transaction of its pool) does not keep the other nodes from reaping that run:
+    /// the database ends the session once it has been idle in the transaction for a lease.
+    #[tokio::test]
+    async fn a_node_stopped_inside_a_transaction_does_not_block_the_reaper() {
+        let ttl = Duration::from_secs(1);
+        let (schema, a, b) = two_nodes(ttl).await;
+        let Created::New(run) = a
+            .create(queued("once", RunPolicy::default()))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        a.claim().await.unwrap().unwrap();
+        // What a paused node mid-append leaves: an open transaction holding the run's row.
+        let mut held = a.client().await.unwrap();
+        let tx = held.transaction().await.unwrap();
+        tx.execute(
+            "SELECT 1 FROM runs WHERE id = $1 FOR SHARE",
+            &[&uuid(run.id)],
+        )
+        .await
+        .unwrap();
+        lapse(&b, a.node_id()).await;
+        let start = std::time::Instant::now();
+        loop {
+            if b.reap().await.unwrap() == 1 {
+                break;
+            }
+            assert!(
+                start.elapsed() < ttl * 10,
+                "the run was never reaped: the stopped node's lock still holds it"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            b.get(run.id).await.unwrap().unwrap().status(),
+            RunStatus::Lost
+        );
+        // The stopped node's transaction is gone with its session.
+        assert!(tx.commit().await.is_err(), "the session was ended");
         pg::drop_schema(&schema).await;
     }
 
