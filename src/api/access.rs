@@ -63,9 +63,10 @@ pub struct Served {
     pub token: Option<String>,
 }
 
-/// The middleware: authenticate the caller (`Authorization: Bearer <token>`), check the
-/// route's scope, and hand the [`Caller`] to the handler as a request extension; the response
-/// says which route served it, and for whom ([`Served`]).
+/// The middleware of every route: refuse while the server is unavailable (starting, draining),
+/// authenticate the caller (`Authorization: Bearer <token>`), check the route's scope, and
+/// hand the [`Caller`] to the handler as a request extension; the response says which route
+/// served it, and for whom ([`Served`]).
 pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let Some(route) = req
         .extensions()
@@ -74,6 +75,18 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
     else {
         return next.run(req).await;
     };
+    // While starting or shutting down, 503 for everything but the probes, the metrics and
+    // the spec (`/readyz` answers 503 itself, with the reason).
+    if let Some(why) = super::unavailable_reason(&state)
+        && !matches!(
+            route.as_str(),
+            "/healthz" | "/readyz" | "/metrics" | "/openapi.yaml"
+        )
+    {
+        let mut res = ApiError::unavailable(why).into_response();
+        res.extensions_mut().insert(Served { route, token: None });
+        return res;
+    }
     let (mut res, token) = check(&state, &route, req, next).await;
     res.extensions_mut().insert(Served { route, token });
     res

@@ -111,7 +111,7 @@ impl AppState {
 
 /// The router, without a socket (handler tests can drive it with `tower::ServiceExt::oneshot`).
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.yaml", get(openapi))
@@ -138,11 +138,12 @@ pub fn router(state: AppState) -> Router {
         ))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(state.clone(), refuse_when_unavailable))
-        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-            ApiError::internal(error::Message("a request handler panicked".into())).into_response()
-        }))
+        .with_state(state.clone());
+    // What every request goes through, once, around the whole router: a `Router::layer` wraps
+    // each route on its own, and per request each such layer cost a clone of a boxed service
+    // and a boxed future (about 50 allocations per request for five layers).
+    let service = tower::ServiceBuilder::new()
+        .layer(middleware::from_fn_with_state(state, front))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let id = req
                 .headers()
@@ -151,10 +152,12 @@ pub fn router(state: AppState) -> Router {
                 .unwrap_or("-");
             tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
         }))
-        .layer(middleware::from_fn_with_state(state.clone(), log_request))
-        .layer(middleware::from_fn(request_id))
-        .layer(middleware::from_fn(limit_head))
-        .with_state(state)
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            ApiError::internal(error::Message("a request handler panicked".into())).into_response()
+        }))
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .service(routes);
+    Router::new().fallback_service(service)
 }
 
 /// The longest request target accepted (414 past it).
@@ -162,11 +165,31 @@ const MAX_URI_BYTES: usize = 8 * 1024;
 /// The most header bytes accepted (431 past it).
 const MAX_HEADER_BYTES: usize = 32 * 1024;
 
+/// What every request goes through first: the size limits of its head, its id, its log line
+/// and its count in the metrics.
+async fn front(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if let Some(refused) = limit_head(&req) {
+        return refused;
+    }
+    let (id, value) = request_id(&mut req);
+    let method = req.method().clone();
+    let start = std::time::Instant::now();
+    let mut res = error::REQUEST_ID.scope(id.clone(), next.run(req)).await;
+    log_request(&state, &method, &id, &res, start.elapsed());
+    res.headers_mut().insert(REQUEST_ID_HEADER, value);
+    res
+}
+
 /// Refuse an over-long target or over-large headers with a problem+json answer (below the
 /// HTTP parser's own, larger limits, where it can only answer with a bare status).
-async fn limit_head(req: Request, next: Next) -> Response {
-    if req.uri().to_string().len() > MAX_URI_BYTES {
-        return ApiError::uri_too_long(MAX_URI_BYTES).into_response();
+fn limit_head(req: &Request) -> Option<Response> {
+    let uri = req.uri();
+    // The length of the target as written (without formatting it).
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    if target > MAX_URI_BYTES {
+        return Some(ApiError::uri_too_long(MAX_URI_BYTES).into_response());
     }
     let headers: usize = req
         .headers()
@@ -174,18 +197,19 @@ async fn limit_head(req: Request, next: Next) -> Response {
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum();
     if headers > MAX_HEADER_BYTES {
-        return ApiError::headers_too_large(MAX_HEADER_BYTES).into_response();
+        return Some(ApiError::headers_too_large(MAX_HEADER_BYTES).into_response());
     }
-    next.run(req).await
+    None
 }
 
 /// The header that carries a request's id, both ways.
 const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Give every request an id: the client's `x-request-id` when it is a plain token (at most 64
-/// of `[A-Za-z0-9._-]`), else a fresh UUID. It is set on the request (for the log span), scoped
-/// for error answers ([`error::REQUEST_ID`]) and sent back on the response.
-async fn request_id(mut req: Request, next: Next) -> Response {
+/// of `[A-Za-z0-9._-]`), else a fresh UUID. It is set on the request (for the log span); the
+/// caller scopes it for error answers ([`error::REQUEST_ID`]) and sends it back on the
+/// response.
+fn request_id(req: &mut Request) -> (Arc<str>, HeaderValue) {
     let given = req
         .headers()
         .get(REQUEST_ID_HEADER)
@@ -201,34 +225,31 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         .into();
     let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"));
     req.headers_mut().insert(REQUEST_ID_HEADER, value.clone());
-    let mut res = error::REQUEST_ID.scope(id, next.run(req)).await;
-    res.headers_mut().insert(REQUEST_ID_HEADER, value);
-    res
+    (id, value)
 }
 
 /// One log line per request, when its answer (for a stream: its head) is ready: method, route
 /// template (`-` when nothing matched: the raw path is client text), status, duration, request
 /// id and token name. At info; the probes (`/healthz`, `/readyz`) at debug, or they would fill
 /// the log.
-async fn log_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let method = req.method().clone();
-    let start = std::time::Instant::now();
-    let res = next.run(req).await;
-    let took = start.elapsed();
+fn log_request(
+    state: &AppState,
+    method: &Method,
+    request_id: &str,
+    res: &Response,
+    took: std::time::Duration,
+) {
     let duration_ms = took.as_secs_f64() * 1000.0;
     let served = res.extensions().get::<access::Served>();
     let route = served.map_or("-", |s| s.route.as_str());
     let token = served.and_then(|s| s.token.as_deref()).unwrap_or("-");
-    let id = error::REQUEST_ID.try_with(Arc::clone).ok();
-    let request_id = id.as_deref().unwrap_or("-");
     let status = res.status().as_u16();
-    count_request(&state, &method, route, status, took);
+    count_request(state, method, route, status, took);
     if route == "/healthz" || route == "/readyz" || route == "/metrics" {
         tracing::debug!(target: "modrun::http", %method, route, status, duration_ms, request_id, token, "request");
     } else {
         tracing::info!(target: "modrun::http", %method, route, status, duration_ms, request_id, token, "request");
     }
-    res
 }
 
 /// The request in the metrics: by route template, method and status; its time to the
@@ -288,36 +309,6 @@ fn unavailable_reason(state: &AppState) -> Option<&'static str> {
     } else {
         None
     }
-}
-
-/// 503 while starting and while shutting down, for every request but the probes, the metrics
-/// and the spec. The answer names its route for the request log and the metrics.
-async fn refuse_when_unavailable(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let Some(why) = unavailable_reason(&state) else {
-        return next.run(req).await;
-    };
-    let route = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    // `/readyz` answers 503 itself, with the reason.
-    let probe = matches!(
-        route.as_deref(),
-        Some("/healthz" | "/readyz" | "/metrics" | "/openapi.yaml")
-    );
-    if probe {
-        return next.run(req).await;
-    }
-    let mut res = ApiError::unavailable(why).into_response();
-    if let Some(route) = route {
-        res.extensions_mut()
-            .insert(access::Served { route, token: None });
-    }
-    res
 }
 
 async fn no_route(OriginalUri(uri): OriginalUri) -> ApiError {
