@@ -131,6 +131,21 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
     })
 }
 
+/// `KEY=value` as a C string, in one allocation.
+fn env_entry(k: &OsStr, v: &OsStr) -> io::Result<CString> {
+    let mut kv = Vec::with_capacity(k.len() + v.len() + 2);
+    kv.extend_from_slice(k.as_bytes());
+    kv.push(b'=');
+    kv.extend_from_slice(v.as_bytes());
+    // The room for the terminating NUL is there already: no second allocation.
+    CString::new(kv).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an argument or environment value contains a NUL byte",
+        )
+    })
+}
+
 fn pointers(strings: &[CString]) -> Vec<*const c_char> {
     strings
         .iter()
@@ -204,19 +219,15 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
         .chain(spec.args.iter().map(|a| a.as_os_str()))
         .map(cstring)
         .collect::<io::Result<Vec<_>>>()?;
-    let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = match &spec.env {
-        Some(e) => e.clone(),
-        None => std::env::vars_os().collect(),
+    let envp_c = match &spec.env {
+        Some(e) => e
+            .iter()
+            .map(|(k, v)| env_entry(k, v))
+            .collect::<io::Result<Vec<_>>>()?,
+        None => std::env::vars_os()
+            .map(|(k, v)| env_entry(&k, &v))
+            .collect::<io::Result<Vec<_>>>()?,
     };
-    let envp_c = env
-        .iter()
-        .map(|(k, v)| {
-            let mut kv = k.as_bytes().to_vec();
-            kv.push(b'=');
-            kv.extend_from_slice(v.as_bytes());
-            cstring(OsStr::from_bytes(&kv))
-        })
-        .collect::<io::Result<Vec<_>>>()?;
     let argv = pointers(&argv_c);
     let envp = pointers(&envp_c);
     let cwd = cstring(spec.cwd.as_os_str())?;

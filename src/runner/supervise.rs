@@ -113,7 +113,7 @@ pub(super) async fn drive(
     ctl: Control,
     started: Option<SystemTime>,
 ) {
-    let Pending { id, req } = p;
+    let Pending { id, mut req } = p;
     let registry = inner.registry.clone();
     let log = registry.live_log(id).unwrap_or_else(|| {
         // A run holding a slot is live until this task retires it; keep going with a detached
@@ -145,20 +145,25 @@ pub(super) async fn drive(
                 .observe(waited.as_secs_f64());
         }
         let mode = req.mode.resolve();
-        let mut env: Vec<(OsString, OsString)> = req
-            .env
-            .iter()
-            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
-            .collect();
+        // The request's strings move into the process spec (no copy of each).
+        let mut env: Vec<(OsString, OsString)> = Vec::with_capacity(req.env.len() + 1);
+        env.extend(
+            std::mem::take(&mut req.env)
+                .into_iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+        );
         // Marks every process of the run (inherited by grandchildren): what proves, after a
         // crash, that a leftover process belongs to this run.
         env.push((RUN_MARKER.into(), id.to_string().into()));
+        let mut argv = std::mem::take(&mut req.argv)
+            .into_iter()
+            .map(OsString::from);
         let spec = ProcSpec {
-            program: OsString::from(&req.argv[0]),
-            args: req.argv[1..].iter().map(OsString::from).collect(),
-            cwd: req.cwd.clone(),
+            program: argv.next().unwrap_or_default(),
+            args: argv.collect(),
+            cwd: std::mem::take(&mut req.cwd),
             env: Some(env),
-            stdin: req.stdin.clone().map(String::into_bytes),
+            stdin: req.stdin.take().map(String::into_bytes),
             run_id: Some(id.to_string()),
             limits: req.limits,
             creds: req.run_as.as_ref().map(|u| (u.gid, u.uid)),
