@@ -85,6 +85,13 @@ impl Live {
         run.output_lines = self.log.last_seq();
         run
     }
+
+    /// The run as [`Live::snapshot`] shows it, without a copy.
+    fn into_run(self) -> Run {
+        let mut run = self.run;
+        run.output_lines = self.log.last_seq();
+        run
+    }
 }
 
 impl Registry {
@@ -201,6 +208,12 @@ impl Registry {
         self.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether run `id`, live on this node, has finished (`None`: it is not live here). No copy
+    /// of the run is made.
+    pub fn live_finished(&self, id: RunId) -> Option<bool> {
+        self.lock().get(&id).map(|l| l.run.state.is_finished())
+    }
+
     /// When a live run was created.
     pub fn created_at(&self, id: RunId) -> Option<std::time::SystemTime> {
         self.lock().get(&id).map(|l| l.run.created_at)
@@ -307,7 +320,7 @@ impl Registry {
         let Some(live) = self.lock().remove(&id) else {
             return;
         };
-        let run = live.snapshot();
+        let run = live.into_run();
         // In a cluster the store is the truth: another node may purge the run, or (a run this
         // node gave up) start it again.
         if !run.state.is_finished() || self.cluster.is_some() {

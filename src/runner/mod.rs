@@ -333,9 +333,13 @@ impl ModuleRunner {
         let mut changes = log.subscribe();
         loop {
             changes.borrow_and_update();
-            match registry.get(id).await? {
-                Some(run) if !run.state.is_finished() => {}
-                other => return Ok(other),
+            // A copy of the run only once it has finished (or left the live runs), not at
+            // every change (each line, the pid).
+            if registry.live_finished(id) != Some(false) {
+                match registry.get(id).await? {
+                    Some(run) if !run.state.is_finished() => {}
+                    other => return Ok(other),
+                }
             }
             if changes.changed().await.is_err() {
                 return registry.get(id).await;
