@@ -9,7 +9,9 @@
 //! process metrics use the standard `process_*` names that Prometheus's own clients export, so
 //! existing dashboards work.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -236,6 +238,44 @@ pub struct Metrics {
     /// `modrun_log_lines_dropped_total`: set at scrape time from the log queue.
     log_dropped: Counter,
     process: ProcessGauges,
+    /// Each module's series that every run updates, looked up once per module. Bounded by the
+    /// modules ever configured (as the families themselves are).
+    modules: RwLock<HashMap<String, Arc<ModuleMetrics>>>,
+}
+
+/// The series of one module that every run updates, as handles (they share their values with
+/// the families): a run looks them up once, by the module id, instead of building a label set
+/// (and its strings) and searching a family at each update.
+#[derive(Debug)]
+pub struct ModuleMetrics {
+    /// `modrun_runs_accepted_total{module}`.
+    pub accepted: Counter,
+    /// `modrun_runs_started_total{module}`.
+    pub started: Counter,
+    /// `modrun_spawn_failures_total{module}`.
+    pub spawn_failures: Counter,
+    /// `modrun_runs_truncated_total{module}`.
+    pub truncated: Counter,
+    /// `modrun_run_queue_wait_seconds{module}`.
+    pub queue_wait: Histogram,
+    /// `modrun_run_duration_seconds{module}`.
+    pub duration: Histogram,
+    /// `modrun_runs_finished_total{module,status}`, in [`FINAL_STATUSES`] order.
+    finished: [Counter; FINAL_STATUSES.len()],
+    /// `modrun_output_{lines,bytes}_total{module,stream}`.
+    pub output: OutputMeter,
+}
+
+impl ModuleMetrics {
+    /// A run of the module ended with `status` after `ran` (`None`: it never started).
+    pub fn finished(&self, status: RunStatus, ran: Option<Duration>) {
+        if let Some(i) = FINAL_STATUSES.iter().position(|s| *s == status) {
+            self.finished[i].inc();
+        }
+        if let Some(d) = ran {
+            self.duration.observe(d.as_secs_f64());
+        }
+    }
 }
 
 /// The standard process metrics, read from `/proc/self` at scrape time.
@@ -283,6 +323,7 @@ impl Metrics {
             log_dropped: Counter::default(),
             process: ProcessGauges::default(),
             registry: Registry::default(),
+            modules: RwLock::default(),
         };
         let mut root = Registry::default();
         let r = root.sub_registry_with_prefix("modrun");
@@ -463,46 +504,71 @@ impl Metrics {
             let m = ModuleLabel {
                 module: module.to_owned(),
             };
-            let _ = self.runs_accepted.get_or_create(&m);
-            let _ = self.runs_started.get_or_create(&m);
-            let _ = self.spawn_failures.get_or_create(&m);
-            let _ = self.runs_truncated.get_or_create(&m);
             let _ = self.runs_queued.get_or_create(&m);
             let _ = self.runs_running.get_or_create(&m);
-            let _ = self.queue_wait.get_or_create(&m);
-            let _ = self.run_duration.get_or_create(&m);
-            for status in FINAL_STATUSES {
-                let _ = self.runs_finished.get_or_create(&FinishedLabels {
-                    module: module.to_owned(),
-                    status: status.as_str(),
-                });
-            }
-            for stream in [Stream::Stdout, Stream::Stderr] {
-                let l = StreamLabels {
+            let _ = self.module(module);
+        }
+    }
+
+    /// The series of `module` that its runs update (created at 0 the first time).
+    pub fn module(&self, module: &str) -> Arc<ModuleMetrics> {
+        let known = self
+            .modules
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(module)
+            .cloned();
+        if let Some(m) = known {
+            return m;
+        }
+        let label = ModuleLabel {
+            module: module.to_owned(),
+        };
+        let stream = |family: &Family<StreamLabels, Counter>, stream: Stream| {
+            family
+                .get_or_create(&StreamLabels {
                     module: module.to_owned(),
                     stream: stream.as_str(),
-                };
-                let _ = self.output_lines.get_or_create(&l);
-                let _ = self.output_bytes.get_or_create(&l);
-            }
-        }
+                })
+                .clone()
+        };
+        let made = Arc::new(ModuleMetrics {
+            accepted: self.runs_accepted.get_or_create(&label).clone(),
+            started: self.runs_started.get_or_create(&label).clone(),
+            spawn_failures: self.spawn_failures.get_or_create(&label).clone(),
+            truncated: self.runs_truncated.get_or_create(&label).clone(),
+            queue_wait: self.queue_wait.get_or_create(&label).clone(),
+            duration: self.run_duration.get_or_create(&label).clone(),
+            finished: FINAL_STATUSES.map(|status| {
+                self.runs_finished
+                    .get_or_create(&FinishedLabels {
+                        module: module.to_owned(),
+                        status: status.as_str(),
+                    })
+                    .clone()
+            }),
+            output: OutputMeter {
+                lines: [
+                    stream(&self.output_lines, Stream::Stdout),
+                    stream(&self.output_lines, Stream::Stderr),
+                ],
+                bytes: [
+                    stream(&self.output_bytes, Stream::Stdout),
+                    stream(&self.output_bytes, Stream::Stderr),
+                ],
+            },
+        });
+        self.modules
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(module.to_owned())
+            .or_insert(made)
+            .clone()
     }
 
     /// A run ended with `status` after `ran` (`None`: it never started).
     pub fn run_finished(&self, module: &str, status: RunStatus, ran: Option<Duration>) {
-        self.runs_finished
-            .get_or_create(&FinishedLabels {
-                module: module.to_owned(),
-                status: status.as_str(),
-            })
-            .inc();
-        if let Some(d) = ran {
-            self.run_duration
-                .get_or_create(&ModuleLabel {
-                    module: module.to_owned(),
-                })
-                .observe(d.as_secs_f64());
-        }
+        self.module(module).finished(status, ran);
     }
 
     /// A store write `op` took `took`; `ok` says whether it succeeded.
@@ -519,24 +585,7 @@ impl Metrics {
     /// The counters of one run's output, for its pipe readers (they add to them without
     /// looking the labels up again).
     pub fn output_meter(&self, module: &str) -> OutputMeter {
-        let get = |family: &Family<StreamLabels, Counter>, stream: Stream| {
-            family
-                .get_or_create(&StreamLabels {
-                    module: module.to_owned(),
-                    stream: stream.as_str(),
-                })
-                .clone()
-        };
-        OutputMeter {
-            lines: [
-                get(&self.output_lines, Stream::Stdout),
-                get(&self.output_lines, Stream::Stderr),
-            ],
-            bytes: [
-                get(&self.output_bytes, Stream::Stdout),
-                get(&self.output_bytes, Stream::Stderr),
-            ],
-        }
+        self.module(module).output.clone()
     }
 
     /// The whole text exposition, with the scrape-time gauges read first. `load` is this

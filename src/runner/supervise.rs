@@ -126,23 +126,17 @@ pub(super) async fn drive(
         id,
         started: Mutex::new(started.map(|t| (t, None))),
     };
-    let metrics = registry.metrics().clone();
-    let module = crate::metrics::ModuleLabel {
-        module: req.module_id.clone(),
-    };
+    let metrics = registry.metrics().module(&req.module_id);
     let created_at = registry.created_at(id);
     let outcome = if ctl.cancel.is_cancelled()
         || (started.is_none() && !events.mark_running(&ctl.cancel).await)
     {
         ctl.cancelled(None)
     } else {
-        metrics.runs_started.get_or_create(&module).inc();
+        metrics.started.inc();
         if let (Some(created), Some((started, _))) = (created_at, events.started()) {
             let waited = started.duration_since(created).unwrap_or_default();
-            metrics
-                .queue_wait
-                .get_or_create(&module)
-                .observe(waited.as_secs_f64());
+            metrics.queue_wait.observe(waited.as_secs_f64());
         }
         let mode = req.mode.resolve();
         // The request's strings move into the process spec (no copy of each).
@@ -193,7 +187,7 @@ pub(super) async fn drive(
                 tracing::warn!(error = %e, "run could not start");
                 let msg = e.public_message(&spec);
                 log.push_line(Stream::Stderr, &msg);
-                metrics.spawn_failures.get_or_create(&module).inc();
+                metrics.spawn_failures.inc();
                 Outcome::SpawnFailed(msg)
             }
         }
@@ -211,9 +205,9 @@ pub(super) async fn drive(
         outcome,
     };
     let ran = started_at.map(|s| finished_at.duration_since(s).unwrap_or_default());
-    metrics.run_finished(&req.module_id, next.status(), ran);
+    metrics.finished(next.status(), ran);
     if log.truncated() {
-        metrics.runs_truncated.get_or_create(&module).inc();
+        metrics.truncated.inc();
     }
     // Durable now, or (the store cannot write) seen to end now and written once it can.
     registry.finish(id, next).await;

@@ -363,13 +363,10 @@ pub async fn create(
         .try_with(|id| id.to_string())
         .ok();
 
-    let module_id = run_req.module_id.clone();
+    let counted = state.runner.registry().metrics().module(&run_req.module_id);
     let (handle, existing) = match state.runner.submit(run_req).await? {
         Submitted::New(h) => {
-            let accepted = &state.runner.registry().metrics().runs_accepted;
-            accepted
-                .get_or_create(&crate::metrics::ModuleLabel { module: module_id })
-                .inc();
+            counted.accepted.inc();
             (h, false)
         }
         Submitted::Existing(h) => (h, true),
