@@ -14,8 +14,10 @@
 
 use std::ffi::OsString;
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -140,6 +142,10 @@ pub(crate) struct Supervision<'a> {
 /// How long the pipes may stay open after the group was killed (a process that left the group
 /// with `setsid` can hold them); then the output is cut off with a note.
 const PIPE_DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// How long the asynchronous driver waits for a child's pipes to close before it also waits
+/// for the child's exit through a pidfd (see `Driver::asynchronous`).
+const PIDFD_AFTER: Duration = Duration::from_millis(20);
 
 async fn sleep_or_forever(d: Option<Duration>) {
     match d {
@@ -294,18 +300,24 @@ impl Driver<'_> {
         }
     }
 
-    /// Pipes pumped by async tasks of this future; exit awaited through a pidfd.
+    /// Pipes pumped by async tasks of this future; the exit taken when they close, or awaited
+    /// through a pidfd.
     async fn asynchronous(&self, mut child: spawn::Child) -> Waited {
         let sink = self.sink;
         let pid = child.pid;
-        let open =
-            |fd: Option<std::os::fd::OwnedFd>| fd.and_then(|fd| PipeReader::from_owned_fd(fd).ok());
+        // Our ends of the pipes that `spawn` made (so no need for tokio's checks of what they
+        // are: three calls each), made non-blocking for the reactor.
+        let open = |fd: Option<OwnedFd>| {
+            fd.filter(|fd| spawn::set_nonblocking(fd).is_ok())
+                .and_then(|fd| PipeReader::from_owned_fd_unchecked(fd).ok())
+        };
         let stdout = open(child.stdout.take());
         let stderr = open(child.stderr.take());
         let stdin = child
             .stdin
             .take()
-            .and_then(|fd| PipeWriter::from_owned_fd(fd).ok());
+            .filter(|fd| spawn::set_nonblocking(fd).is_ok())
+            .and_then(|fd| PipeWriter::from_owned_fd_unchecked(fd).ok());
         let input = self.spec.stdin.clone();
         let pumps = async {
             let feed = async move {
@@ -327,16 +339,41 @@ impl Driver<'_> {
             tokio::join!(feed, out, err);
         };
         tokio::pin!(pumps);
-        let waiting = self.supervise(pid, child.wait());
-        tokio::pin!(waiting);
-        let mut pumps_done = false;
-        let result = loop {
-            tokio::select! {
-                r = &mut waiting => break r,
-                () = &mut pumps, if !pumps_done => pumps_done = true,
+        let pumps_done = AtomicBool::new(false);
+        let exit = async {
+            // Most children end by exiting, which closes their pipes: once the pumps are done
+            // the status is there to take, and no pidfd is needed (its open, two registrations
+            // with the reactor and its close are a run's largest share of those calls). A child
+            // that is still running after `PIDFD_AFTER`, or whose pipes closed before it ended,
+            // is waited for through a pidfd.
+            let closed = tokio::select! {
+                () = &mut pumps => true,
+                () = tokio::time::sleep(PIDFD_AFTER) => false,
+            };
+            if closed {
+                pumps_done.store(true, Ordering::Relaxed);
+                // The pipes close a moment before the exited child can be reaped: one turn of
+                // the scheduler is usually enough for that moment to pass.
+                for _ in 0..2 {
+                    if let Some(status) = child.try_reap()? {
+                        return Ok(status);
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+            let wait = child.wait();
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    r = &mut wait => return r,
+                    () = &mut pumps, if !pumps_done.load(Ordering::Relaxed) => {
+                        pumps_done.store(true, Ordering::Relaxed);
+                    }
+                }
             }
         };
-        if pumps_done {
+        let result = self.supervise(pid, exit).await;
+        if pumps_done.load(Ordering::Relaxed) {
             self.jail.finish(pid).await;
         } else {
             self.finish_pumps(pid, &mut pumps).await;

@@ -180,6 +180,16 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((high_fd(fds[0])?, high_fd(fds[1])?))
 }
 
+/// Make our end of a pipe from [`spawn`] non-blocking (its only status flag: one call, where
+/// reading the flags first would take two).
+pub(crate) fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own; F_SETFL changes only its status flags.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// /dev/null open for reading (close-on-exec), opened once: the stdin of every run without
 /// input (each child dup2s it onto its own descriptor 0).
 fn dev_null() -> io::Result<RawFd> {
@@ -461,6 +471,11 @@ impl Child {
                 return Err(e);
             }
         }
+    }
+
+    /// Reap the child if it has exited, without waiting.
+    pub fn try_reap(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.reap(libc::WNOHANG)
     }
 
     /// Wait for the child to exit and reap it, blocking the thread.

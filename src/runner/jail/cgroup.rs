@@ -108,9 +108,9 @@ impl Pool {
         Slot::open(dir)
     }
 
-    /// A run is done with its cgroup.
-    pub(crate) fn give_back(&self, slot: Slot) {
-        let populated = slot.populated();
+    /// A run is done with its cgroup (`emptied`: it was seen empty after the run ended).
+    pub(crate) fn give_back(&self, slot: Slot, emptied: bool) {
+        let populated = !emptied && slot.populated();
         let mut s = self.lock();
         let (idle, dying) = &mut *s;
         if populated {

@@ -203,6 +203,9 @@ pub(crate) struct Jail {
     slot: Option<cgroup::Slot>,
     /// `MODRUN_RUN_ID=<id>` of the run (subreaper mode), as bytes of an environ entry.
     marker: Option<Vec<u8>>,
+    /// Set when [`Jail::finish`] saw the cgroup empty: it goes back to the pool without being
+    /// read again (nothing can join it since: it is this run's, and the run is over).
+    emptied: AtomicBool,
 }
 
 impl Jail {
@@ -211,6 +214,7 @@ impl Jail {
         Self {
             slot: None,
             marker: None,
+            emptied: AtomicBool::new(false),
         }
     }
 
@@ -225,6 +229,7 @@ impl Jail {
                 Ok(slot) => Self {
                     slot: Some(slot),
                     marker: None,
+                    emptied: AtomicBool::new(false),
                 },
                 Err(e) => {
                     cgroups_failed(&format!("cannot make a cgroup: {e}"));
@@ -234,6 +239,7 @@ impl Jail {
             (Mode::Subreaper, _) => Self {
                 slot: None,
                 marker: Some(format!("{}={id}", super::RUN_MARKER).into_bytes()),
+                emptied: AtomicBool::new(false),
             },
             _ => Self::none(),
         }
@@ -275,19 +281,22 @@ impl Jail {
     /// orphans) and wait until it is dead, at most a couple of seconds.
     pub(crate) async fn finish(&self, pgid: u32) {
         kill_rest(pgid).await;
-        if let Some(slot) = &self.slot
-            && slot.populated()
-        {
-            slot.kill();
-            let deadline = tokio::time::Instant::now() + EMPTY_LIMIT;
-            let mut pause = Duration::from_millis(1);
-            while slot.populated() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(20));
+        if let Some(slot) = &self.slot {
+            let mut populated = slot.populated();
+            if populated {
+                slot.kill();
+                let deadline = tokio::time::Instant::now() + EMPTY_LIMIT;
+                let mut pause = Duration::from_millis(1);
+                while populated && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                    populated = slot.populated();
+                }
+                if populated {
+                    tracing::warn!("run's cgroup still has processes after SIGKILL");
+                }
             }
-            if slot.populated() {
-                tracing::warn!("run's cgroup still has processes after SIGKILL");
-            }
+            self.emptied.store(!populated, Ordering::Relaxed);
         }
         if let Some(marker) = self.marker.clone()
             && subreaper::any_orphan()
@@ -304,7 +313,7 @@ impl Drop for Jail {
         // Back to the pool: an empty cgroup for the next run; one whose processes are still
         // dying (a dropped run) waits in the pool until it is empty.
         if let (Some(slot), Some(pool)) = (self.slot.take(), pool()) {
-            pool.give_back(slot);
+            pool.give_back(slot, self.emptied.load(Ordering::Relaxed));
         }
     }
 }
