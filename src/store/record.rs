@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::StoreError;
-use crate::run::{
-    CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, RunStatus, Stream,
-};
+use crate::run::{CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, Stream};
 
 /// Microseconds since the Unix epoch.
 pub(super) fn micros(t: SystemTime) -> i64 {
@@ -286,12 +284,6 @@ impl StoredRun {
             cancel_requested_at: self.cancel_requested_at.map(from_micros),
         })
     }
-}
-
-/// A status read back, or a failure of the store.
-pub(super) fn parse_status(s: &str) -> Result<RunStatus, StoreError> {
-    s.parse()
-        .map_err(|_| StoreError::Backend(format!("bad status {s:?} in the store")))
 }
 
 /// A stored output chunk holds at most this much text (or [`CHUNK_LINES`] lines).

@@ -15,7 +15,6 @@ use tokio::sync::oneshot;
 
 use super::record::{
     DeliveryColumns, StateColumns, StoredRun, StoredState, chunks, decode_chunk, micros,
-    parse_status,
 };
 use super::{
     Created, DeliveryResult, DeliveryState, DeliveryStatus, DueDelivery, Expect, Held,
@@ -502,36 +501,53 @@ fn create(c: &Connection, new: NewRun) -> Result<Created, StoreError> {
         Some(k) => (Some(k.key.as_str()), Some(k.fingerprint as i64)),
         None => (None, None),
     };
+    // The run's state goes in with it (one statement: a run started at once is inserted
+    // `running`). What a run is held with (stdin, secret values) is kept only while it waits.
+    let cols = StateColumns::of(&r.state);
+    let queued = matches!(r.state, RunState::Queued);
+    let secrets = match queued && !new.held.secrets.is_empty() {
+        true => Some(serde_json::to_string(&new.held.secrets).map_err(failure)?),
+        false => None,
+    };
     c.prepare_cached(
         "INSERT INTO runs (id, module_id, module_name, parameters, argv, mode, timeout_ms,
-             created_at, status, idem_key, idem_fp, stdin, created_by, secrets, callbacks)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             created_at, status, idem_key, idem_fp, stdin, created_by, secrets, callbacks,
+             started_at, finished_at, pid, stopping, outcome, exit_code, signal, cancel_reason,
+             message, cancelled_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+             ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
     )
     .map_err(backend)?
     .execute(params![
         &id_bytes(r.id)[..],
         r.module_id,
         r.module_name,
-        serde_json::Value::Object(r.parameters.clone()).to_string(),
+        serde_json::to_string(&r.parameters).map_err(failure)?,
         serde_json::to_string(&r.argv).map_err(failure)?,
         r.mode.as_str(),
         i64::try_from(r.timeout.as_millis()).unwrap_or(i64::MAX),
         micros(r.created_at),
-        r.status().as_str(),
+        cols.status,
         key,
         fp,
-        new.held.stdin,
+        new.held.stdin.as_deref().filter(|_| queued),
         r.created_by,
-        (!new.held.secrets.is_empty())
-            .then(|| serde_json::Value::Object(new.held.secrets.clone()).to_string()),
+        secrets,
         (!r.callbacks.is_empty())
             .then(|| serde_json::to_string(&r.callbacks).unwrap_or_else(|_| "[]".into())),
+        cols.started_at,
+        cols.finished_at,
+        cols.pid,
+        cols.stopping,
+        cols.outcome,
+        cols.exit_code,
+        cols.signal,
+        cols.cancel_reason,
+        cols.message,
+        cols.cancelled_by,
     ])
     .map_err(backend)?;
     let mut run = new.run;
-    if !matches!(run.state, RunState::Queued) {
-        write_state(c, run.id, &run.state)?;
-    }
     run.output_lines = 0;
     Ok(Created::New(run))
 }
@@ -553,51 +569,68 @@ fn by_key(c: &Connection, k: &IdempotencyKey) -> Result<Option<Run>, StoreError>
     }
 }
 
-fn write_state(c: &Connection, id: RunId, state: &RunState) -> Result<(), StoreError> {
-    let cols = StateColumns::of(state);
-    c.prepare_cached(
-        "UPDATE runs SET status = ?2, started_at = ?3, finished_at = ?4, pid = ?5, stopping = ?6,
+/// `UPDATE runs` to a new state, for the run with id `?1`, followed by the condition `$from`
+/// on its present status (a literal: each variant is one cached statement).
+macro_rules! update_state {
+    ($from:literal) => {
+        concat!(
+            "UPDATE runs SET status = ?2, started_at = ?3, finished_at = ?4, pid = ?5, stopping = ?6,
              outcome = ?7, exit_code = ?8, signal = ?9, cancel_reason = ?10, message = ?11,
              cancelled_by = ?12,
              stdin = CASE WHEN ?2 = 'queued' THEN stdin ELSE NULL END,
              secrets = CASE WHEN ?2 = 'queued' THEN secrets ELSE NULL END
          WHERE id = ?1",
-    )
-    .map_err(backend)?
-    .execute(params![
-        &id_bytes(id)[..],
-        cols.status,
-        cols.started_at,
-        cols.finished_at,
-        cols.pid,
-        cols.stopping,
-        cols.outcome,
-        cols.exit_code,
-        cols.signal,
-        cols.cancel_reason,
-        cols.message,
-        cols.cancelled_by,
-    ])
-    .map_err(backend)?;
-    Ok(())
+            $from
+        )
+    };
 }
 
-/// Checks the status column only (the whole record is read on a refusal alone): transitions
-/// are on every run's hot path.
-fn transition(c: &Connection, id: RunId, expect: Expect, next: RunState) -> Result<(), StoreError> {
-    let status: Option<String> = c
-        .prepare_cached("SELECT status FROM runs WHERE id = ?1")
+/// Write `state` as run `id`'s, if its present status is one `expect` allows (`None`: any).
+/// Returns whether it was written.
+fn write_state(
+    c: &Connection,
+    id: RunId,
+    state: &RunState,
+    expect: Option<Expect>,
+) -> Result<bool, StoreError> {
+    let cols = StateColumns::of(state);
+    let sql = match expect {
+        None => update_state!(""),
+        Some(Expect::Queued) => update_state!(" AND status = 'queued'"),
+        Some(Expect::Running) => update_state!(" AND status = 'running'"),
+        Some(Expect::Active) => update_state!(" AND status IN ('queued', 'running')"),
+    };
+    let changed = c
+        .prepare_cached(sql)
         .map_err(backend)?
-        .query_row([&id_bytes(id)[..]], |r| r.get(0))
-        .optional()
+        .execute(params![
+            &id_bytes(id)[..],
+            cols.status,
+            cols.started_at,
+            cols.finished_at,
+            cols.pid,
+            cols.stopping,
+            cols.outcome,
+            cols.exit_code,
+            cols.signal,
+            cols.cancel_reason,
+            cols.message,
+            cols.cancelled_by,
+        ])
         .map_err(backend)?;
-    let status = status.ok_or(StoreError::NotFound(id))?;
-    let status = parse_status(&status)?;
-    if !expect.allows_status(status) {
-        let run = get_run(c, id)?.ok_or(StoreError::NotFound(id))?;
-        return Err(StoreError::WrongState(Box::new(run)));
+    Ok(changed > 0)
+}
+
+/// One statement on the hot path (every run makes two or three transitions): the update is
+/// conditional on the present status; only a refusal reads the run, to say why.
+fn transition(c: &Connection, id: RunId, expect: Expect, next: RunState) -> Result<(), StoreError> {
+    if write_state(c, id, &next, Some(expect))? {
+        return Ok(());
     }
-    write_state(c, id, &next)
+    match get_run(c, id)? {
+        None => Err(StoreError::NotFound(id)),
+        Some(run) => Err(StoreError::WrongState(Box::new(run))),
+    }
 }
 
 fn append(c: &Connection, id: RunId, lines: &[Line]) -> Result<(), StoreError> {
@@ -864,7 +897,7 @@ fn recover(c: &Connection) -> Result<Recovered, StoreError> {
             finished_at: now,
             outcome: Outcome::Lost,
         };
-        write_state(c, run.id, &next)?;
+        write_state(c, run.id, &next, None)?;
         lost.push(Run { state: next, ..run });
     }
     Ok(Recovered {
