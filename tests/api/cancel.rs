@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{base_config, group_members, spawn_app, spawn_app_with, wait_until};
+use crate::helpers::{
+    base_config, group_members, spawn_app, spawn_app_with, wait_until, wait_until_output,
+};
 
 /// Cancelling a run whose child forked a grandchild stops the whole group, and repeating the
 /// DELETE while it stops is 202 again; once finished it is 409.
@@ -62,17 +64,6 @@ async fn cancel_sends_sigterm_first() {
         .collect();
     assert!(lines.contains(&json!("got-term")), "{lines:?}");
     app.stop().await;
-}
-
-async fn wait_until_output(app: &crate::helpers::TestApp, id: &str, n: u64) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        if app.get_run(id).await["output_lines"].as_u64().unwrap_or(0) >= n {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
 }
 
 /// A child that ignores SIGTERM gets SIGKILL after kill_grace (1 s in the test config).

@@ -686,3 +686,15 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("field")
 }
+
+/// Wait (at most 20 s) until run `id` has `n` lines of output stored; false if it did not.
+pub async fn wait_until_output(app: &TestApp, id: &str, n: u64) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if app.get_run(id).await["output_lines"].as_u64().unwrap_or(0) >= n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}

@@ -14,7 +14,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{base_config, spawn_app_with, write_config};
+use crate::helpers::{base_config, spawn_app_with, wait_until_output, write_config};
 
 /// `/metrics` as a map from series (name with its labels, as written) to value.
 async fn scrape(client: &reqwest::Client, base: &str) -> (HashMap<String, f64>, String) {
@@ -400,6 +400,8 @@ async fn readyz_is_503_while_draining() {
     let mut app = spawn_app_with(&config).await;
     let run = app.start("stubborn", json!({})).await;
     let pid = app.wait_pid(run["id"].as_str().unwrap()).await;
+    // Its first line comes after its SIGTERM trap is set: stopping it before would end it.
+    assert!(wait_until_output(&app, run["id"].as_str().unwrap(), 1).await);
     let mut tcp = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
         .await
         .unwrap();
