@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe::{Receiver as PipeReader, Sender as PipeWriter};
 use tokio_util::sync::CancellationToken;
 
@@ -438,18 +438,52 @@ impl Driver<'_> {
     }
 }
 
-async fn pump<R: AsyncRead + Unpin>(mut r: R, stream: Stream, sink: &dyn Sink) {
-    // Reused read buffer (reads go into its spare capacity: nothing to zero per run).
-    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+/// The first read of a pipe goes into this much of the stack.
+const FIRST_READ: usize = 4096;
+/// The read buffer of a pipe that gave more than [`FIRST_READ`] at once.
+const READ_BUFFER: usize = 64 * 1024;
+
+async fn pump(mut r: PipeReader, stream: Stream, sink: &dyn Sink) {
+    // Most runs write little: the read buffer is allocated only when a first small read (on the
+    // stack) came back full. (A 64 KiB block per pipe per run, allocated and freed, also cost
+    // glibc a consolidation of its free lists at each free.) Reads go into the buffer's spare
+    // capacity: nothing to zero.
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         while !sink.has_room() {
             tokio::time::sleep(ROOM_POLL).await;
         }
-        buf.clear();
-        match r.read_buf(&mut buf).await {
+        let read = if buf.capacity() == 0 {
+            match r.readable().await {
+                Ok(()) => {
+                    let mut first = [0u8; FIRST_READ];
+                    r.try_read(&mut first).inspect(|&n| {
+                        if n > 0 {
+                            sink.write(stream, &first[..n]);
+                        }
+                        if n == FIRST_READ {
+                            buf.reserve_exact(READ_BUFFER);
+                        }
+                    })
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            buf.clear();
+            r.read_buf(&mut buf).await.inspect(|&n| {
+                if n > 0 {
+                    sink.write(stream, &buf);
+                }
+            })
+        };
+        match read {
             Ok(0) => break,
-            Ok(_) => sink.write(stream, &buf),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) => {}
             Err(e) => {
                 tracing::warn!(stream = stream.as_str(), error = %e, "pipe read failed");
                 break;
@@ -461,7 +495,7 @@ async fn pump<R: AsyncRead + Unpin>(mut r: R, stream: Stream, sink: &dyn Sink) {
 
 fn blocking_pump(r: impl Read + Send + 'static, stream: Stream, sink: Arc<dyn Sink>) {
     let mut r = r;
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; READ_BUFFER];
     loop {
         while !sink.has_room() {
             std::thread::sleep(ROOM_POLL);
