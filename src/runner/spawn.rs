@@ -15,7 +15,8 @@
 //! resets every caught signal to its default before unblocking, so that no handler of the
 //! parent ever runs on the child's side of the shared memory.
 //!
-//! Reaping: [`Child::wait`] (a pidfd, asynchronously) or [`Child::wait_blocking`]; a `Child`
+//! Reaping: [`Child::try_reap`] (the asynchronous driver's first try, once the pipes have
+//! closed), [`Child::wait`] (a pidfd, asynchronously) or [`Child::wait_blocking`]; a `Child`
 //! dropped before it was reaped has its group killed and is handed to one background reaper
 //! thread.
 
