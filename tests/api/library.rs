@@ -184,6 +184,30 @@ async fn exit_code_classes() {
     }
 }
 
+/// A child that closes its output before it exits is still waited for (its pipes closing is
+/// not its end), and output larger than a pipe's first read arrives whole; in every mode.
+#[tokio::test]
+async fn a_child_that_closes_its_pipes_first_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = script(
+        dir.path(),
+        "closes.sh",
+        "#!/bin/sh\nyes 'a line of the output' | head -n 3000\nexec >&- 2>&-\nsleep 0.3\nexit 7\n",
+    );
+    let want = "a line of the output\n".repeat(3000);
+    for mode in SPAWNING {
+        let out = execute_module(&s, [] as [&str; 0], dir.path(), mode)
+            .await
+            .unwrap();
+        assert_eq!(out.exit_code, 7, "{mode}");
+        assert!(
+            out.stdout == want,
+            "{mode}: {} bytes of output",
+            out.stdout.len()
+        );
+    }
+}
+
 /// Unicode is kept, invalid UTF-8 is replaced, empty and stderr-only outputs work.
 #[tokio::test]
 async fn output_decoding_edge_cases() {
