@@ -10,7 +10,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, params};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Row, ToSql, Transaction, params, params_from_iter,
+};
 use tokio::sync::oneshot;
 
 use super::record::{
@@ -518,34 +520,29 @@ fn create(c: &Connection, new: NewRun) -> Result<Created, StoreError> {
              ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
     )
     .map_err(backend)?
-    .execute(params![
-        &id_bytes(r.id)[..],
-        r.module_id,
-        r.module_name,
-        serde_json::to_string(&r.parameters).map_err(failure)?,
-        serde_json::to_string(&r.argv).map_err(failure)?,
-        r.mode.as_str(),
-        i64::try_from(r.timeout.as_millis()).unwrap_or(i64::MAX),
-        micros(r.created_at),
-        cols.status,
-        key,
-        fp,
-        new.held.stdin.as_deref().filter(|_| queued),
-        r.created_by,
-        secrets,
-        (!r.callbacks.is_empty())
-            .then(|| serde_json::to_string(&r.callbacks).unwrap_or_else(|_| "[]".into())),
-        cols.started_at,
-        cols.finished_at,
-        cols.pid,
-        cols.stopping,
-        cols.outcome,
-        cols.exit_code,
-        cols.signal,
-        cols.cancel_reason,
-        cols.message,
-        cols.cancelled_by,
-    ])
+    .execute(params_from_iter(
+        params![
+            &id_bytes(r.id)[..],
+            r.module_id,
+            r.module_name,
+            serde_json::to_string(&r.parameters).map_err(failure)?,
+            serde_json::to_string(&r.argv).map_err(failure)?,
+            r.mode.as_str(),
+            i64::try_from(r.timeout.as_millis()).unwrap_or(i64::MAX),
+            micros(r.created_at),
+            cols.status,
+            key,
+            fp,
+            new.held.stdin.as_deref().filter(|_| queued),
+            r.created_by,
+            secrets,
+            (!r.callbacks.is_empty())
+                .then(|| serde_json::to_string(&r.callbacks).unwrap_or_else(|_| "[]".into())),
+        ]
+        .iter()
+        .copied()
+        .chain(state_values(&cols)),
+    ))
     .map_err(backend)?;
     let mut run = new.run;
     run.output_lines = 0;
@@ -567,6 +564,23 @@ fn by_key(c: &Connection, k: &IdempotencyKey) -> Result<Option<Run>, StoreError>
             get_run(c, id)
         }
     }
+}
+
+/// A state's columns after `status`, in the order of the INSERT and the UPDATE that write them
+/// (`started_at` .. `cancelled_by`).
+fn state_values(cols: &StateColumns) -> [&dyn ToSql; 10] {
+    [
+        &cols.started_at,
+        &cols.finished_at,
+        &cols.pid,
+        &cols.stopping,
+        &cols.outcome,
+        &cols.exit_code,
+        &cols.signal,
+        &cols.cancel_reason,
+        &cols.message,
+        &cols.cancelled_by,
+    ]
 }
 
 /// `UPDATE runs` to a new state, for the run with id `?1`, followed by the condition `$from`
@@ -603,20 +617,12 @@ fn write_state(
     let changed = c
         .prepare_cached(sql)
         .map_err(backend)?
-        .execute(params![
-            &id_bytes(id)[..],
-            cols.status,
-            cols.started_at,
-            cols.finished_at,
-            cols.pid,
-            cols.stopping,
-            cols.outcome,
-            cols.exit_code,
-            cols.signal,
-            cols.cancel_reason,
-            cols.message,
-            cols.cancelled_by,
-        ])
+        .execute(params_from_iter(
+            params![&id_bytes(id)[..], cols.status]
+                .iter()
+                .copied()
+                .chain(state_values(&cols)),
+        ))
         .map_err(backend)?;
     Ok(changed > 0)
 }
