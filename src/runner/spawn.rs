@@ -11,9 +11,10 @@
 //!
 //! The child runs on its own small stack and must not allocate or take locks: everything it
 //! needs (C strings, pointer arrays, file descriptors) is prepared before `clone`, and it only
-//! makes async-signal-safe system calls. All signals are blocked around `clone` and the child
-//! resets every caught signal to its default before unblocking, so that no handler of the
-//! parent ever runs on the child's side of the shared memory.
+//! makes async-signal-safe system calls. All signals but SIGCHLD (which only a process's own
+//! children send) are blocked around `clone` and the child resets every caught signal to its
+//! default before unblocking, so that no handler of the parent ever runs on the child's side
+//! of the shared memory.
 //!
 //! Reaping: [`Child::try_reap`] (the asynchronous driver's first try, once the pipes have
 //! closed), [`Child::wait`] (a pidfd, asynchronously) or [`Child::wait_blocking`]; a `Child`
@@ -302,16 +303,23 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
     // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask only write into it.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // Every signal but SIGCHLD. A signal blocked in the thread that is a child's parent is
+    // not discarded at once even when nothing handles it: an exit of an earlier child during
+    // this thread's wait for the exec below would be queued and wake another thread of ours
+    // to discard it (one wake-up per few runs under load). SIGCHLD comes only from a
+    // process's own children, and the new child has none before it execs: no handler (an
+    // embedding program's, say) can run in it.
     unsafe {
         libc::sigfillset(&mut all);
+        libc::sigdelset(&mut all, libc::SIGCHLD);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
     // In subreaper mode, held until the child is recorded as a run leader.
     let leader = super::jail::LeaderGuard::new();
     // SAFETY: CLONE_VFORK suspends this thread until the child has exec'd or exited, so
     // everything `args` points to (owned by this frame) outlives the child's use of it; the
-    // child only makes async-signal-safe calls (see `child_main`); all signals are blocked so
-    // no handler of ours runs in the child before it resets them.
+    // child only makes async-signal-safe calls (see `child_main`); every signal that could
+    // have a handler of ours is blocked, so none runs in the child before it resets them.
     let pid = unsafe {
         libc::clone(
             child_main,
@@ -376,19 +384,23 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     unsafe {
         let a = &*(arg as *const ChildArgs);
         // Handlers live in the parent's memory: every caught signal goes back to its default.
-        // SIGPIPE too (the Rust runtime ignores it; programs expect the default).
+        // SIGPIPE too (the Rust runtime ignores it; programs expect the default). One call per
+        // signal sets the default and returns what was there; the few the parent ignores are
+        // ignored again (as exec keeps them). (Reading each first, then writing, took twice
+        // the calls: ~120 per spawn, some 20 us here.) Every signal but SIGCHLD (which only
+        // this child's own children could send) is blocked, so none arrives in between.
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
         for sig in 1..65 {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
-            let mut cur: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut cur) != 0 {
-                continue;
-            }
-            if sig == libc::SIGPIPE || cur.sa_sigaction != libc::SIG_IGN {
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            let mut was: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, &dfl, &mut was) == 0
+                && sig != libc::SIGPIPE
+                && was.sa_sigaction == libc::SIG_IGN
+            {
+                libc::sigaction(sig, &was, std::ptr::null_mut());
             }
         }
         if libc::setpgid(0, 0) != 0 {

@@ -731,7 +731,7 @@ async fn final_status_and_output_survive_store_errors() {
 
 /// A child starts with the signal dispositions a program expects: SIGPIPE at its default
 /// (the Rust runtime of the server ignores it), the other signals the server ignores still
-/// ignored (as any child inherits them), nothing caught.
+/// ignored (as any child inherits them), nothing caught, nothing blocked.
 #[tokio::test]
 async fn a_child_starts_with_default_signal_dispositions() {
     let dir = tempfile::tempdir().unwrap();
@@ -765,4 +765,5 @@ async fn a_child_starts_with_default_signal_dispositions() {
         out.stdout
     );
     assert_eq!(mask(&out.stdout, "SigCgt:"), 0, "{}", out.stdout);
+    assert_eq!(mask(&out.stdout, "SigBlk:"), 0, "{}", out.stdout);
 }

@@ -29,7 +29,9 @@ pub(crate) fn start(pool: &Path) -> std::io::Result<Guard> {
         .arg(SCRIPT)
         .arg(pool)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        // Held by the guard's shell alone (`cat` and `echo` write elsewhere): its end of file
+        // says the guard has exited.
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         // Its own process group: a Ctrl-C meant for modrun's group must not take it first.
         .process_group(0)
@@ -47,6 +49,13 @@ pub(crate) fn start(pool: &Path) -> std::io::Result<Guard> {
     Ok(Guard { _pipe: pipe })
 }
 
+/// Wait until the guard has exited, then reap it. The thread blocks on the guard's stdout, not
+/// in `wait`: every thread blocked in `wait` is woken at every exit of any child of this
+/// process (one wake-up per run or so under load, each a context switch), while the pipe's
+/// end of file comes only with the guard's own exit.
 fn reap(mut child: Child) {
+    if let Some(mut out) = child.stdout.take() {
+        let _ = std::io::copy(&mut out, &mut std::io::sink());
+    }
     let _ = child.wait();
 }
