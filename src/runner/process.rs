@@ -26,7 +26,7 @@ use tokio::net::unix::pipe::{Receiver as PipeReader, Sender as PipeWriter};
 use tokio_util::sync::CancellationToken;
 
 use super::jail::{self, Jail};
-use super::program::{SpawnError, command_line, resolve_program, spawn_error};
+use super::program::{SpawnError, command_line, program_to_spawn, spawn_error};
 use super::spawn::{self, Setup, Step};
 use crate::module::Limits;
 use crate::run::{Exit, RunMode, Stream};
@@ -177,7 +177,7 @@ pub(crate) async fn run_process(
             limit: None,
         });
     }
-    let program = resolve_program(spec)?;
+    let program = program_to_spawn(spec)?;
     let mut jail = Jail::for_run(spec.run_id.as_deref());
     let mut setup = Setup {
         cgroup_procs: None,

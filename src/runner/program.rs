@@ -97,16 +97,28 @@ pub(crate) fn arg_max() -> usize {
     })
 }
 
-/// Resolve the program as the child would: a name with a `/` is a path (relative to `cwd`), a
-/// bare name is looked up on the child's `PATH`.
+/// Resolve the program as the child would: a name with a `/` is a path (relative to `cwd`),
+/// checked to be an executable file; a bare name is looked up on the child's `PATH`.
 pub(crate) fn resolve_program(spec: &ProcSpec) -> Result<PathBuf, SpawnError> {
+    locate(spec, true)
+}
+
+/// [`resolve_program`] for a spawn: a path is not checked first (one `stat` less per run);
+/// if it is not an executable file, `execve` fails and [`spawn_error`] finds out why.
+pub(crate) fn program_to_spawn(spec: &ProcSpec) -> Result<PathBuf, SpawnError> {
+    locate(spec, false)
+}
+
+fn locate(spec: &ProcSpec, check_path: bool) -> Result<PathBuf, SpawnError> {
     let program = Path::new(&spec.program);
     if spec.program.is_empty() {
         return Err(SpawnError::new(program, SpawnReason::NoSuchFile));
     }
     let candidate = if program.as_os_str().as_encoded_bytes().contains(&b'/') {
         let p = spec.cwd.join(program);
-        check_executable(&p)?;
+        if check_path {
+            check_executable(&p)?;
+        }
         p
     } else {
         let path_var: Option<OsString> = match &spec.env {
@@ -217,6 +229,18 @@ pub(crate) fn spawn_error(program: &Path, e: &std::io::Error, step: Step) -> Spa
             program,
             SpawnReason::Os(format!("cannot apply the module's limits or user: {e}")),
         );
+    }
+    // A spawn does not check its program beforehand (`program_to_spawn`): a file that is
+    // missing, a directory or not executable is named as such now; an executable file that
+    // `execve` could not find has a missing interpreter (`#!`) or loader.
+    if step == Step::Exec
+        && matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+        )
+        && let Err(why) = check_executable(program)
+    {
+        return why;
     }
     let reason = match e.kind() {
         std::io::ErrorKind::NotFound => SpawnReason::NoInterpreter(e.to_string()),

@@ -460,3 +460,60 @@ async fn list_runs() {
     problem(get("?cursor=abc").await.unwrap(), StatusCode::BAD_REQUEST).await;
     app.stop().await;
 }
+
+/// A module's program that is gone, not executable, or a folder by the time a run starts (it
+/// was fine at start-up) fails that run with a message that says which, naming the program as
+/// the module declares it; the server goes on, and the next run of a program that is back
+/// succeeds.
+#[tokio::test]
+async fn a_program_that_changed_after_start_up_fails_its_run_with_the_reason() {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = tempfile::tempdir().unwrap();
+    let prog = bin.path().join("prog.sh");
+    let write_prog = || {
+        std::fs::write(&prog, "#!/bin/sh\necho ok\n").unwrap();
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    write_prog();
+    let module = format!(
+        "\n[[modules]]\nid = \"fragile\"\ncommand = [\"{}\"]\n",
+        prog.display()
+    );
+    let app = crate::helpers::spawn_app_with(&(crate::helpers::base_config("") + &module)).await;
+    let run = || async {
+        let res = app
+            .post_to("/runs?wait=20", json!({"module_id": "fragile"}))
+            .await;
+        assert_eq!(res.status(), StatusCode::OK);
+        res.json::<Value>().await.unwrap()
+    };
+
+    std::fs::remove_file(&prog).unwrap();
+    let gone = run().await;
+    assert_eq!(gone["status"], "failed", "{gone}");
+    assert_eq!(
+        gone["error"], "cannot start `prog.sh`: no such file",
+        "{gone}"
+    );
+
+    std::fs::write(&prog, "#!/bin/sh\necho ok\n").unwrap();
+    let plain = run().await;
+    assert_eq!(plain["status"], "failed", "{plain}");
+    assert_eq!(
+        plain["error"], "cannot start `prog.sh`: permission denied (the file is not executable)",
+        "{plain}"
+    );
+
+    std::fs::remove_file(&prog).unwrap();
+    std::fs::create_dir(&prog).unwrap();
+    let folder = run().await;
+    assert_eq!(
+        folder["error"], "cannot start `prog.sh`: permission denied (it is a directory)",
+        "{folder}"
+    );
+
+    std::fs::remove_dir(&prog).unwrap();
+    write_prog();
+    let back = run().await;
+    assert_eq!(back["status"], "succeeded", "{back}");
+}
