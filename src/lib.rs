@@ -70,7 +70,9 @@
 //!   `runner::jail` (containment: a cgroup per run from a pool, with a guard process that
 //!   kills the pool if modrun dies; the subreaper fallback; rlimits).
 //!   Children are started by `runner::spawn` with `clone(CLONE_VM | CLONE_VFORK)` (not fork:
-//!   see its docs), the crate's one documented exception to `unsafe_code = "deny"`.
+//!   see its docs), sharing the descriptor table until the child copies its bottom, where
+//!   `runner::fd_table` reserves low numbers for its stdio; these two are the crate's
+//!   documented exceptions to `unsafe_code = "deny"`.
 //! - [`api`] — the only code that knows HTTP. `api::events` is `GET /events` (every run's
 //!   changes as SSE, from the registry's feed, `registry::events`); `api::session` the
 //!   dashboard's sign-in cookie (checked with the CSRF header in `api::access`);

@@ -36,6 +36,7 @@
 
 mod cluster;
 mod execute;
+mod fd_table;
 mod group;
 mod handle;
 pub mod jail;
@@ -105,6 +106,8 @@ impl ModuleRunner {
     /// at the end of each run; a run's end that the store could not take is written by the
     /// flusher too, once the store takes writes again.
     pub fn with_registry(settings: RunnerSettings, registry: Arc<Registry>) -> Self {
+        // The low descriptor numbers children's stdio goes through, taken while they are low.
+        fd_table::Reserved::get();
         Self {
             inner: Arc::new(Inner {
                 settings,

@@ -16,6 +16,11 @@
 //! default before unblocking, so that no handler of the parent ever runs on the child's side
 //! of the shared memory.
 //!
+//! The descriptor table: the child shares ours at first (`CLONE_FILES`) and copies only its
+//! bottom, where its stdio waits on reserved numbers (see [`super::fd_table`]), so that a
+//! spawn does not cost more the more connections the server holds; it closes everything but
+//! 0, 1 and 2 before exec.
+//!
 //! Reaping: [`Child::try_reap`] (the asynchronous driver's first try, once the pipes have
 //! closed), [`Child::wait`] (a pidfd, asynchronously) or [`Child::wait_blocking`]; a `Child`
 //! dropped before it was reaped has its group killed and is handed to one background reaper
@@ -38,6 +43,7 @@ use std::sync::mpsc;
 
 use libc::{c_char, c_int, c_void};
 
+use super::fd_table;
 use super::process::ProcSpec;
 
 /// A started child: its pid (also its process-group id) and our ends of its pipes.
@@ -76,6 +82,11 @@ struct ChildArgs {
     rlimit_count: usize,
     /// Switch to this group and user (dropping supplementary groups) before exec.
     creds: Option<(libc::gid_t, libc::uid_t)>,
+    /// Non-zero: the child shares the parent's descriptor table (`CLONE_FILES`) and first
+    /// makes a private copy of the descriptors below this number (see [`super::fd_table`]).
+    files_limit: u32,
+    /// Close every descriptor above 2 before exec (`close_range` exists).
+    close_rest: bool,
 }
 
 /// Which set-up step in the child failed (reported with its errno).
@@ -92,6 +103,9 @@ pub(crate) enum Step {
 const STEP_CGROUP: c_int = 1;
 const STEP_LIMITS: c_int = 2;
 const STEP_EXEC: c_int = 3;
+/// The child could not unshare the descriptor table (then nothing was done yet: the spawn is
+/// retried with a copied table).
+const STEP_FILES: c_int = 4;
 
 /// Why a child could not be started.
 #[derive(Debug)]
@@ -194,7 +208,7 @@ pub(crate) fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 
 /// /dev/null open for reading (close-on-exec), opened once: the stdin of every run without
 /// input (each child dup2s it onto its own descriptor 0).
-fn dev_null() -> io::Result<RawFd> {
+pub(super) fn dev_null() -> io::Result<RawFd> {
     static NULL: OnceLock<OwnedFd> = OnceLock::new();
     if let Some(fd) = NULL.get() {
         return Ok(fd.as_raw_fd());
@@ -274,14 +288,35 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
             },
         );
     }
+    // Stdio on low reserved numbers, so that the child copies only the bottom of our
+    // descriptor table (see `fd_table`); given back as soon as `clone` has returned.
+    let mut reserved = fd_table::Reserved::get().and_then(|r| Some((r.take()?, r.limit())));
+    let mut stdio = [stdin, out_w.as_raw_fd(), err_w.as_raw_fd()];
+    if let Some((taken, _)) = &mut reserved {
+        let pipes = [
+            in_r.as_ref().map(|r| r.as_raw_fd()),
+            Some(stdio[1]),
+            Some(stdio[2]),
+        ];
+        let placed: io::Result<Vec<RawFd>> = pipes
+            .iter()
+            .enumerate()
+            .map(|(which, fd)| taken.place(which, *fd))
+            .collect();
+        match placed {
+            Ok(placed) => stdio.copy_from_slice(&placed),
+            // Not expected (dup3 onto a number we hold); the whole table is copied instead.
+            Err(_) => reserved = None,
+        }
+    }
     let args = ChildArgs {
         path: path.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         cwd: cwd.as_ptr(),
-        stdin,
-        stdout: out_w.as_raw_fd(),
-        stderr: err_w.as_raw_fd(),
+        stdin: stdio[0],
+        stdout: stdio[1],
+        stderr: stdio[2],
         report: &mut report,
         // SAFETY: getpid cannot fail.
         parent: unsafe { libc::getpid() },
@@ -289,6 +324,13 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
         rlimits,
         rlimit_count: setup.rlimits.len().min(MAX_RLIMITS),
         creds: setup.creds,
+        files_limit: reserved.as_ref().map_or(0, |(_, limit)| *limit),
+        close_rest: fd_table::close_range_works(),
+    };
+    let share = if reserved.is_some() {
+        libc::CLONE_FILES
+    } else {
+        0
     };
     // The child's stack: it runs there until it execs (or exits), while this thread waits.
     // Never read from Rust, so it need not be initialised.
@@ -324,11 +366,13 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
         libc::clone(
             child_main,
             top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            libc::CLONE_VM | libc::CLONE_VFORK | share | libc::SIGCHLD,
             &args as *const ChildArgs as *mut c_void,
         )
     };
     let clone_error = io::Error::last_os_error();
+    // The child has its own copies now (or is gone): /dev/null back into the reserved set.
+    drop(reserved);
     // SAFETY: restores the mask saved above.
     unsafe {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
@@ -354,6 +398,10 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
     let [step, errno] = unsafe { std::ptr::read_volatile(&report) };
     if step != 0 {
         let _ = child.wait_blocking();
+        if step == STEP_FILES {
+            fd_table::Reserved::disable(&io::Error::from_raw_os_error(errno));
+            return spawn(program, spec, setup);
+        }
         let step = match step {
             STEP_CGROUP => Step::Cgroup,
             STEP_LIMITS => Step::Limits,
@@ -437,10 +485,27 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
                 fail(a.report, STEP_LIMITS);
             }
         }
+        // A table of our own before any descriptor changes: only the bottom of the parent's,
+        // where the reserved stdio numbers are (the rest would be closed at exec anyway).
+        if a.files_limit != 0
+            && libc::syscall(
+                libc::SYS_close_range,
+                a.files_limit,
+                u32::MAX,
+                libc::CLOSE_RANGE_UNSHARE,
+            ) != 0
+        {
+            fail(a.report, STEP_FILES);
+        }
         for (from, to) in [(a.stdin, 0), (a.stdout, 1), (a.stderr, 2)] {
             if libc::dup2(from, to) < 0 {
                 fail(a.report, STEP_EXEC);
             }
+        }
+        // Nothing but stdio goes on to the program, not even a descriptor this process
+        // inherited without close-on-exec.
+        if a.close_rest && libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0) != 0 {
+            fail(a.report, STEP_EXEC);
         }
         // Raw system calls, not the libc wrappers: glibc's setuid/setgid signal every thread
         // of the process to change them all, and this child shares the parent's memory.
@@ -575,4 +640,60 @@ fn reap_later(pid: u32) {
         tx
     });
     let _ = tx.send(pid);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// Start `sh -c script` with `input` on its stdin; its stdout, stderr and exit code.
+    fn sh(script: &str, input: &[u8]) -> (String, String, i32) {
+        let spec = ProcSpec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            cwd: "/".into(),
+            env: None,
+            stdin: Some(input.to_vec()),
+            run_id: None,
+            limits: Default::default(),
+            creds: None,
+        };
+        let mut child = spawn(Path::new("/bin/sh"), &spec, &Setup::default()).unwrap();
+        std::fs::File::from(child.stdin.take().unwrap())
+            .write_all(input)
+            .unwrap();
+        let (mut out, mut err) = (String::new(), String::new());
+        std::fs::File::from(child.stdout.take().unwrap())
+            .read_to_string(&mut out)
+            .unwrap();
+        std::fs::File::from(child.stderr.take().unwrap())
+            .read_to_string(&mut err)
+            .unwrap();
+        let code = child.wait_blocking().unwrap().code().unwrap();
+        (out, err, code)
+    }
+
+    /// A child has its three pipes on 0, 1 and 2 and nothing else open, both when it shares
+    /// our descriptor table at first and when every reserved set is in use (it copies the
+    /// whole table); either way our ends see end of file once it exits.
+    #[test]
+    fn a_child_has_its_pipes_and_nothing_else_with_or_without_a_reserved_set() {
+        let reserved = fd_table::Reserved::get().expect("close_range on this kernel");
+        for exhausted in [false, true] {
+            let held: Vec<_> = if exhausted {
+                std::iter::from_fn(|| reserved.take()).collect()
+            } else {
+                vec![]
+            };
+            let (out, err, code) = sh("ls /proc/$$/fd; cat; echo oops >&2; exit 3", b"input\n");
+            assert_eq!(
+                (out.as_str(), err.as_str(), code),
+                ("0\n1\n2\ninput\n", "oops\n", 3),
+                "every set taken: {exhausted}"
+            );
+            drop(held);
+        }
+    }
 }

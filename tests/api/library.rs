@@ -767,3 +767,24 @@ async fn a_child_starts_with_default_signal_dispositions() {
     assert_eq!(mask(&out.stdout, "SigCgt:"), 0, "{}", out.stdout);
     assert_eq!(mask(&out.stdout, "SigBlk:"), 0, "{}", out.stdout);
 }
+
+/// A child gets its stdin, stdout and stderr and no other descriptor of the server: not its
+/// sockets and pipes (close-on-exec), nor one it holds without close-on-exec (as a descriptor
+/// inherited from whatever started it would be), in every spawning mode.
+#[tokio::test]
+async fn a_child_gets_no_descriptor_but_its_stdio() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = script(dir.path(), "fds.sh", "#!/bin/sh\nexec ls /proc/self/fd\n");
+    let file = std::fs::File::open(dir.path().join("fds.sh")).unwrap();
+    // `dup` leaves close-on-exec off.
+    let inheritable = nix::unistd::dup(&file).unwrap();
+    for mode in SPAWNING {
+        let out = execute_module(&s, Vec::<String>::new(), dir.path(), mode)
+            .await
+            .unwrap();
+        assert_eq!(out.exit_code, 0, "{mode:?}: {}", out.stderr);
+        // 3 is `ls`'s own, open on the folder it lists.
+        assert_eq!(out.stdout, "0\n1\n2\n3\n", "{mode:?}");
+    }
+    drop(inheritable);
+}
