@@ -180,15 +180,15 @@ pub(crate) async fn run_process(
     let program = program_to_spawn(spec)?;
     let mut jail = Jail::for_run(spec.run_id.as_deref());
     let mut setup = Setup {
-        cgroup_procs: None,
+        cgroup: None,
         rlimits: jail::rlimits(&spec.limits),
         creds: spec.creds,
     };
     let child = loop {
-        setup.cgroup_procs = jail.procs_fd();
+        setup.cgroup = jail.cgroup_fds();
         match spawn::spawn(&program, spec, &setup) {
             Ok(child) => break child,
-            Err(f) if f.step == Step::Cgroup && setup.cgroup_procs.is_some() => {
+            Err(f) if f.step == Step::Cgroup && setup.cgroup.is_some() => {
                 // No cgroup after all: this run (and the next ones) without one.
                 jail = jail.join_failed(spec.run_id.as_deref(), &f.error);
             }

@@ -44,7 +44,10 @@ use std::sync::mpsc;
 use libc::{c_char, c_int, c_void};
 
 use super::fd_table;
+use super::jail::CgroupFds;
 use super::process::ProcSpec;
+
+mod clone3;
 
 /// A started child: its pid (also its process-group id) and our ends of its pipes.
 pub(crate) struct Child {
@@ -75,8 +78,10 @@ struct ChildArgs {
     /// has returned, which `CLONE_VFORK` delays until the child has exec'd or exited).
     report: *mut [c_int; 2],
     parent: libc::pid_t,
-    /// `cgroup.procs` of the run's cgroup, open for writing; -1 for none.
+    /// `cgroup.procs` of the run's cgroup, open for writing; -1 for none (or born there).
     cgroup: RawFd,
+    /// The kernel has reset the signal handlers already (`CLONE_CLEAR_SIGHAND`).
+    handlers_cleared: bool,
     /// Resource limits to set, the first `rlimit_count` of them.
     rlimits: [(libc::__rlimit_resource_t, libc::rlimit); MAX_RLIMITS],
     rlimit_count: usize,
@@ -103,6 +108,8 @@ pub(crate) enum Step {
 const STEP_CGROUP: c_int = 1;
 const STEP_LIMITS: c_int = 2;
 const STEP_EXEC: c_int = 3;
+/// The child never ran: killed before its first instruction.
+const NOT_RUN: c_int = -1;
 /// The child could not unshare the descriptor table (then nothing was done yet: the spawn is
 /// retried with a copied table).
 const STEP_FILES: c_int = 4;
@@ -128,9 +135,9 @@ impl From<io::Error> for SpawnFailure {
 /// What a child is set up with before exec, beyond `ProcSpec`.
 #[derive(Debug, Default)]
 pub(crate) struct Setup {
-    /// `cgroup.procs` of the run's cgroup (the child moves itself in); the caller keeps it
-    /// open until `spawn` returns.
-    pub cgroup_procs: Option<RawFd>,
+    /// The run's cgroup (the child is born there, or moves itself in); the caller keeps its
+    /// descriptors open until `spawn` returns.
+    pub cgroup: Option<CgroupFds>,
     /// Resource limits (resource, soft, hard).
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
     /// Group and user to switch to.
@@ -271,7 +278,8 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
         Some(r) => r.as_raw_fd(),
         None => dev_null()?,
     };
-    let mut report: [c_int; 2] = [0, 0];
+    // [NOT_RUN, 0] until the child runs; then [0, 0], or a failed step and its errno.
+    let mut report: [c_int; 2] = [NOT_RUN, 0];
     let mut rlimits = [(
         0,
         libc::rlimit {
@@ -309,7 +317,7 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
             Err(_) => reserved = None,
         }
     }
-    let args = ChildArgs {
+    let mut args = ChildArgs {
         path: path.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
@@ -320,7 +328,8 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
         report: &mut report,
         // SAFETY: getpid cannot fail.
         parent: unsafe { libc::getpid() },
-        cgroup: setup.cgroup_procs.unwrap_or(-1),
+        cgroup: -1,
+        handlers_cleared: false,
         rlimits,
         rlimit_count: setup.rlimits.len().min(MAX_RLIMITS),
         creds: setup.creds,
@@ -337,9 +346,10 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
     let mut stack = STACK
         .take()
         .unwrap_or_else(|| Box::new_uninit_slice(CHILD_STACK));
+    let base = stack.as_mut_ptr();
     // SAFETY: one past the end of the allocation, aligned down to 16 bytes as the ABI wants;
     // the stack grows down from there and stays alive until clone returns.
-    let top = unsafe { stack.as_mut_ptr().add(stack.len()) };
+    let top = unsafe { base.add(stack.len()) };
     let top = ((top as usize) & !15) as *mut c_void;
 
     // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask only write into it.
@@ -358,26 +368,67 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
     }
     // In subreaper mode, held until the child is recorded as a run leader.
     let leader = super::jail::LeaderGuard::new();
-    // SAFETY: CLONE_VFORK suspends this thread until the child has exec'd or exited, so
-    // everything `args` points to (owned by this frame) outlives the child's use of it; the
-    // child only makes async-signal-safe calls (see `child_main`); every signal that could
-    // have a handler of ours is blocked, so none runs in the child before it resets them.
-    let pid = unsafe {
-        libc::clone(
-            child_main,
-            top,
-            libc::CLONE_VM | libc::CLONE_VFORK | share | libc::SIGCHLD,
-            &args as *const ChildArgs as *mut c_void,
-        )
-    };
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | share;
+    // clone3 where the system has it: born in the cgroup, handlers reset by the kernel.
+    let mut refused = None;
+    let mut pid = -1;
+    let mut born_in_cgroup = false;
+    if clone3::available() {
+        let mut c = clone3::CloneArgs {
+            flags: flags as u64 | clone3::CLONE_CLEAR_SIGHAND,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: base as u64,
+            stack_size: top as u64 - base as u64,
+            ..Default::default()
+        };
+        args.cgroup = setup.cgroup.map_or(-1, |c| c.procs);
+        if let Some(dir) = setup.cgroup.and_then(|c| c.dir)
+            && clone3::into_cgroup()
+        {
+            c.flags |= clone3::CLONE_INTO_CGROUP;
+            c.cgroup = dir as u64;
+            args.cgroup = -1;
+        }
+        args.handlers_cleared = true;
+        // SAFETY: as for `clone` below; the stack's top is 16-byte aligned.
+        match unsafe { clone3::clone3(&c, child_main, &args as *const ChildArgs as *mut c_void) } {
+            Ok(p) => {
+                pid = p;
+                born_in_cgroup = c.flags & clone3::CLONE_INTO_CGROUP != 0;
+            }
+            Err(e) => refused = Some(e),
+        }
+    }
+    if pid < 0 {
+        args.cgroup = setup.cgroup.map_or(-1, |c| c.procs);
+        args.handlers_cleared = false;
+        // SAFETY: CLONE_VFORK suspends this thread until the child has exec'd or exited, so
+        // everything `args` points to (owned by this frame) outlives the child's use of it;
+        // the child only makes async-signal-safe calls (see `child_main`); every signal that
+        // could have a handler of ours is blocked, so none runs in the child before it
+        // resets them.
+        pid = unsafe {
+            libc::clone(
+                child_main,
+                top,
+                flags | libc::SIGCHLD,
+                &args as *const ChildArgs as *mut c_void,
+            )
+        };
+        if pid >= 0
+            && let Some(e) = &refused
+        {
+            clone3::refused(e);
+        }
+    }
     let clone_error = io::Error::last_os_error();
-    // The child has its own copies now (or is gone): /dev/null back into the reserved set.
-    drop(reserved);
     // SAFETY: restores the mask saved above.
     unsafe {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
     }
     STACK.set(Some(stack));
+    // The child has its own copies now (or is gone): /dev/null back into the reserved set.
+    drop(reserved);
     if pid < 0 {
         return Err(clone_error.into());
     }
@@ -398,19 +449,24 @@ pub(crate) fn spawn(program: &Path, spec: &ProcSpec, setup: &Setup) -> Result<Ch
     let [step, errno] = unsafe { std::ptr::read_volatile(&report) };
     if step != 0 {
         let _ = child.wait_blocking();
+        if step == NOT_RUN && born_in_cgroup {
+            clone3::into_cgroup_failed();
+            return spawn(program, spec, setup);
+        }
         if step == STEP_FILES {
             fd_table::Reserved::disable(&io::Error::from_raw_os_error(errno));
             return spawn(program, spec, setup);
         }
+        let error = match step {
+            NOT_RUN => io::Error::other("the process was killed before it could start"),
+            _ => io::Error::from_raw_os_error(errno),
+        };
         let step = match step {
             STEP_CGROUP => Step::Cgroup,
             STEP_LIMITS => Step::Limits,
             _ => Step::Exec,
         };
-        return Err(SpawnFailure {
-            step,
-            error: io::Error::from_raw_os_error(errno),
-        });
+        return Err(SpawnFailure { step, error });
     }
     Ok(child)
 }
@@ -431,6 +487,7 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     // async-signal-safe system calls follow; nothing allocates.
     unsafe {
         let a = &*(arg as *const ChildArgs);
+        std::ptr::write_volatile(a.report, [0, 0]);
         // Handlers live in the parent's memory: every caught signal goes back to its default.
         // SIGPIPE too (the Rust runtime ignores it; programs expect the default). One call per
         // signal sets the default and returns what was there; the few the parent ignores are
@@ -439,7 +496,14 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         // this child's own children could send) is blocked, so none arrives in between.
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
-        for sig in 1..65 {
+        // With CLONE_CLEAR_SIGHAND the kernel did it, but for SIGPIPE (ignored, so kept).
+        let first = if a.handlers_cleared {
+            libc::sigaction(libc::SIGPIPE, &dfl, std::ptr::null_mut());
+            65
+        } else {
+            1
+        };
+        for sig in first..65 {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }

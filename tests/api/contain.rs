@@ -10,7 +10,8 @@ use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    base_config, marked, signal, start_server_at, start_server_with, write_config,
+    base_config, binary, marked, signal, start_command, start_server_at, start_server_with,
+    write_config,
 };
 
 const ESCAPES: &str = r#"
@@ -115,6 +116,93 @@ async fn nothing_escapes_a_run_with_cgroups() {
         return;
     }
     no_escape_with("auto").await;
+}
+
+/// The folder of this process's cgroup (v2), if it has one it can make cgroups under.
+fn own_cgroup() -> Option<std::path::PathBuf> {
+    let path = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mounts
+        .lines()
+        .find(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|t| t.starts_with("cgroup2 "))
+        })?
+        .split_whitespace()
+        .nth(4)?;
+    Some(std::path::Path::new(mount).join(path.trim_start_matches('/')))
+}
+
+/// A server started in a cgroup that was killed once before (its kill count is not 0, as
+/// after a restart in a reused service cgroup) still runs every module in a cgroup of its
+/// own: where the kernel kills a child born into a cgroup whose kill count differs from its
+/// parent's (Linux 6.18), modrun notices and joins children to their cgroup the other way.
+#[tokio::test]
+async fn runs_work_from_a_cgroup_that_was_killed_before() {
+    let Some(base) = own_cgroup() else {
+        eprintln!("skipped: no cgroup v2 here");
+        return;
+    };
+    let killed = base.join(format!("modrun-test-killed-{}", std::process::id()));
+    if std::fs::create_dir(&killed).is_err() {
+        eprintln!("skipped: cannot make cgroups here");
+        return;
+    }
+    std::fs::write(killed.join("cgroup.kill"), "1").unwrap();
+    let modules = r#"
+[[modules]]
+id = "where"
+name = "Says its cgroup"
+command = ["cat", "/proc/self/cgroup"]
+"#;
+    let (_dir, path) = write_config(&format!(
+        "{}{modules}",
+        base_config("containment = \"cgroup\"")
+    ));
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$1" serve --bind 127.0.0.1:0 --config "$2""#)
+        .arg(&killed)
+        .arg(binary())
+        .arg(&path);
+    let mut server = start_command(cmd).await;
+    let c = Client::new();
+    for _ in 0..3 {
+        let run: Value = c
+            .post(server.url("/runs?wait=30"))
+            .json(&json!({"module_id": "where"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(run["status"], "succeeded", "{run}");
+        let id = run["id"].as_str().unwrap();
+        let out = c
+            .get(server.url(&format!("/runs/{id}/output")))
+            .header("Accept", "text/plain")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(out.contains("/modrun/pool-"), "in a run cgroup: {out}");
+    }
+    signal(&server.child, Signal::SIGTERM);
+    server.child.wait().await.unwrap();
+    // What is left once the pool's guard has exited too: the pools' folder, then ours.
+    let gone = crate::helpers::wait_until(Duration::from_secs(5), || {
+        let _ = std::fs::remove_dir(killed.join("modrun"));
+        std::fs::remove_dir(&killed).is_ok()
+    })
+    .await;
+    assert!(gone, "the test's cgroup is left empty");
 }
 
 /// With the subreaper fallback.

@@ -1,7 +1,9 @@
 //! A pool of run cgroups under `<our cgroup>/modrun/pool-<pid>`: a run takes an empty one and
-//! gives it back when it is empty again, so that a run costs a join (the child writes to a
-//! descriptor kept open) and a read of `cgroup.events`, not a mkdir, an open and an rmdir (they
-//! took about 7% of the CPU of a run of `/bin/true`). A pool is named after its process and
+//! gives it back when it is empty again, so that a run costs a join (the child is born in it,
+//! or writes to a descriptor kept open) and a read of `cgroup.events`, not a mkdir, an open and
+//! an rmdir (they took about 7% of the CPU of a run of `/bin/true`). A cgroup that had to be
+//! killed (processes left behind, a cancel, a timeout) is removed instead of reused (see
+//! [`Slot::fds`]). A pool is named after its process and
 //! that process's start time (`pool-<pid>-<start>`, PIDs are reused); after a crash, pools
 //! whose process no longer exists are killed and removed at start-up.
 
@@ -10,32 +12,74 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Empty cgroups kept for reuse, at most; more are removed when given back.
 const IDLE_MAX: usize = 256;
 
+/// How a child gets into a cgroup: born there (`clone3` with the directory) or by writing 0
+/// to its `cgroup.procs`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CgroupFds {
+    /// `cgroup.procs`, open for writing.
+    pub procs: RawFd,
+    /// The cgroup's directory, open for reading; `None` once the cgroup has been killed (see
+    /// [`Slot::fds`]).
+    pub dir: Option<RawFd>,
+}
+
 /// One cgroup of the pool, with its files open.
 #[derive(Debug)]
 pub(crate) struct Slot {
     dir: PathBuf,
-    /// `cgroup.procs`, open for writing: the child joins by writing to it.
+    /// `cgroup.procs`, open for writing: the child joins by writing to it (where it is not
+    /// born in the cgroup already, see `spawn::clone3`).
     procs: File,
+    /// The cgroup's directory, for `clone3`'s `CLONE_INTO_CGROUP`.
+    dir_fd: File,
     /// `cgroup.events`, read (from offset 0) to see whether it still has a process.
     events: File,
+    /// Set once `cgroup.kill` was written: such a cgroup is not reused (see [`Slot::fds`]).
+    killed: AtomicBool,
 }
 
 impl Slot {
     fn open(dir: PathBuf) -> std::io::Result<Self> {
         let procs = File::options().write(true).open(dir.join("cgroup.procs"))?;
         let events = File::open(dir.join("cgroup.events"))?;
-        Ok(Self { dir, procs, events })
+        let dir_fd = File::open(&dir)?;
+        Ok(Self {
+            dir,
+            procs,
+            dir_fd,
+            events,
+            killed: AtomicBool::new(false),
+        })
     }
 
-    /// The descriptor a child writes to to join.
-    pub(crate) fn procs_fd(&self) -> RawFd {
-        self.procs.as_raw_fd()
+    /// The descriptors a child joins with: `cgroup.procs` (written to) and the directory
+    /// (to be born there). Not the directory of a cgroup that was killed: Linux 6.18 (at
+    /// least) SIGKILLs a child born by `CLONE_INTO_CGROUP` into a cgroup whose kill count
+    /// differs from its parent's cgroup's (`cgroup_css_set_fork` reads the count before it
+    /// knows the target). The pool does not reuse killed cgroups, so this is for the run
+    /// that killed it.
+    pub(crate) fn fds(&self) -> CgroupFds {
+        CgroupFds {
+            procs: self.procs.as_raw_fd(),
+            dir: (!self.killed.load(Ordering::Relaxed)).then(|| self.dir_fd.as_raw_fd()),
+        }
+    }
+
+    fn was_killed(&self) -> bool {
+        self.killed.load(Ordering::Relaxed)
+    }
+
+    /// Close it and remove its (empty) folder.
+    fn remove(self) {
+        let dir = self.dir.clone();
+        drop(self);
+        let _ = std::fs::remove_dir(dir);
     }
 
     /// True while a process is in it.
@@ -54,6 +98,7 @@ impl Slot {
 
     /// SIGKILL every process in it (the kernel does it at once).
     pub(crate) fn kill(&self) {
+        self.killed.store(true, Ordering::Relaxed);
         let _ = std::fs::write(self.dir.join("cgroup.kill"), "1");
     }
 }
@@ -92,15 +137,20 @@ impl Pool {
 
     /// An empty cgroup: one given back before, or a new one.
     pub(crate) fn take(&self) -> std::io::Result<Slot> {
-        {
+        let retired = {
             let mut s = self.lock();
             let (idle, dying) = &mut *s;
             if let Some(slot) = idle.pop() {
                 return Ok(slot);
             }
-            if let Some(i) = dying.iter().position(|d| !d.populated()) {
-                return Ok(dying.swap_remove(i));
+            match dying.iter().position(|d| !d.populated()) {
+                Some(i) if !dying[i].was_killed() => return Ok(dying.swap_remove(i)),
+                Some(i) => Some(dying.swap_remove(i)),
+                None => None,
             }
+        };
+        if let Some(slot) = retired {
+            slot.remove();
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let dir = self.dir.join(format!("slot-{n}"));
@@ -115,13 +165,11 @@ impl Pool {
         let (idle, dying) = &mut *s;
         if populated {
             dying.push(slot);
-        } else if idle.len() < IDLE_MAX {
+        } else if idle.len() < IDLE_MAX && !slot.was_killed() {
             idle.push(slot);
         } else {
             drop(s);
-            let dir = slot.dir.clone();
-            drop(slot);
-            let _ = std::fs::remove_dir(dir);
+            slot.remove();
         }
     }
 
@@ -129,9 +177,7 @@ impl Pool {
     pub(crate) fn remove(&self) {
         let (idle, dying) = std::mem::take(&mut *self.lock());
         for slot in idle.into_iter().chain(dying) {
-            let dir = slot.dir.clone();
-            drop(slot);
-            let _ = std::fs::remove_dir(dir);
+            slot.remove();
         }
         let _ = std::fs::remove_dir(&self.dir);
     }

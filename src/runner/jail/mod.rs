@@ -20,6 +20,7 @@
 //! `limits` turns a module's limits into `setrlimit` calls and names the one that ended a run.
 
 mod cgroup;
+pub(crate) use cgroup::CgroupFds;
 mod guard;
 mod limits;
 mod subreaper;
@@ -245,10 +246,10 @@ impl Jail {
         }
     }
 
-    /// The descriptor of the cgroup's `cgroup.procs` for the child to move itself in (open for
-    /// as long as this jail lives).
-    pub(crate) fn procs_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.slot.as_ref().map(cgroup::Slot::procs_fd)
+    /// The descriptors of the cgroup for the child to be born in or move itself into (open
+    /// for as long as this jail lives).
+    pub(crate) fn cgroup_fds(&self) -> Option<cgroup::CgroupFds> {
+        self.slot.as_ref().map(cgroup::Slot::fds)
     }
 
     /// Joining the cgroup failed in the child: from now on, runs use the subreaper; this run
