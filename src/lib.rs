@@ -71,7 +71,8 @@
 //!   kills the pool if modrun dies; the subreaper fallback; rlimits).
 //!   Children are started by `runner::spawn` with `clone(CLONE_VM | CLONE_VFORK)` (not fork:
 //!   see its docs), sharing the descriptor table until the child copies its bottom, where
-//!   `runner::fd_table` reserves low numbers for its stdio; these two are the crate's
+//!   `runner::fd_table` reserves low numbers for its stdio; `clone3` (in `runner::spawn::clone3`)
+//!   where the kernel has it, so that the child is born in its cgroup. These are the crate's
 //!   documented exceptions to `unsafe_code = "deny"`.
 //! - [`api`] — the only code that knows HTTP. `api::events` is `GET /events` (every run's
 //!   changes as SSE, from the registry's feed, `registry::events`); `api::session` the
