@@ -53,7 +53,7 @@ pub(crate) fn close_range_works() -> bool {
 pub(crate) struct Reserved {
     sets: Box<[[RawFd; 3]]>,
     /// Bit `i` set: set `i` is free. Taken and given back with one atomic operation each (a
-    /// spawn holds one set for the few microseconds of its `clone`); at most 64 sets.
+    /// spawn holds one set for the few microseconds of its `clone`); at most 32 sets (see `reserve`).
     free: AtomicU64,
     /// The /dev/null descriptor put back into a set after use.
     null: RawFd,
@@ -117,11 +117,8 @@ impl Reserved {
         }
         let limit = sets.iter().flatten().max().copied().unwrap_or(2) as u32 + 1;
         Some(Reserved {
-            free: AtomicU64::new(if count == 64 {
-                u64::MAX
-            } else {
-                (1u64 << count) - 1
-            }),
+            // One bit per set (count <= 32).
+            free: AtomicU64::new((1u64 << count) - 1),
             sets: sets.into_boxed_slice(),
             null,
             limit,

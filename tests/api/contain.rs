@@ -172,17 +172,14 @@ command = ["cat", "/proc/self/cgroup"]
     let mut server = start_command(cmd).await;
     let c = Client::new();
     for _ in 0..3 {
-        let run: Value = c
-            .post(server.url("/runs?wait=30"))
-            .json(&json!({"module_id": "where"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(run["status"], "succeeded", "{run}");
+        let run: Value = server.post_run("where").await.json().await.unwrap();
         let id = run["id"].as_str().unwrap();
+        let run = server
+            .wait_run(id, |r| {
+                !matches!(r["status"].as_str(), Some("queued" | "running"))
+            })
+            .await;
+        assert_eq!(run["status"], "succeeded", "{run}");
         let out = c
             .get(server.url(&format!("/runs/{id}/output")))
             .header("Accept", "text/plain")

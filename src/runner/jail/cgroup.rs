@@ -67,7 +67,7 @@ impl Slot {
     pub(crate) fn fds(&self) -> CgroupFds {
         CgroupFds {
             procs: self.procs.as_raw_fd(),
-            dir: (!self.killed.load(Ordering::Relaxed)).then(|| self.dir_fd.as_raw_fd()),
+            dir: (!self.was_killed()).then(|| self.dir_fd.as_raw_fd()),
         }
     }
 
