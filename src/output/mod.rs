@@ -207,7 +207,9 @@ impl OutputLog {
 
     /// Feed raw bytes read from a pipe; complete lines are appended.
     pub fn write(&self, stream: Stream, data: &[u8]) {
-        let mut texts = Vec::new();
+        // One allocation for the read's lines (a piece per `\n`, and a possible last one):
+        // growing the vector line by line was a realloc and a copy every doubling.
+        let mut texts = Vec::with_capacity(memchr::memchr_iter(b'\n', data).count() + 1);
         self.splitter(stream).push(data, &mut texts);
         self.meter.add(stream, texts.len(), data.len());
         self.append(stream, texts);
@@ -244,6 +246,7 @@ impl OutputLog {
         let ts = SystemTime::now();
         {
             let mut inner = self.lock();
+            inner.lines.reserve(texts.len());
             for text in texts {
                 let len = text.len() as u64;
                 if inner.outage && inner.unflushed_bytes >= BACKLOG_BYTES {

@@ -173,6 +173,7 @@ impl RunStore for MemoryStore {
             return ready(Err(StoreError::NotFound(id)));
         };
         let have = entry.lines.len() as u64;
+        entry.lines.reserve(lines.len());
         entry
             .lines
             .extend(lines.into_iter().filter(|l| l.seq > have));
