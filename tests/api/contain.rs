@@ -170,25 +170,12 @@ command = ["cat", "/proc/self/cgroup"]
         .arg(binary())
         .arg(&path);
     let mut server = start_command(cmd).await;
-    let c = Client::new();
     for _ in 0..3 {
         let run: Value = server.post_run("where").await.json().await.unwrap();
         let id = run["id"].as_str().unwrap();
-        let run = server
-            .wait_run(id, |r| {
-                !matches!(r["status"].as_str(), Some("queued" | "running"))
-            })
-            .await;
+        let run = server.wait_done(id).await;
         assert_eq!(run["status"], "succeeded", "{run}");
-        let out = c
-            .get(server.url(&format!("/runs/{id}/output")))
-            .header("Accept", "text/plain")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let out = server.output_text(id).await;
         assert!(out.contains("/modrun/pool-"), "in a run cgroup: {out}");
     }
     signal(&server.child, Signal::SIGTERM);

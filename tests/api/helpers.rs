@@ -640,6 +640,27 @@ impl Server {
         let path = format!("/runs/{id}");
         poll_run(|| self.get_json(&path), pred).await
     }
+
+    /// Poll run `id` until it has ended (20 s at most).
+    pub async fn wait_done(&self, id: &str) -> Value {
+        self.wait_run(id, |r| {
+            !matches!(r["status"].as_str(), Some("queued" | "running"))
+        })
+        .await
+    }
+
+    /// Run `id`'s output as text (`GET /runs/{id}/output`, `Accept: text/plain`).
+    pub async fn output_text(&self, id: &str) -> String {
+        Client::new()
+            .get(self.url(&format!("/runs/{id}/output")))
+            .header("Accept", "text/plain")
+            .send()
+            .await
+            .expect("GET output")
+            .text()
+            .await
+            .expect("text body")
+    }
 }
 
 /// Read a run with `get` until `pred` holds (20 s at most): the last read.

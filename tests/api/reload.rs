@@ -41,24 +41,6 @@ command = ["sh", "-c", "echo new"]
 "#;
 
 /// A run's end, polled.
-async fn wait_done(s: &Server, id: &str) -> Value {
-    s.wait_run(id, |r| {
-        !matches!(r["status"].as_str(), Some("queued" | "running"))
-    })
-    .await
-}
-
-async fn output_text(c: &reqwest::Client, s: &Server, id: &str) -> String {
-    c.get(s.url(&format!("/runs/{id}/output")))
-        .header("accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Wait for a log line containing `what` (after `skip` lines) and return it.
 async fn log_line(s: &Server, skip: usize, what: &str) -> String {
     let mut found = None;
@@ -108,18 +90,15 @@ async fn sighup_applies_a_valid_config() {
     let added = server.post_run("added").await;
     assert_eq!(added.status(), StatusCode::ACCEPTED);
     let added: Value = added.json().await.unwrap();
-    let run = wait_done(&server, added["id"].as_str().unwrap()).await;
+    let run = server.wait_done(added["id"].as_str().unwrap()).await;
     assert_eq!(run["status"], "succeeded");
     assert_eq!(
         server.post_run("going").await.status(),
         StatusCode::NOT_FOUND
     );
-    let run = wait_done(&server, going_id).await;
+    let run = server.wait_done(going_id).await;
     assert_eq!(run["status"], "succeeded", "{run}");
-    assert_eq!(
-        output_text(&c, &server, going_id).await,
-        "started\nfinished\n"
-    );
+    assert_eq!(server.output_text(going_id).await, "started\nfinished\n");
     let modules = server.get_json("/modules").await;
     let ids: Vec<&str> = modules["modules"]
         .as_array()

@@ -188,15 +188,7 @@ async fn secrets_reach_the_child_and_nowhere_else() {
         .await
         .unwrap();
     assert_clean("the stored output", &out);
-    let text = c
-        .get(server.url(&format!("/runs/{id}/output")))
-        .header("Accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.output_text(&id).await;
     assert_clean("the output as text", &text);
     assert!(text.contains("split=***"));
 
