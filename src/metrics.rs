@@ -150,7 +150,7 @@ pub struct RouteLabels {
 /// `op`: a store operation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabel {
-    /// `create`, `transition`, `append_output`, `purge`.
+    /// `create`, `transition`, `append_output`, `finish`, `cancel_requested`, `purge`.
     pub op: &'static str,
 }
 
@@ -629,7 +629,14 @@ impl Metrics {
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// The store operations timed by [`Metrics::store_write`].
-pub const STORE_OPS: [&str; 4] = ["create", "transition", "append_output", "purge"];
+pub const STORE_OPS: [&str; 6] = [
+    "create",
+    "transition",
+    "append_output",
+    "finish",
+    "cancel_requested",
+    "purge",
+];
 
 /// This node's runs by module, read from the scheduler at scrape time.
 #[derive(Debug, Default, Clone)]

@@ -283,6 +283,12 @@ impl Registry {
         let written = self.store.transition(id, expect, next.clone()).await;
         self.health.note(&written);
         written?;
+        self.apply_transition(id, next).await
+    }
+
+    /// A transition to `next` is durable: take it here, wake the run's readers, and return
+    /// the run as it is now.
+    async fn apply_transition(&self, id: RunId, next: RunState) -> Result<Run, StoreError> {
         let live = {
             let mut map = self.lock();
             map.get_mut(&id).map(|live| {

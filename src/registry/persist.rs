@@ -83,14 +83,6 @@ impl StoreHealth {
 }
 
 impl Registry {
-    /// Persist the output a live run has not persisted yet.
-    pub async fn flush(&self, id: RunId) -> Result<(), StoreError> {
-        let Some(log) = self.live_log(id) else {
-            return Ok(());
-        };
-        self.flush_one(id, &log).await.map(drop)
-    }
-
     /// Persist one log's pending lines, keeping the health and the log's outage mode in step.
     async fn flush_one(&self, id: RunId, log: &OutputLog) -> Result<usize, StoreError> {
         let _turn = log.flush_turn().await;
@@ -142,8 +134,13 @@ impl Registry {
         let result = loop {
             attempt += 1;
             let r = async {
-                self.flush(id).await?;
-                self.transition(id, Expect::Active, next.clone()).await
+                if let Some(live) = self.lock().get(&id)
+                    && !Expect::Active.allows(&live.run.state)
+                {
+                    return Err(StoreError::WrongState(Box::new(live.snapshot())));
+                }
+                self.persist_end(id, next.clone()).await?;
+                self.apply_transition(id, next.clone()).await
             }
             .await;
             match r {
@@ -189,6 +186,43 @@ impl Registry {
         }
     }
 
+    /// Write a run's last output and its final state: in one store write when the output left
+    /// fits one batch (the usual case), so a run's end costs one commit. Keeps the health and
+    /// the log's outage mode in step, as a flush round does.
+    async fn persist_end(&self, id: RunId, next: RunState) -> Result<(), StoreError> {
+        let Some(log) = self.live_log(id) else {
+            let r = self.store.transition(id, Expect::Active, next).await;
+            self.health.note(&r);
+            return r;
+        };
+        let _turn = log.flush_turn().await;
+        let result = async {
+            loop {
+                let batch = log.unflushed(FLUSH_BATCH);
+                let last = batch.last().map(|l| l.seq);
+                if batch.len() < FLUSH_BATCH {
+                    self.store.finish(id, batch, Expect::Active, next).await?;
+                    if let Some(last) = last {
+                        log.mark_flushed(last);
+                    }
+                    return Ok(());
+                }
+                self.store.append_output(id, batch).await?;
+                if let Some(last) = last {
+                    log.mark_flushed(last);
+                }
+            }
+        }
+        .await;
+        self.health.note(&result);
+        match &result {
+            Ok(()) => log.set_outage(false),
+            Err(StoreError::Unavailable(..)) => log.set_outage(true),
+            Err(_) => {}
+        }
+        result
+    }
+
     fn pending_lock(&self) -> std::sync::MutexGuard<'_, Vec<(RunId, RunState)>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -203,12 +237,7 @@ impl Registry {
     async fn settle_pending(&self) {
         let pending: Vec<(RunId, RunState)> = self.pending_lock().clone();
         for (id, state) in pending {
-            if self.flush(id).await.is_err() {
-                return;
-            }
-            let r = self.store.transition(id, Expect::Active, state).await;
-            self.health.note(&r);
-            match r {
+            match self.persist_end(id, state).await {
                 Err(e) if e.is_failure() => return,
                 Err(e) => {
                     tracing::error!(run_id = %id, error = %e, "the store refused the run's end")

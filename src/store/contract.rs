@@ -188,6 +188,7 @@ contract!(
     listing_pages_newest_first_with_filters,
     a_final_status_brings_its_deliveries,
     a_cancel_request_is_noted_once_and_kept,
+    a_run_ends_with_its_last_output_in_one_write,
 );
 
 async fn transitions_check_the_current_state(s: &dyn RunStore) {
@@ -318,6 +319,70 @@ async fn output_appends_are_idempotent_and_pages_read_back(s: &dyn RunStore) {
         assert_eq!(l.raw.as_deref(), raw.as_deref(), "seq {}", l.seq);
     }
     assert_eq!(s.get(id).await.unwrap().unwrap().output_lines, 2003);
+}
+
+async fn a_run_ends_with_its_last_output_in_one_write(s: &dyn RunStore) {
+    let r = run("a", running());
+    let id = r.id;
+    s.create(new(r, None)).await.unwrap();
+    s.append_output(id, vec![line(1, "l1"), line(2, "l2")])
+        .await
+        .unwrap();
+    // The last batch overlaps what a flush stored just before (a retried end).
+    let t = SystemTime::now();
+    let ok = Outcome::Exited(crate::run::Exit::Code(0));
+    s.finish(
+        id,
+        vec![line(2, "l2"), line(3, "l3")],
+        Expect::Active,
+        finished(true, t, ok.clone()),
+    )
+    .await
+    .unwrap();
+    let got = s.get(id).await.unwrap().unwrap();
+    assert_eq!(got.status(), RunStatus::Succeeded);
+    assert_eq!(got.exit_code(), Some(0));
+    assert_eq!(got.output_lines, 3);
+    let text: Vec<String> = s
+        .read_output(id, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| format!("{}:{}", l.seq, l.text))
+        .collect();
+    assert_eq!(text, ["1:l1", "2:l2", "3:l3"]);
+    // An end is written once: a second is refused and changes nothing (a shared store
+    // refuses it as a fence: the run is no longer held here).
+    let err = s
+        .finish(
+            id,
+            vec![line(4, "late")],
+            Expect::Active,
+            finished(true, t, Outcome::Lost),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::WrongState(r) if r.status() == RunStatus::Succeeded)
+            || matches!(err, StoreError::Fenced(_)),
+        "{err:?}"
+    );
+    let got = s.get(id).await.unwrap().unwrap();
+    assert_eq!(got.status(), RunStatus::Succeeded);
+    assert_eq!(got.output_lines, 3);
+    assert_eq!(s.read_output(id, 3, 10).await.unwrap().len(), 0);
+
+    // A run with no output left to write ends the same way.
+    let r = run("b", running());
+    let id = r.id;
+    s.create(new(r, None)).await.unwrap();
+    s.finish(id, Vec::new(), Expect::Running, finished(true, t, ok))
+        .await
+        .unwrap();
+    let got = s.get(id).await.unwrap().unwrap();
+    assert_eq!(got.status(), RunStatus::Succeeded);
+    assert_eq!(got.output_lines, 0);
+    assert!(s.read_output(id, 0, 10).await.unwrap().is_empty());
 }
 
 /// Bytes that are not UTF-8 (NUL, a lone continuation byte, 0xFF), different per line.

@@ -66,6 +66,56 @@ impl MemoryStore {
 }
 
 impl Inner {
+    fn transition(&mut self, id: RunId, expect: Expect, next: RunState) -> Result<(), StoreError> {
+        let Some(entry) = self.runs.get_mut(&id) else {
+            return Err(StoreError::NotFound(id));
+        };
+        if !expect.allows(&entry.run.state) {
+            return Err(StoreError::WrongState(Box::new(entry.snapshot())));
+        }
+        let ends = !entry.run.state.is_finished() && next.is_finished();
+        entry.run.state = next;
+        if !ends || entry.run.callbacks.is_empty() {
+            return Ok(());
+        }
+        // With the final status, under the same lock: a run never ends without them.
+        let at = entry.run.finished_at().unwrap_or_else(SystemTime::now);
+        let urls = entry.run.callbacks.clone();
+        for (n, url) in urls.into_iter().enumerate() {
+            let key = format!("msg_{}_{}", id.as_uuid().simple(), n + 1);
+            self.deliveries.entry(key.clone()).or_insert(Delivery {
+                run_id: id,
+                url: url.clone(),
+                state: DeliveryState {
+                    id: key,
+                    url,
+                    status: DeliveryStatus::Pending,
+                    attempts: 0,
+                    last_status: None,
+                    last_error: None,
+                    next_at: Some(at),
+                    done_at: None,
+                },
+                created_at: at,
+                next_at: at,
+            });
+        }
+        Ok(())
+    }
+
+    /// Lines at or below a seq already stored are skipped (a retried batch).
+    fn append(&mut self, id: RunId, lines: Vec<Line>) -> Result<(), StoreError> {
+        let Some(entry) = self.runs.get_mut(&id) else {
+            return Err(StoreError::NotFound(id));
+        };
+        let have = entry.lines.len() as u64;
+        entry.lines.reserve(lines.len());
+        entry
+            .lines
+            .extend(lines.into_iter().filter(|l| l.seq > have));
+        Ok(())
+    }
+
     fn by_key(&self, key: &IdempotencyKey) -> Result<Option<Run>, StoreError> {
         match self.keys.get(&key.key) {
             None => Ok(None),
@@ -130,54 +180,27 @@ impl RunStore for MemoryStore {
     }
 
     fn transition(&self, id: RunId, expect: Expect, next: RunState) -> StoreFuture<'_, ()> {
-        let mut inner = self.lock();
-        let Some(entry) = inner.runs.get_mut(&id) else {
-            return ready(Err(StoreError::NotFound(id)));
-        };
-        if !expect.allows(&entry.run.state) {
-            return ready(Err(StoreError::WrongState(Box::new(entry.snapshot()))));
-        }
-        let ends = !entry.run.state.is_finished() && next.is_finished();
-        entry.run.state = next;
-        if !ends || entry.run.callbacks.is_empty() {
-            return ready(Ok(()));
-        }
-        // With the final status, under the same lock: a run never ends without them.
-        let at = entry.run.finished_at().unwrap_or_else(SystemTime::now);
-        let urls = entry.run.callbacks.clone();
-        for (n, url) in urls.into_iter().enumerate() {
-            let key = format!("msg_{}_{}", id.as_uuid().simple(), n + 1);
-            inner.deliveries.entry(key.clone()).or_insert(Delivery {
-                run_id: id,
-                url: url.clone(),
-                state: DeliveryState {
-                    id: key,
-                    url,
-                    status: DeliveryStatus::Pending,
-                    attempts: 0,
-                    last_status: None,
-                    last_error: None,
-                    next_at: Some(at),
-                    done_at: None,
-                },
-                created_at: at,
-                next_at: at,
-            });
-        }
-        ready(Ok(()))
+        ready(self.lock().transition(id, expect, next))
     }
 
     fn append_output(&self, id: RunId, lines: Vec<Line>) -> StoreFuture<'_, ()> {
+        ready(self.lock().append(id, lines))
+    }
+
+    fn finish(
+        &self,
+        id: RunId,
+        lines: Vec<Line>,
+        expect: Expect,
+        next: RunState,
+    ) -> StoreFuture<'_, ()> {
+        // The state first: a refused end writes no output. One lock section for both.
         let mut inner = self.lock();
-        let Some(entry) = inner.runs.get_mut(&id) else {
-            return ready(Err(StoreError::NotFound(id)));
-        };
-        let have = entry.lines.len() as u64;
-        entry.lines.reserve(lines.len());
-        entry
-            .lines
-            .extend(lines.into_iter().filter(|l| l.seq > have));
-        ready(Ok(()))
+        ready(
+            inner
+                .transition(id, expect, next)
+                .and_then(|()| inner.append(id, lines)),
+        )
     }
 
     fn read_output(&self, id: RunId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Line>> {

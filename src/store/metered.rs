@@ -59,6 +59,15 @@ impl RunStore for Metered {
     fn append_output(&self, id: RunId, lines: Vec<Line>) -> StoreFuture<'_, ()> {
         self.timed("append_output", self.inner.append_output(id, lines))
     }
+    fn finish(
+        &self,
+        id: RunId,
+        lines: Vec<Line>,
+        expect: Expect,
+        next: RunState,
+    ) -> StoreFuture<'_, ()> {
+        self.timed("finish", self.inner.finish(id, lines, expect, next))
+    }
     fn read_output(&self, id: RunId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Line>> {
         self.inner.read_output(id, after, limit)
     }

@@ -351,6 +351,24 @@ pub trait RunStore: Send + Sync + 'static {
     /// so a batch can be retried safely.
     fn append_output(&self, id: RunId, lines: Vec<Line>) -> StoreFuture<'_, ()>;
 
+    /// A run's end: append its last output `lines` (as [`RunStore::append_output`]), then
+    /// move it to `next` (as [`RunStore::transition`]). A store that can write both at once
+    /// does (one commit, one round trip at the end of every run); the default writes them in
+    /// turn (for a store whose `append_output` refuses a run that is not its to write). A
+    /// refused end writes no output.
+    fn finish(
+        &self,
+        id: RunId,
+        lines: Vec<Line>,
+        expect: Expect,
+        next: RunState,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.append_output(id, lines).await?;
+            self.transition(id, expect, next).await
+        })
+    }
+
     /// Up to `limit` stored lines with `seq > after`, in order.
     fn read_output(&self, id: RunId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Line>>;
 

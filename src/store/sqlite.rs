@@ -164,6 +164,8 @@ enum Cmd {
     Create(Box<NewRun>, Reply<Created>),
     Transition(RunId, Expect, Box<RunState>, Reply<()>),
     Append(RunId, Vec<Line>, Reply<()>),
+    /// A run's last output and its end.
+    Finish(RunId, Vec<Line>, Expect, Box<RunState>, Reply<()>),
     Purge(Retention, SystemTime, Reply<usize>),
     Recover(Reply<Recovered>),
     Probe(Reply<()>),
@@ -179,6 +181,7 @@ impl Cmd {
             Cmd::Create(_, to) => drop(to.send(Err(e))),
             Cmd::Transition(_, _, _, to) => drop(to.send(Err(e))),
             Cmd::Append(_, _, to) => drop(to.send(Err(e))),
+            Cmd::Finish(_, _, _, _, to) => drop(to.send(Err(e))),
             Cmd::Purge(_, _, to) => drop(to.send(Err(e))),
             Cmd::Recover(to) => drop(to.send(Err(e))),
             Cmd::Probe(to) => drop(to.send(Err(e))),
@@ -462,6 +465,18 @@ fn apply(
             reply(to, transition(tx, id, expect, *next), failed)
         }
         Cmd::Append(id, lines, to) => reply(to, append(tx, id, &lines), failed),
+        Cmd::Finish(id, lines, expect, next, to) => {
+            // The state first: a refused end writes no output (both are in this batch's
+            // transaction, so the order is not visible otherwise).
+            let r = transition(tx, id, expect, *next).and_then(|()| {
+                if lines.is_empty() {
+                    Ok(())
+                } else {
+                    append(tx, id, &lines)
+                }
+            });
+            reply(to, r, failed)
+        }
         Cmd::Purge(policy, now, to) => reply(to, purge(tx, policy, now), failed),
         Cmd::Recover(to) => reply(to, recover(tx), failed),
         Cmd::Probe(to) => reply(to, probe(tx), failed),
@@ -976,6 +991,16 @@ impl RunStore for SqliteStore {
             return Box::pin(std::future::ready(Ok(())));
         }
         self.send(|to| Cmd::Append(id, lines, to))
+    }
+
+    fn finish(
+        &self,
+        id: RunId,
+        lines: Vec<Line>,
+        expect: Expect,
+        next: RunState,
+    ) -> StoreFuture<'_, ()> {
+        self.send(|to| Cmd::Finish(id, lines, expect, Box::new(next), to))
     }
 
     fn read_output(&self, id: RunId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Line>> {
