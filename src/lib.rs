@@ -45,7 +45,9 @@
 //! - [`auth`] — API tokens (stored as SHA-256), scopes and module patterns; the API checks every
 //!   route's scope in one middleware (`api::access`), fail closed.
 //! - [`module`] — the catalog's types, request-parameter validation, argv/env building.
-//! - [`run`] — domain types without I/O: ids, run modes, the run state machine, outcomes.
+//! - [`run`] — domain types without I/O: ids, run modes, output lines (their [`run::Text`]
+//!   shares one buffer among the lines of a read or of a stored chunk), the run state machine,
+//!   outcomes.
 //! - [`output`] — the per-run output log (budget, persisted window, change signal), its line
 //!   splitter (`output::lines`, linear in the bytes however long a line gets) and the redactor
 //!   that masks a run's secrets in every line, also across reads and cuts (`output::redact`).

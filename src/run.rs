@@ -150,7 +150,7 @@ pub struct Line {
     /// When it was captured.
     pub ts: SystemTime,
     /// The text, without its line ending; invalid UTF-8 replaced by U+FFFD.
-    pub text: Arc<str>,
+    pub text: Text,
     /// The line's bytes as the program wrote them, kept only when they are not valid UTF-8
     /// (then `text` is their lossy decoding); `None` means `text` is the bytes.
     pub raw: Option<Arc<[u8]>>,
@@ -160,6 +160,121 @@ impl Line {
     /// The line's bytes as the program wrote them (without the line ending).
     pub fn bytes(&self) -> &[u8] {
         self.raw.as_deref().unwrap_or(self.text.as_bytes())
+    }
+}
+
+/// A line's text: a `str` that may share its allocation with other lines (the lines of one
+/// pipe read, or of one stored chunk, are slices of one buffer: one allocation for them all,
+/// not one per line). Cheap to clone; derefs to `str`. A buffer lives as long as any of its
+/// lines: lines that are kept or dropped in order (as output logs do) hold at most one more
+/// buffer than their own text.
+#[derive(Clone)]
+pub struct Text {
+    buf: Arc<str>,
+    start: usize,
+    end: usize,
+}
+
+impl Text {
+    /// `buf[range]`, sharing `buf`; `None` if the range is out of bounds or not on character
+    /// boundaries.
+    pub fn slice(buf: &Arc<str>, range: std::ops::Range<usize>) -> Option<Self> {
+        buf.get(range.clone())?;
+        Some(Self {
+            buf: buf.clone(),
+            start: range.start,
+            end: range.end,
+        })
+    }
+
+    /// Whether the two texts are slices of one buffer.
+    pub fn shares_buffer_with(&self, other: &Text) -> bool {
+        Arc::ptr_eq(&self.buf, &other.buf)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // In bounds and on character boundaries: checked when made.
+        self.buf.get(self.start..self.end).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Text {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for Text {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<Arc<str>> for Text {
+    fn from(buf: Arc<str>) -> Self {
+        Self {
+            start: 0,
+            end: buf.len(),
+            buf,
+        }
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        Arc::<str>::from(s).into()
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Arc::<str>::from(s).into()
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Text {}
+
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl fmt::Debug for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

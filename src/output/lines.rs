@@ -1,17 +1,19 @@
 //! Raw pipe bytes to lines: split at `\n` (a trailing `\r` dropped), over-long lines cut into
 //! pieces of at most `max` bytes (never inside a UTF-8 sequence when the bytes are valid there),
 //! decoded lossily, with the bytes themselves kept beside the text of a piece that is not valid
-//! UTF-8. The work per call is linear in the bytes given, however long a line gets.
+//! UTF-8. The work per call is linear in the bytes given, however long a line gets. The lines
+//! that a read holds whole (valid UTF-8, no secret in them) share one allocation.
 
 use std::sync::Arc;
 
 use super::redact::Redactor;
+use crate::run::Text;
 
 /// One line (or piece of an over-long one) as the splitter gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Piece {
     /// The text; invalid UTF-8 replaced by U+FFFD.
-    pub text: Arc<str>,
+    pub text: Text,
     /// The bytes, when they are not valid UTF-8 (secrets masked in them too).
     pub raw: Option<Arc<[u8]>>,
 }
@@ -58,15 +60,39 @@ impl LineSplitter {
     pub fn push(&mut self, data: &[u8], out: &mut Vec<Piece>) {
         let r = self.redactor.as_deref();
         let mut rest = data;
-        while let Some(i) = memchr::memchr(b'\n', rest) {
-            if self.partial.is_empty() {
-                emit_line(&rest[..i], self.max, r, out);
-            } else {
-                self.partial.extend_from_slice(&rest[..i]);
-                emit_line(&self.partial, self.max, r, out);
-                self.partial.clear();
-            }
+        // The end of the unfinished line.
+        if !self.partial.is_empty()
+            && let Some(i) = memchr::memchr(b'\n', rest)
+        {
+            self.partial.extend_from_slice(&rest[..i]);
+            emit_line(&self.partial, self.max, r, out);
+            self.partial.clear();
             rest = &rest[i + 1..];
+        }
+        // The lines this read holds whole: one buffer for them all when they are valid UTF-8
+        // and hold no secret (it holds their text and line endings only, never the start of a
+        // later line, nor a secret that a line's mask hides).
+        if self.partial.is_empty()
+            && let Some(end) = memchr::memrchr(b'\n', rest)
+        {
+            let (whole, tail) = rest.split_at(end + 1);
+            let clean = r.is_none_or(|r| matches!(r.redact(whole), std::borrow::Cow::Borrowed(_)));
+            match std::str::from_utf8(whole) {
+                Ok(text) if clean => {
+                    let buf: Arc<str> = Arc::from(text);
+                    let mut start = 0;
+                    for i in memchr::memchr_iter(b'\n', whole) {
+                        emit_shared(&buf, start, i, self.max, out);
+                        start = i + 1;
+                    }
+                }
+                _ => {
+                    for line in whole[..end].split(|&b| b == b'\n') {
+                        emit_line(line, self.max, r, out);
+                    }
+                }
+            }
+            rest = tail;
         }
         self.partial.extend_from_slice(rest);
         // Cut full-size pieces off an over-long unfinished line right away, so that the buffer
@@ -119,6 +145,34 @@ fn emit_line(line: &[u8], max: usize, r: Option<&Redactor>, out: &mut Vec<Piece>
     out.push(decode(line));
 }
 
+/// [`emit_line`] for the line `buf[start..end]` of a shared buffer (valid UTF-8, no secret in
+/// it): its pieces are slices of `buf`.
+fn emit_shared(buf: &Arc<str>, start: usize, end: usize, max: usize, out: &mut Vec<Piece>) {
+    let bytes = buf.as_bytes();
+    let end = if end > start && bytes[end - 1] == b'\r' {
+        end - 1
+    } else {
+        end
+    };
+    let mut at = start;
+    loop {
+        let cut = if end - at > max {
+            utf8_cut(&bytes[at..end], max)
+        } else {
+            end - at
+        };
+        match Text::slice(buf, at..at + cut) {
+            Some(text) => out.push(Piece { text, raw: None }),
+            // Not on a character boundary (cannot happen for valid text): copy it.
+            None => out.push(decode(&bytes[at..at + cut])),
+        }
+        at += cut;
+        if at >= end {
+            return;
+        }
+    }
+}
+
 fn decode_redacted(piece: &[u8], r: Option<&Redactor>) -> Piece {
     match r {
         Some(r) => decode(&r.redact(piece)),
@@ -145,11 +199,11 @@ fn decode(bytes: &[u8]) -> Piece {
     // The strict check is much faster than the lossy decoder on valid text.
     match std::str::from_utf8(bytes) {
         Ok(s) => Piece {
-            text: Arc::from(s),
+            text: s.into(),
             raw: None,
         },
         Err(_) => Piece {
-            text: Arc::from(&*String::from_utf8_lossy(bytes)),
+            text: String::from_utf8_lossy(bytes).into_owned().into(),
             raw: Some(Arc::from(bytes)),
         },
     }
@@ -214,6 +268,66 @@ mod tests {
         );
         assert_eq!(&*out[0].text, "ok é");
         assert_eq!(&*out[1].text, "\u{FFFD}\0bin");
+    }
+
+    /// The lines a read holds whole share one buffer that holds nothing else; a line that
+    /// continues an earlier read, one with a secret masked, and one that is not valid UTF-8
+    /// have buffers of their own.
+    #[test]
+    fn the_whole_lines_of_a_read_share_one_buffer() {
+        let r = Arc::new(Redactor::new(["hunter2"]).unwrap());
+        let mut s = LineSplitter::redacting(1000, Some(r));
+        let mut out = Vec::new();
+        s.push(b"one\ntwo\r\n\nunfin", &mut out);
+        s.push(b"ished\nfour hunter2\nfive\nsi", &mut out);
+        s.push(b"x\xff\nseven\n", &mut out);
+        let texts: Vec<&str> = out.iter().map(|p| &*p.text).collect();
+        assert_eq!(
+            texts,
+            [
+                "one",
+                "two",
+                "",
+                "unfinished",
+                "four ***",
+                "five",
+                "six\u{FFFD}",
+                "seven"
+            ]
+        );
+        let shares = |a: usize, b: usize| out[a].text.shares_buffer_with(&out[b].text);
+        assert!(shares(0, 1) && shares(1, 2));
+        assert!(!shares(2, 3) && !shares(3, 5) && !shares(4, 5));
+        assert!(!shares(6, 7));
+        // The buffer of a read's whole lines holds them and their line breaks only.
+        assert_eq!(out[0].text.len() + out[1].text.len(), 6);
+    }
+
+    /// The splitter before lines shared buffers (one copy per line), for comparison.
+    fn one_copy_per_line(chunks: &[Vec<u8>], max: usize) -> Vec<Piece> {
+        let mut partial: Vec<u8> = Vec::new();
+        let mut out = Vec::new();
+        for data in chunks {
+            let mut rest = &data[..];
+            while let Some(i) = memchr::memchr(b'\n', rest) {
+                partial.extend_from_slice(&rest[..i]);
+                emit_line(&partial, max, None, &mut out);
+                partial.clear();
+                rest = &rest[i + 1..];
+            }
+            partial.extend_from_slice(rest);
+            let mut start = 0;
+            while partial.len() - start > max {
+                let cut = utf8_cut(&partial[start..], max);
+                out.push(decode(&partial[start..start + cut]));
+                start += cut;
+            }
+            partial.drain(..start);
+        }
+        if !partial.is_empty() {
+            emit_line(&partial, max, None, &mut out);
+        }
+        out
     }
 
     /// A secret is masked wherever the reads and the cuts of long lines fall.
@@ -310,6 +424,13 @@ mod tests {
             let joined: String = out.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("");
             prop_assert!(!joined.contains(secret.as_str()), "{:?}", out);
             prop_assert!(out.iter().all(|p| p.len() <= max.max(3) + secret.len()));
+        }
+
+        /// Any bytes, any chunking, any line length: the same pieces (text and bytes) as when
+        /// every line was a copy of its own.
+        #[test]
+        fn shared_buffers_give_the_same_pieces(chunks in chunks(), max in 4usize..16) {
+            prop_assert_eq!(split_all(&chunks, max), one_copy_per_line(&chunks, max));
         }
 
         /// Any bytes, any chunking: never panics, no piece over `max` bytes of text (a

@@ -158,7 +158,7 @@ fn line(seq: u64, text: &str) -> Line {
             Stream::Stdout
         },
         ts: SystemTime::now(),
-        text: Arc::from(text),
+        text: text.into(),
         raw: None,
     }
 }

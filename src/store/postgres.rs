@@ -1719,7 +1719,7 @@ mod tests {
             seq,
             stream: Stream::Stdout,
             ts: SystemTime::now(),
-            text: Arc::from(format!("line {seq}")),
+            text: format!("line {seq}").into(),
             raw: None,
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::StoreError;
-use crate::run::{CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, Stream};
+use crate::run::{CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, Stream, Text};
 
 /// Microseconds since the Unix epoch.
 pub(super) fn micros(t: SystemTime) -> i64 {
@@ -346,9 +346,20 @@ pub(super) fn decode_chunk(
     out: &mut Vec<Line>,
 ) -> Result<(), StoreError> {
     let corrupt = || StoreError::Backend("a stored output chunk is corrupt".into());
+    // The texts of the lines wanted, gathered into one buffer (one allocation, not one per
+    // line); the lines are slices of it.
+    struct Wanted<'a> {
+        seq: u64,
+        stream: Stream,
+        ts: i64,
+        text: std::ops::Range<usize>,
+        raw: Option<&'a [u8]>,
+    }
+    let mut wanted: Vec<Wanted<'_>> = Vec::new();
+    let mut texts = String::with_capacity(data.len());
     let mut pos = 0;
     let mut seq = first_seq;
-    while pos < data.len() && out.len() < limit {
+    while pos < data.len() && out.len() + wanted.len() < limit {
         let header = data.get(pos..pos + 13).ok_or_else(corrupt)?;
         let flags = header[0];
         let stream = if flags & STDERR != 0 {
@@ -370,15 +381,28 @@ pub(super) fn decode_chunk(
             None
         };
         if seq > after {
-            out.push(Line {
+            let at = texts.len();
+            texts.push_str(std::str::from_utf8(text).map_err(|_| corrupt())?);
+            wanted.push(Wanted {
                 seq,
                 stream,
-                ts: from_micros(ts),
-                text: Arc::from(std::str::from_utf8(text).map_err(|_| corrupt())?),
-                raw: raw.map(Arc::from),
+                ts,
+                text: at..texts.len(),
+                raw,
             });
         }
         seq += 1;
+    }
+    let buf: Arc<str> = Arc::from(texts);
+    out.reserve(wanted.len());
+    for w in wanted {
+        out.push(Line {
+            seq: w.seq,
+            stream: w.stream,
+            ts: from_micros(w.ts),
+            text: Text::slice(&buf, w.text).ok_or_else(corrupt)?,
+            raw: w.raw.map(Arc::from),
+        });
     }
     Ok(())
 }
