@@ -201,7 +201,22 @@ impl Registry {
                 let batch = log.unflushed(FLUSH_BATCH);
                 let last = batch.last().map(|l| l.seq);
                 if batch.len() < FLUSH_BATCH {
-                    self.store.finish(id, batch, Expect::Active, next).await?;
+                    let ended = self.store.finish(id, batch, Expect::Active, next).await;
+                    if let Err(e) = &ended
+                        && !e.is_failure()
+                        && !matches!(e, StoreError::Fenced(_))
+                    {
+                        // A refused end writes nothing: the run's last lines go all the same.
+                        let rest = log.unflushed(FLUSH_BATCH);
+                        let last = rest.last().map(|l| l.seq);
+                        if self.store.append_output(id, rest).await.is_ok()
+                            && let Some(last) = last
+                        {
+                            log.mark_flushed(last);
+                        }
+                        return ended;
+                    }
+                    ended?;
                     if let Some(last) = last {
                         log.mark_flushed(last);
                     }

@@ -177,3 +177,33 @@ async fn an_outage_holds_a_runs_end_until_the_store_is_back() {
     stop.cancel();
     flusher.await.unwrap();
 }
+
+/// A run's end that the store refuses (its record changed meanwhile) still leaves the run's
+/// last lines in the store: only the state is not written.
+#[tokio::test]
+async fn a_refused_end_keeps_the_runs_last_lines() {
+    use modrun::run::RunStatus;
+    use modrun::runner::RunRequest;
+    use modrun::store::RunStore;
+    use std::time::Duration;
+
+    let store = FaultyStore::new();
+    store.refuse_ends(true);
+    let registry = Arc::new(Registry::new(store.clone(), OutputLimits::default()));
+    let runner = ModuleRunner::with_registry(RunnerSettings::default(), registry);
+    let handle = runner
+        .submit(RunRequest::new("a", ["sh", "-c", "echo one; echo two"]))
+        .await
+        .unwrap()
+        .into_handle();
+    let ended = tokio::time::timeout(Duration::from_secs(10), handle.wait())
+        .await
+        .expect("seen to end")
+        .unwrap();
+    assert_eq!(ended.status(), RunStatus::Succeeded);
+    let stored = store.get(handle.id()).await.unwrap().unwrap();
+    assert_eq!(stored.status(), RunStatus::Running, "the end was refused");
+    let lines = store.read_output(handle.id(), 0, 10).await.unwrap();
+    let texts: Vec<&str> = lines.iter().map(|l| &*l.text).collect();
+    assert_eq!(texts, ["one", "two"]);
+}

@@ -1,6 +1,7 @@
 //! A store whose failures a test switches on and off: what a real fault cannot reach (an
 //! internal failure of the engine), or cannot reach quickly.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -16,6 +17,7 @@ pub struct FaultyStore {
     inner: MemoryStore,
     writes: Mutex<Option<StoreError>>,
     reads: Mutex<Option<StoreError>>,
+    refuse_ends: AtomicBool,
 }
 
 impl FaultyStore {
@@ -32,6 +34,12 @@ impl FaultyStore {
     /// Every read fails with `e` (or works again with `None`).
     pub fn fail_reads(&self, e: Option<StoreError>) {
         *self.reads.lock().unwrap() = e;
+    }
+
+    /// Every run's end is refused as if the run had changed state meanwhile (or is taken
+    /// again with `false`); a refused end writes nothing, as the engines' ends do.
+    pub fn refuse_ends(&self, on: bool) {
+        self.refuse_ends.store(on, Ordering::Relaxed);
     }
 
     fn write_fault<T: Send + 'static>(&self) -> Option<StoreFuture<'_, T>> {
@@ -63,6 +71,24 @@ impl RunStore for FaultyStore {
     fn append_output(&self, id: RunId, lines: Vec<Line>) -> StoreFuture<'_, ()> {
         self.write_fault()
             .unwrap_or_else(|| self.inner.append_output(id, lines))
+    }
+    fn finish(
+        &self,
+        id: RunId,
+        lines: Vec<Line>,
+        expect: Expect,
+        next: RunState,
+    ) -> StoreFuture<'_, ()> {
+        if let Some(fault) = self.write_fault() {
+            return fault;
+        }
+        if self.refuse_ends.load(Ordering::Relaxed) {
+            return Box::pin(async move {
+                let run = self.inner.get(id).await?.ok_or(StoreError::NotFound(id))?;
+                Err(StoreError::WrongState(Box::new(run)))
+            });
+        }
+        self.inner.finish(id, lines, expect, next)
     }
     fn read_output(&self, id: RunId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Line>> {
         self.read_fault()
