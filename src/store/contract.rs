@@ -252,13 +252,19 @@ async fn a_run_keeps_what_it_was_given(s: &dyn RunStore) {
     assert!(got.finished_at().is_some());
 }
 
-async fn output_appends_are_idempotent_and_pages_read_back(s: &dyn RunStore) {
+/// A running run with its lines 1 and 2 stored.
+async fn running_with_two_lines(s: &dyn RunStore) -> RunId {
     let r = run("a", running());
     let id = r.id;
     s.create(new(r, None)).await.unwrap();
     s.append_output(id, vec![line(1, "l1"), line(2, "l2")])
         .await
         .unwrap();
+    id
+}
+
+async fn output_appends_are_idempotent_and_pages_read_back(s: &dyn RunStore) {
+    let id = running_with_two_lines(s).await;
     // A batch retried after an ambiguous write overlaps what is stored.
     s.append_output(id, vec![line(2, "l2"), line(3, "l3")])
         .await
@@ -322,12 +328,7 @@ async fn output_appends_are_idempotent_and_pages_read_back(s: &dyn RunStore) {
 }
 
 async fn a_run_ends_with_its_last_output_in_one_write(s: &dyn RunStore) {
-    let r = run("a", running());
-    let id = r.id;
-    s.create(new(r, None)).await.unwrap();
-    s.append_output(id, vec![line(1, "l1"), line(2, "l2")])
-        .await
-        .unwrap();
+    let id = running_with_two_lines(s).await;
     // The last batch overlaps what a flush stored just before (a retried end).
     let t = SystemTime::now();
     let ok = Outcome::Exited(crate::run::Exit::Code(0));
