@@ -60,8 +60,9 @@
 //!   commit, read pool, migrations, lock file), the memory store, and the PostgreSQL store
 //!   (`store::postgres`, feature `postgres`: claims with `SKIP LOCKED`, leases by the database
 //!   clock, fenced writes, durable cancel flags, reaper, LISTEN/NOTIFY); `store::record` is the
-//!   row and output-chunk codec the engines share; `store::contract` one test suite that every
-//!   engine passes.
+//!   row codec the engines share, `store::chunk` the output-chunk codec (fixed and compact
+//!   line framing; both read everywhere); `store::contract` one test suite that every engine
+//!   passes.
 //! - [`runner`] — [`runner::ModuleRunner`] (`runner::request`: what a run is asked with;
 //!   `runner::sched`: queue, slots, recording, cancel; `runner::supervise`: one run's task;
 //!   `runner::handle`: a run's handle; `runner::cluster`: the node's loops on a shared store)

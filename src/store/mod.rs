@@ -6,6 +6,7 @@
 //! after a seq, list with filters and a cursor, purge, and recovery at start-up. They are async
 //! so that an implementation may do I/O; none of them may block an async thread.
 
+mod chunk;
 #[cfg(test)]
 mod contract;
 mod memory;

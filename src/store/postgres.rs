@@ -34,9 +34,8 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::record::{
-    DeliveryColumns, StateColumns, StoredRun, StoredState, chunks, decode_chunk, micros,
-};
+use super::chunk::{Encoding, chunks, decode_chunk};
+use super::record::{DeliveryColumns, StateColumns, StoredRun, StoredState, micros};
 use super::{
     CancelAck, Claimed, Cluster, ClusterSignal, Created, DeliveryResult, DeliveryState,
     DeliveryStatus, DueDelivery, Expect, Heartbeat, Held, IdempotencyKey, ListQuery, NewRun,
@@ -879,7 +878,7 @@ impl PgStore {
             return Ok(());
         };
         let (mut run_ids, mut lasts, mut firsts, mut datas) = (vec![], vec![], vec![], vec![]);
-        for (first, end, data) in chunks(&fresh) {
+        for (first, end, data) in chunks(&fresh, Encoding::Fixed) {
             run_ids.push(key);
             lasts.push(end as i64);
             firsts.push(first as i64);

@@ -1,13 +1,11 @@
 //! A run record as database columns, and back: shared by the SQLite and PostgreSQL stores so
 //! that both write and read the same shapes (times as microseconds since the Unix epoch,
-//! parameters and argv as JSON text, the state as a status plus outcome columns), and output
-//! chunks in the same binary encoding.
+//! parameters and argv as JSON text, the state as a status plus outcome columns). Output
+//! chunks are in `chunk.rs`.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::StoreError;
-use crate::run::{CancelReason, Exit, Line, Outcome, Run, RunId, RunMode, RunState, Stream, Text};
+use crate::run::{CancelReason, Exit, Outcome, Run, RunId, RunMode, RunState};
 
 /// Microseconds since the Unix epoch.
 pub(super) fn micros(t: SystemTime) -> i64 {
@@ -284,127 +282,6 @@ impl StoredRun {
             cancel_requested_at: self.cancel_requested_at.map(from_micros),
         })
     }
-}
-
-/// A stored output chunk holds at most this much text (or [`CHUNK_LINES`] lines).
-pub(super) const CHUNK_BYTES: usize = 256 * 1024;
-/// A stored output chunk holds at most this many lines.
-pub(super) const CHUNK_LINES: usize = 4096;
-
-/// Flag bits of a line's first byte in a chunk.
-const STDERR: u8 = 1;
-/// The line's raw bytes follow its text (len u32 LE, bytes): it is not valid UTF-8.
-const RAW: u8 = 2;
-
-/// Append one line to a chunk: flags u8 ([`STDERR`], [`RAW`]), ts i64 LE (µs), len u32 LE,
-/// text, and with [`RAW`] len u32 LE and the bytes. Chunks written before [`RAW`] existed
-/// decode unchanged.
-pub(super) fn encode_line(out: &mut Vec<u8>, l: &Line) {
-    let mut flags = 0;
-    if matches!(l.stream, Stream::Stderr) {
-        flags |= STDERR;
-    }
-    if l.raw.is_some() {
-        flags |= RAW;
-    }
-    out.push(flags);
-    out.extend_from_slice(&micros(l.ts).to_le_bytes());
-    out.extend_from_slice(&(l.text.len() as u32).to_le_bytes());
-    out.extend_from_slice(l.text.as_bytes());
-    if let Some(raw) = &l.raw {
-        out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-        out.extend_from_slice(raw);
-    }
-}
-
-/// Split `lines` (consecutive seqs) into chunks: (first seq, last seq, data).
-pub(super) fn chunks(lines: &[&Line]) -> Vec<(u64, u64, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut data = Vec::with_capacity(CHUNK_BYTES.min(64 * 1024));
-    let mut first = None;
-    for (i, l) in lines.iter().enumerate() {
-        first.get_or_insert(l.seq);
-        encode_line(&mut data, l);
-        let start = first.unwrap_or(l.seq);
-        if data.len() >= CHUNK_BYTES
-            || (l.seq - start) as usize + 1 >= CHUNK_LINES
-            || i + 1 == lines.len()
-        {
-            out.push((start, l.seq, std::mem::take(&mut data)));
-            first = None;
-        }
-    }
-    out
-}
-
-/// Decode the lines of a chunk with `seq > after`, at most `limit` of them, into `out`.
-pub(super) fn decode_chunk(
-    first_seq: u64,
-    data: &[u8],
-    after: u64,
-    limit: usize,
-    out: &mut Vec<Line>,
-) -> Result<(), StoreError> {
-    let corrupt = || StoreError::Backend("a stored output chunk is corrupt".into());
-    // The texts of the lines wanted, gathered into one buffer (one allocation, not one per
-    // line); the lines are slices of it.
-    struct Wanted<'a> {
-        seq: u64,
-        stream: Stream,
-        ts: i64,
-        text: std::ops::Range<usize>,
-        raw: Option<&'a [u8]>,
-    }
-    let mut wanted: Vec<Wanted<'_>> = Vec::new();
-    let mut texts = String::with_capacity(data.len());
-    let mut pos = 0;
-    let mut seq = first_seq;
-    while pos < data.len() && out.len() + wanted.len() < limit {
-        let header = data.get(pos..pos + 13).ok_or_else(corrupt)?;
-        let flags = header[0];
-        let stream = if flags & STDERR != 0 {
-            Stream::Stderr
-        } else {
-            Stream::Stdout
-        };
-        let ts = i64::from_le_bytes(header[1..9].try_into().map_err(|_| corrupt())?);
-        let len = u32::from_le_bytes(header[9..13].try_into().map_err(|_| corrupt())?) as usize;
-        let text = data.get(pos + 13..pos + 13 + len).ok_or_else(corrupt)?;
-        pos += 13 + len;
-        let raw = if flags & RAW != 0 {
-            let len = data.get(pos..pos + 4).ok_or_else(corrupt)?;
-            let len = u32::from_le_bytes(len.try_into().map_err(|_| corrupt())?) as usize;
-            let raw = data.get(pos + 4..pos + 4 + len).ok_or_else(corrupt)?;
-            pos += 4 + len;
-            Some(raw)
-        } else {
-            None
-        };
-        if seq > after {
-            let at = texts.len();
-            texts.push_str(std::str::from_utf8(text).map_err(|_| corrupt())?);
-            wanted.push(Wanted {
-                seq,
-                stream,
-                ts,
-                text: at..texts.len(),
-                raw,
-            });
-        }
-        seq += 1;
-    }
-    let buf: Arc<str> = Arc::from(texts);
-    out.reserve(wanted.len());
-    for w in wanted {
-        out.push(Line {
-            seq: w.seq,
-            stream: w.stream,
-            ts: from_micros(w.ts),
-            text: Text::slice(&buf, w.text).ok_or_else(corrupt)?,
-            raw: w.raw.map(Arc::from),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

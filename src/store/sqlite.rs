@@ -15,9 +15,8 @@ use rusqlite::{
 };
 use tokio::sync::oneshot;
 
-use super::record::{
-    DeliveryColumns, StateColumns, StoredRun, StoredState, chunks, decode_chunk, micros,
-};
+use super::chunk::{Encoding, chunks, decode_chunk};
+use super::record::{DeliveryColumns, StateColumns, StoredRun, StoredState, micros};
 use super::{
     Created, DeliveryResult, DeliveryState, DeliveryStatus, DueDelivery, Expect, Held,
     IdempotencyKey, ListQuery, NewRun, Outage, Page, Recovered, Retention, RunStore, StoreError,
@@ -26,7 +25,7 @@ use super::{
 use crate::run::{Line, Outcome, Run, RunId, RunState};
 
 /// The schema version this binary writes (migration `i` upgrades from version `i`).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -102,6 +101,10 @@ const MIGRATIONS: &[&str] = &[
     END;",
     // 3 -> 4: when a cancel was asked for a running run (µs); kept after it ends.
     "ALTER TABLE runs ADD COLUMN cancel_requested_at INTEGER;",
+    // 4 -> 5: output chunks are written in the compact encoding from now on (chunk.rs; the
+    // older ones stay as they are and read the same). Nothing to change in the tables: the
+    // version is there so that an older modrun refuses this file instead of misreading them.
+    "",
 ];
 
 /// Commands group-committed per transaction, at most.
@@ -670,7 +673,7 @@ fn append(c: &Connection, id: RunId, lines: &[Line]) -> Result<(), StoreError> {
             "INSERT INTO chunks (run_id, last_seq, first_seq, data) VALUES (?1, ?2, ?3, ?4)",
         )
         .map_err(backend)?;
-    for (first, last, data) in chunks(&fresh) {
+    for (first, last, data) in chunks(&fresh, Encoding::Compact) {
         insert
             .execute(params![&key[..], last as i64, first as i64, &data])
             .map_err(backend)?;
@@ -1088,7 +1091,75 @@ impl RunStore for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
+    use crate::run::Stream;
+
+    /// Output that a modrun before schema version 5 stored (the fixed encoding) reads back
+    /// after the upgrade, in order with what is appended since (compact).
+    #[tokio::test]
+    async fn output_stored_before_the_compact_encoding_reads_back_with_the_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("modrun.db");
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let run = Run::queued_for_test("m");
+        let id = run.id;
+        let new_run = NewRun {
+            run,
+            key: None,
+            held: Held::default(),
+            policy: Default::default(),
+        };
+        store.create(new_run).await.unwrap();
+        drop(store);
+        let line = |seq: u64, text: String| Line {
+            seq,
+            stream: if seq.is_multiple_of(2) {
+                Stream::Stderr
+            } else {
+                Stream::Stdout
+            },
+            ts: UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_000 + seq / 2),
+            text: text.into(),
+            raw: None,
+        };
+        // What an older modrun left: lines 1-3 in the fixed encoding, at schema version 4.
+        let old: Vec<Line> = (1..=3).map(|s| line(s, format!("old {s}"))).collect();
+        {
+            let c = Connection::open(&file).unwrap();
+            let refs: Vec<&Line> = old.iter().collect();
+            for (first, last, data) in chunks(&refs, Encoding::Fixed) {
+                c.execute(
+                    "INSERT INTO chunks (run_id, last_seq, first_seq, data) VALUES (?1, ?2, ?3, ?4)",
+                    params![&id_bytes(id)[..], last as i64, first as i64, &data],
+                )
+                .unwrap();
+            }
+            c.execute_batch("PRAGMA user_version = 4;").unwrap();
+        }
+
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let new: Vec<Line> = (4..=6).map(|s| line(s, format!("new {s}"))).collect();
+        store.append_output(id, new.clone()).await.unwrap();
+
+        let back = store.read_output(id, 0, 100).await.unwrap();
+        assert_eq!(back, old.iter().chain(&new).cloned().collect::<Vec<_>>());
+        assert_eq!(store.read_output(id, 2, 2).await.unwrap(), back[2..4]);
+        let c = Connection::open(&file).unwrap();
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let first_bytes: Vec<Vec<u8>> = c
+            .prepare("SELECT substr(data, 1, 1) FROM chunks ORDER BY last_seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(first_bytes, [vec![0], vec![super::super::chunk::COMPACT]]);
+    }
 
     /// Queries that read columns past the run's count on [`RUN_COLUMN_COUNT`].
     #[test]
