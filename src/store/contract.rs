@@ -185,6 +185,7 @@ contract!(
     output_appends_are_idempotent_and_pages_read_back,
     idempotency_keys_give_one_run,
     purge_by_count_and_age_keeps_active_runs,
+    purge_takes_the_oldest_finished_whatever_the_creation_order,
     listing_pages_newest_first_with_filters,
     a_final_status_brings_its_deliveries,
     a_cancel_request_is_noted_once_and_kept,
@@ -457,6 +458,39 @@ async fn purge_by_count_and_age_keeps_active_runs(s: &dyn RunStore) {
         s.find_idempotent(&k1).await.unwrap().is_none(),
         "keys go too"
     );
+}
+
+/// Retention goes by when runs finished, not when they were created, and a purged run no
+/// longer counts.
+async fn purge_takes_the_oldest_finished_whatever_the_creation_order(s: &dyn RunStore) {
+    let now = SystemTime::now();
+    let mut ids = vec![];
+    for _ in 0..4 {
+        let r = run("a", RunState::Queued);
+        ids.push(r.id);
+        s.create(new(r, None)).await.unwrap();
+    }
+    // Created 0, 1, 2, 3; finished 3 (oldest), 1, 0, 2 (newest).
+    for (id, ago) in [(ids[3], 40), (ids[1], 30), (ids[0], 20), (ids[2], 10)] {
+        let t = now - Duration::from_secs(ago);
+        s.transition(id, Expect::Active, finished(true, t, Outcome::Lost))
+            .await
+            .unwrap();
+    }
+    let keep = |n| Retention {
+        keep_runs: n,
+        keep_for: Duration::from_secs(3600),
+    };
+    assert_eq!(s.purge(keep(4), now).await.unwrap(), 0);
+    assert_eq!(s.purge(keep(2), now).await.unwrap(), 2);
+    assert!(s.get(ids[3]).await.unwrap().is_none());
+    assert!(s.get(ids[1]).await.unwrap().is_none());
+    assert!(s.get(ids[0]).await.unwrap().is_some());
+    assert!(s.get(ids[2]).await.unwrap().is_some());
+    assert_eq!(s.purge(keep(2), now).await.unwrap(), 0, "nothing more");
+    assert_eq!(s.purge(keep(1), now).await.unwrap(), 1);
+    assert!(s.get(ids[0]).await.unwrap().is_none());
+    assert!(s.get(ids[2]).await.unwrap().is_some());
 }
 
 async fn listing_pages_newest_first_with_filters(s: &dyn RunStore) {
