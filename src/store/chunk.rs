@@ -181,11 +181,6 @@ impl<'a> Reader<'a> {
         Ok(bytes)
     }
 
-    fn u32_le(&mut self) -> Result<usize, StoreError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-    }
-
     fn varint(&mut self) -> Result<u64, StoreError> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
@@ -202,8 +197,15 @@ impl<'a> Reader<'a> {
         Err(corrupt())
     }
 
-    fn len(&mut self) -> Result<usize, StoreError> {
-        usize::try_from(self.varint()?).map_err(|_| corrupt())
+    /// A length (u32 LE when fixed, LEB128 when compact), then that many bytes.
+    fn bytes(&mut self) -> Result<&'a [u8], StoreError> {
+        let len = if self.compact {
+            usize::try_from(self.varint()?).map_err(|_| corrupt())?
+        } else {
+            let b = self.take(4)?;
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+        };
+        self.take(len)
     }
 
     /// The next line, or `None` at the end of the data.
@@ -217,44 +219,27 @@ impl<'a> Reader<'a> {
         } else {
             Stream::Stdout
         };
-        if !self.compact {
-            let b = self.take(8)?;
-            let ts = i64::from_le_bytes(b.try_into().map_err(|_| corrupt())?);
-            let len = self.u32_le()?;
-            let text = self.take(len)?;
-            let raw = match flags & RAW != 0 {
-                true => {
-                    let len = self.u32_le()?;
-                    Some(self.take(len)?)
-                }
-                false => None,
-            };
-            return Ok(Some(Entry {
-                stream,
-                ts,
-                text,
-                raw,
-            }));
-        }
-        if flags & !(STDERR | RAW | SAME_TS) != 0 {
-            return Err(corrupt());
-        }
-        if flags & SAME_TS == 0 {
-            let delta = unzigzag(self.varint()?);
-            self.prev_ts = self.prev_ts.checked_add(delta).ok_or_else(corrupt)?;
-        }
-        let len = self.len()?;
-        let text = self.take(len)?;
-        let raw = match flags & RAW != 0 {
-            true => {
-                let len = self.len()?;
-                Some(self.take(len)?)
+        let ts = if self.compact {
+            if flags & !(STDERR | RAW | SAME_TS) != 0 {
+                return Err(corrupt());
             }
+            if flags & SAME_TS == 0 {
+                let delta = unzigzag(self.varint()?);
+                self.prev_ts = self.prev_ts.checked_add(delta).ok_or_else(corrupt)?;
+            }
+            self.prev_ts
+        } else {
+            let b = self.take(8)?;
+            i64::from_le_bytes(b.try_into().map_err(|_| corrupt())?)
+        };
+        let text = self.bytes()?;
+        let raw = match flags & RAW != 0 {
+            true => Some(self.bytes()?),
             false => None,
         };
         Ok(Some(Entry {
             stream,
-            ts: self.prev_ts,
+            ts,
             text,
             raw,
         }))
