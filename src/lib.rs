@@ -61,8 +61,9 @@
 //!   (`store::postgres`, feature `postgres`: claims with `SKIP LOCKED`, leases by the database
 //!   clock, fenced writes, durable cancel flags, reaper, LISTEN/NOTIFY); `store::record` is the
 //!   row codec the engines share, `store::chunk` the output-chunk codec (fixed and compact
-//!   line framing; both read everywhere); `store::contract` one test suite that every engine
-//!   passes.
+//!   line framing; both read everywhere), `store::segments` the SQLite store's output bytes
+//!   in append-only segment files (synced before each checkpoint, CRC-checked, deleted with
+//!   their last row); `store::contract` one test suite that every engine passes.
 //! - [`runner`] — [`runner::ModuleRunner`] (`runner::request`: what a run is asked with;
 //!   `runner::sched`: queue, slots, recording, cancel; `runner::supervise`: one run's task;
 //!   `runner::handle`: a run's handle; `runner::cluster`: the node's loops on a shared store)

@@ -14,6 +14,7 @@ mod metered;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod record;
+mod segments;
 mod sqlite;
 
 use std::collections::HashSet;
