@@ -100,31 +100,32 @@ pub(super) fn io_error(what: &str, e: io::Error) -> StoreError {
     StoreError::Unavailable(outage, format!("{what}: {e}"))
 }
 
-/// What the start found of the segment written last before it.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct Checked {
-    /// Rows whose bytes are not all there or not as written (after a power loss).
-    pub torn: Vec<(Vec<u8>, i64)>,
-}
+/// Rows (run key, last seq) of the segment written last before the start whose bytes are not
+/// all there or not as written (after a power loss).
+pub(super) type Torn = Vec<(Vec<u8>, i64)>;
 
 impl Segments {
     /// The segments in `dir`, with `rows` (rows per segment, from the database): segments no
     /// row refers to are deleted, and a new active segment is created after the last.
     /// `last_rows` are the rows (key, place) of the newest existing segment, checked against
-    /// its file: the ones that did not survive are returned, for the caller to delete.
+    /// its file: the ones that did not survive are returned, for the caller to delete. That
+    /// segment is synced: the run before may have crashed before it could, and its rows
+    /// become durable at this run's checkpoints.
     pub fn open(
         dir: &Path,
         mut rows: HashMap<u64, u64>,
         last_rows: impl FnOnce(u64) -> Result<Vec<(Vec<u8>, i64, Place)>, StoreError>,
-    ) -> Result<(Self, Checked), StoreError> {
+    ) -> Result<(Self, Torn), StoreError> {
         let found = existing(dir).map_err(|e| io_error("cannot list the output segments", e))?;
-        let mut checked = Checked::default();
+        let mut torn = Torn::new();
         if let Some(&last) = found.last() {
             let file = File::open(dir.join(file_name(last)))
                 .map_err(|e| io_error("cannot open an output segment", e))?;
+            file.sync_data()
+                .map_err(|e| io_error("cannot sync an output segment", e))?;
             for (key, seq, place) in last_rows(last)? {
                 if read_at(&file, place).is_err() {
-                    checked.torn.push((key, seq));
+                    torn.push((key, seq));
                     if let Some(n) = rows.get_mut(&last) {
                         *n = n.saturating_sub(1);
                     }
@@ -160,7 +161,7 @@ impl Segments {
                 delta: Vec::new(),
                 limit: SEGMENT_BYTES,
             },
-            checked,
+            torn,
         ))
     }
 
@@ -417,12 +418,12 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         std::fs::write(dir.path().join(file_name(7)), b"unused").unwrap();
         let rows = [(1, 3), (9, 1)].into_iter().collect();
-        let (segs, checked) = Segments::open(dir.path(), rows, |seg| {
+        let (segs, torn) = Segments::open(dir.path(), rows, |seg| {
             assert_eq!(seg, 7, "the newest file is checked");
             Ok(Vec::new())
         })
         .unwrap();
-        assert!(checked.torn.is_empty());
+        assert!(torn.is_empty());
         assert_eq!(segs.active_no, 10, "after row 9's segment");
         assert_eq!(files(dir.path()), [1, 10], "7 had no rows");
         drop(segs);
@@ -433,8 +434,8 @@ mod tests {
             (b"f".to_vec(), 2, flipped),
             (b"c".to_vec(), 3, cut),
         ];
-        let (segs, checked) = Segments::open(dir.path(), rows, |_| Ok(listed.to_vec())).unwrap();
-        assert_eq!(checked.torn, [(b"f".to_vec(), 2), (b"c".to_vec(), 3)]);
+        let (segs, torn) = Segments::open(dir.path(), rows, |_| Ok(listed.to_vec())).unwrap();
+        assert_eq!(torn, [(b"f".to_vec(), 2), (b"c".to_vec(), 3)]);
         assert_eq!(segs.rows.get(&1), Some(&1));
         let mut r = SegmentReader::new(dir.path());
         assert_eq!(r.read(kept).unwrap().unwrap(), b"kept chunk");

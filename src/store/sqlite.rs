@@ -462,14 +462,14 @@ fn open_segments(conn: &Connection, dir: &Path) -> Result<Segments, StoreError> 
         })
         .map_err(backend)
     };
-    let (segments, checked) = Segments::open(dir, rows, last_rows)?;
-    if !checked.torn.is_empty() {
+    let (segments, torn) = Segments::open(dir, rows, last_rows)?;
+    if !torn.is_empty() {
         tracing::warn!(
-            chunks = checked.torn.len(),
+            chunks = torn.len(),
             "output chunks whose bytes did not survive (a power loss) were dropped"
         );
         let tx = conn.unchecked_transaction().map_err(backend)?;
-        for (run, last_seq) in &checked.torn {
+        for (run, last_seq) in &torn {
             tx.execute(
                 "DELETE FROM chunks WHERE run_id = ?1 AND last_seq = ?2",
                 params![run, last_seq],
