@@ -57,7 +57,8 @@
 //!   `registry::events` (the feed of run changes: a bounded ring with resumable ids).
 //! - [`store`] — the persistence boundary ([`store::RunStore`], plus [`store::Cluster`] for a
 //!   store that several nodes share): the embedded SQLite store (writer thread with group
-//!   commit, read pool, migrations, lock file), the memory store, and the PostgreSQL store
+//!   commit, a checkpointer thread beside it, read pool, migrations, lock file), the memory
+//!   store, and the PostgreSQL store
 //!   (`store::postgres`, feature `postgres`: claims with `SKIP LOCKED`, leases by the database
 //!   clock, fenced writes, durable cancel flags, reaper, LISTEN/NOTIFY); `store::record` is the
 //!   row codec the engines share, `store::chunk` the output-chunk codec (fixed and compact

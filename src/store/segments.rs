@@ -11,7 +11,8 @@
 //!   batch overwrites the bytes, which no row refers to).
 //! - **Durable before the rows are**: SQLite (`synchronous = NORMAL`) makes commits durable at
 //!   its checkpoints, and the store runs those itself: the active segment is `fdatasync`ed
-//!   first (and at every switch to a new segment, and before the store closes). After a power
+//!   first, through [`ActiveFile`] when the store's checkpointer thread runs it (and at every
+//!   switch to a new segment, and before the store closes). After a power
 //!   loss a commit newer than the last checkpoint may still survive (the kernel writes the WAL
 //!   back when it likes); the start checks the last segment of the run before against its rows
 //!   and drops those whose bytes did not survive ([`Segments::open`]).
@@ -24,6 +25,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use super::{Outage, StoreError};
 
@@ -51,7 +53,9 @@ pub(super) struct Place {
 pub(super) struct Segments {
     dir: PathBuf,
     /// The segment written to.
-    active: File,
+    active: Arc<File>,
+    /// The same, for the checkpointer thread (replaced at every switch of segment).
+    shared: ActiveFile,
     active_no: u64,
     /// Committed bytes of the active segment: rows refer to bytes before it only.
     end: u64,
@@ -65,6 +69,22 @@ pub(super) struct Segments {
     delta: Vec<(u64, i64)>,
     /// A segment is closed once it holds this much ([`SEGMENT_BYTES`]; less in tests).
     limit: u64,
+}
+
+/// The active segment's file as another thread sees it, to `fdatasync` it: the store's
+/// checkpointer, before a checkpoint makes the rows that refer to its bytes durable. Syncing
+/// it syncs every byte any committed row refers to: the segments before it were synced when
+/// they were closed, before it became the active one.
+#[derive(Debug, Clone)]
+pub(super) struct ActiveFile(Arc<Mutex<Arc<File>>>);
+
+impl ActiveFile {
+    /// `fdatasync` the active segment (the file it is when this is called).
+    pub fn sync(&self) -> io::Result<()> {
+        // The lock is held only to clone the handle, not across the sync.
+        let file = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        file.sync_data()
+    }
 }
 
 /// A segment's file name.
@@ -148,10 +168,11 @@ impl Segments {
             .chain(rows.keys().copied())
             .max()
             .map_or(1, |n| n + 1);
-        let active = create(dir, active_no)?;
+        let active = Arc::new(create(dir, active_no)?);
         Ok((
             Self {
                 dir: dir.to_owned(),
+                shared: ActiveFile(Arc::new(Mutex::new(active.clone()))),
                 active,
                 active_no,
                 end: 0,
@@ -222,6 +243,11 @@ impl Segments {
         Ok(())
     }
 
+    /// The active segment, for the checkpointer thread.
+    pub fn active_file(&self) -> ActiveFile {
+        self.shared.clone()
+    }
+
     /// Whether output can be written again (during an outage): a page written where the next
     /// chunk goes (and overwritten by it).
     pub fn probe(&mut self) -> Result<(), StoreError> {
@@ -247,7 +273,9 @@ impl Segments {
         self.sync()
             .map_err(|e| io_error("cannot sync an output segment", e))?;
         let next = self.active_no + 1;
-        self.active = create(&self.dir, next)?;
+        self.active = Arc::new(create(&self.dir, next)?);
+        // After the sync above: the checkpointer syncs the new segment from now on.
+        *self.shared.0.lock().unwrap_or_else(|e| e.into_inner()) = self.active.clone();
         // The closed segment is deleted once its last row is, as any other.
         let old = std::mem::replace(&mut self.active_no, next);
         if self.rows.get(&old).copied().unwrap_or(0) == 0 {

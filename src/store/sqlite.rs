@@ -2,12 +2,15 @@
 //! migrations. One writer thread owns the write connection and group-commits whatever commands
 //! have queued up while the previous commit ran; reads run on blocking threads with a small pool
 //! of read-only connections. `synchronous = NORMAL`: a commit reaches the WAL file (and so
-//! survives a crash of the process) without waiting for an fsync. Output bytes are in segment
-//! files beside the database (`store::segments`), written before the commit that refers to
-//! them and synced before every checkpoint, which the writer runs itself.
+//! survives a crash of the process) without waiting for an fsync; commits become durable at
+//! checkpoints, which the store runs itself on a thread of its own (`modrun-ckpt`), so that
+//! the writer never waits for an fsync. Output bytes are in segment files beside the database
+//! (`store::segments`), written before the commit that refers to them and synced before every
+//! checkpoint.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -19,7 +22,7 @@ use tokio::sync::oneshot;
 
 use super::chunk::{Encoding, chunks, decode_chunk};
 use super::record::{DeliveryColumns, StateColumns, StoredRun, StoredState, micros};
-use super::segments::{Place, SEGMENT_BYTES, SegmentReader, Segments};
+use super::segments::{ActiveFile, Place, SEGMENT_BYTES, SegmentReader, Segments};
 use super::{
     Created, DeliveryResult, DeliveryState, DeliveryStatus, DueDelivery, Expect, Held,
     IdempotencyKey, ListQuery, NewRun, Outage, Page, Recovered, Retention, RunStore, StoreError,
@@ -116,9 +119,17 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE chunks ADD COLUMN crc INTEGER;",
 ];
 
-/// WAL pages after which the writer checkpoints (SQLite's own default for its automatic
-/// checkpoints, which the store replaces: see [`writer_loop`]).
+/// WAL pages after which the writer asks the checkpointer thread for a checkpoint, and again
+/// after as many more (SQLite's own default for its automatic checkpoints, which the store
+/// replaces: see [`writer_loop`]).
 const CHECKPOINT_PAGES: i32 = 1000;
+/// WAL pages past which the writer checkpoints itself. SQLite starts the WAL over only when a
+/// write finds every page of it checkpointed, and a checkpoint beside the writer copies only
+/// the commits before it began: under a steady load the writer commits again before the
+/// checkpointer is done, and the WAL would grow without end. Here the writer copies what is
+/// left (the checkpointer keeps that to about [`CHECKPOINT_PAGES`]), so the WAL stays under
+/// ~16 MiB.
+const WAL_LIMIT_PAGES: i32 = 4 * CHECKPOINT_PAGES;
 
 thread_local! {
     /// Pages in the WAL after the last commit of this thread's connection (the writer's), as
@@ -221,6 +232,16 @@ impl Cmd {
     }
 }
 
+/// Checkpoints of one store, by who ran them (for tests and the reader's curiosity: the
+/// checkpointer should run nearly all of them).
+#[derive(Debug, Default)]
+struct Checkpoints {
+    /// By the checkpointer thread.
+    background: AtomicU64,
+    /// By the writer, past [`WAL_LIMIT_PAGES`].
+    writer: AtomicU64,
+}
+
 /// SQLite under a folder.
 pub struct SqliteStore {
     file: PathBuf,
@@ -232,6 +253,8 @@ pub struct SqliteStore {
     writer: mpsc::Sender<Cmd>,
     /// Idle read-only connections, at most [`READ_POOL`].
     readers: Arc<Mutex<Vec<Connection>>>,
+    #[cfg(test)]
+    checkpoints: Arc<Checkpoints>,
     /// Held for the store's life: a second modrun on the same folder is refused.
     _lock: File,
 }
@@ -318,17 +341,22 @@ impl SqliteStore {
         let mut segments = open_segments(&conn, dir).map_err(|e| other(dir, e.to_string()))?;
         segments.set_limit(segment_bytes);
         conn.wal_hook(Some(note_wal));
+        let checkpoints = Arc::new(Checkpoints::default());
+        let checkpointer = Checkpointer::start(&file, segments.active_file(), checkpoints.clone())
+            .map_err(|e| other(&file, e))?;
         let (tx, rx) = mpsc::channel();
         let store = Self {
             file: file.clone(),
             dir: dir.to_owned(),
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
+            #[cfg(test)]
+            checkpoints: checkpoints.clone(),
             _lock: lock,
         };
         std::thread::Builder::new()
             .name("modrun-store".into())
-            .spawn(move || writer_loop(conn, segments, rx))
+            .spawn(move || writer_loop(conn, segments, rx, checkpointer, checkpoints))
             .map_err(|e| other(&file, format!("cannot start the writer thread: {e}")))?;
         Ok(store)
     }
@@ -481,33 +509,191 @@ fn open_segments(conn: &Connection, dir: &Path) -> Result<Segments, StoreError> 
     Ok(segments)
 }
 
-/// The writer: group commit, and the checkpoints. SQLite's automatic checkpoints are off (the
-/// WAL hook [`note_wal`] replaces them): a checkpoint makes the commits before it durable, so
-/// the output segments they refer to are synced first.
-fn writer_loop(mut conn: Connection, mut segments: Segments, rx: mpsc::Receiver<Cmd>) {
-    while let Ok(first) = rx.recv() {
+/// The writer: group commit. SQLite's automatic checkpoints are off (the WAL hook
+/// [`note_wal`] replaces them): every [`CHECKPOINT_PAGES`] pages of WAL the writer asks the
+/// checkpointer thread for one, and again whenever it runs out of work while the WAL holds
+/// that many (the WAL starts over only if a checkpoint caught up while the writer paused);
+/// past [`WAL_LIMIT_PAGES`] it runs one itself.
+fn writer_loop(
+    mut conn: Connection,
+    mut segments: Segments,
+    rx: mpsc::Receiver<Cmd>,
+    checkpointer: Checkpointer,
+    checkpoints: Arc<Checkpoints>,
+) {
+    // WAL pages when the checkpointer was last asked.
+    let mut asked_at = 0;
+    let mut next = rx.recv().ok();
+    while let Some(first) = next {
         commit_batch(&mut conn, &mut segments, first, &rx);
-        if WAL_PAGES.get() >= CHECKPOINT_PAGES {
-            checkpoint(&conn, &mut segments);
+        let mut pages = WAL_PAGES.get();
+        if pages < asked_at {
+            // The WAL started over.
+            asked_at = 0;
         }
+        if pages >= WAL_LIMIT_PAGES {
+            // Past the limit the checkpointer is not asked again, and the writer checkpoints
+            // once it is not running (waiting for it would add its fsyncs to the writer's;
+            // a checkpoint while another runs does nothing).
+            if let Some(_turn) = checkpointer.turn()
+                && checkpoint(&conn, &mut segments)
+            {
+                checkpoints.writer.fetch_add(1, Ordering::Relaxed);
+                asked_at = 0;
+                pages = 0;
+            }
+        } else if pages >= asked_at + CHECKPOINT_PAGES {
+            checkpointer.ask();
+            asked_at = pages;
+        }
+        next = match rx.try_recv() {
+            Ok(cmd) => Some(cmd),
+            Err(mpsc::TryRecvError::Empty) => {
+                if (CHECKPOINT_PAGES..WAL_LIMIT_PAGES).contains(&pages) && pages > asked_at {
+                    checkpointer.ask();
+                    asked_at = pages;
+                }
+                rx.recv().ok()
+            }
+            Err(mpsc::TryRecvError::Disconnected) => None,
+        };
     }
-    // Closing the connection checkpoints too.
+    // Its last checkpoint done before the writer's (closing the connection checkpoints too).
+    checkpointer.stop();
+    tracing::debug!(
+        beside = checkpoints.background.load(Ordering::Relaxed),
+        by_writer = checkpoints.writer.load(Ordering::Relaxed),
+        "store closed: checkpoints run beside the writer and by it"
+    );
     if let Err(e) = segments.sync() {
         tracing::error!(error = %e, "cannot sync the output segments");
     }
 }
 
-/// Sync the segments, then checkpoint (not at all if the sync fails: the next commit tries
-/// again).
-fn checkpoint(conn: &Connection, segments: &mut Segments) {
+/// The writer's own checkpoint: sync the segments, then checkpoint (not at all if the sync
+/// fails: the next commit tries again). Whether it ran.
+fn checkpoint(conn: &Connection, segments: &mut Segments) -> bool {
     if let Err(e) = segments.sync() {
         tracing::error!(error = %e, "cannot sync the output segments; no checkpoint yet");
-        return;
+        return false;
     }
-    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-        Ok(()) => WAL_PAGES.set(0),
-        Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
+    let ran = passive_checkpoint(conn);
+    if ran {
+        WAL_PAGES.set(0);
     }
+    ran
+}
+
+/// `PRAGMA wal_checkpoint(PASSIVE)`: whether it ran (not when another checkpoint was running:
+/// SQLite answers that with its "busy" column, not an error).
+fn passive_checkpoint(conn: &Connection) -> bool {
+    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+        Ok(busy) => busy == 0,
+        Err(e) => {
+            tracing::warn!(error = %e, "checkpoint failed");
+            false
+        }
+    }
+}
+
+/// The thread that runs the store's checkpoints beside the writer (SQLite lets a checkpoint
+/// run while another connection writes), so that the writer never waits for the fsyncs of a
+/// checkpoint: the WAL's, the database's and the output segment's.
+struct Checkpointer {
+    /// Requests. Bounded at one: a request made while one waits is dropped (the waiting one
+    /// checkpoints everything committed before it runs).
+    asks: mpsc::SyncSender<()>,
+    /// Held while a checkpoint runs (by the thread, or by the writer past the limit).
+    running: Arc<Mutex<()>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(
+        file: &Path,
+        active: ActiveFile,
+        checkpoints: Arc<Checkpoints>,
+    ) -> Result<Self, String> {
+        // Its own connection for the checkpoints, and a read-only one that holds a snapshot
+        // while the segment is synced (see `checkpoint_beside`).
+        let conn = Connection::open(file).map_err(|e| e.to_string())?;
+        let pin = open_reader(file).map_err(|e| e.to_string())?;
+        let (asks, rx) = mpsc::sync_channel(1);
+        let running = Arc::new(Mutex::new(()));
+        let turn = running.clone();
+        let thread = std::thread::Builder::new()
+            .name("modrun-ckpt".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
+                    if checkpoint_beside(&conn, &pin, &active) {
+                        checkpoints.background.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the checkpointer thread: {e}"))?;
+        Ok(Self {
+            asks,
+            running,
+            thread,
+        })
+    }
+
+    /// Unless a checkpoint runs: keep the checkpointer from starting one while the guard
+    /// lives.
+    fn turn(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        match self.running.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Ask for a checkpoint (never waits).
+    fn ask(&self) {
+        // Full: one is waiting already. Disconnected: the thread is gone (it only ends when
+        // `stop` drops the sender); the writer's own checkpoints past the limit remain.
+        let _ = self.asks.try_send(());
+    }
+
+    /// Let the thread finish its checkpoint, if one runs, and end.
+    fn stop(self) {
+        drop(self.asks);
+        if self.thread.join().is_err() {
+            tracing::error!("the store's checkpointer thread panicked");
+        }
+    }
+}
+
+/// One checkpoint beside the writer. The commits it makes durable must not refer to output
+/// bytes that are not synced yet, and the writer keeps committing while it runs: a read
+/// transaction pins a snapshot first (a checkpoint copies nothing newer than the snapshot of
+/// any reader), then the active segment is synced (every byte a commit of the snapshot refers
+/// to was written before that commit), then the checkpoint copies at most the snapshot's
+/// commits. Whether it ran.
+fn checkpoint_beside(conn: &Connection, pin: &Connection, active: &ActiveFile) -> bool {
+    let pinned = pin
+        .execute_batch("BEGIN")
+        .and_then(|()| pin.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(())));
+    let done = match pinned {
+        Err(e) => {
+            tracing::warn!(error = %e, "checkpoint failed: cannot read the database");
+            false
+        }
+        Ok(()) => match active.sync() {
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sync the output segments; no checkpoint yet");
+                false
+            }
+            Ok(()) => passive_checkpoint(conn),
+        },
+    };
+    if !pin.is_autocommit()
+        && let Err(e) = pin.execute_batch("COMMIT")
+    {
+        tracing::warn!(error = %e, "cannot end the checkpoint's read transaction");
+    }
+    done
 }
 
 fn commit_batch(
@@ -1484,26 +1670,62 @@ mod tests {
         assert_eq!(segment_files(dir.path()).len(), 1);
     }
 
+    /// WAL frames in the file (its size: the WAL is not truncated when it starts over, so this
+    /// is the most it held).
+    fn wal_frames(dir: &Path) -> u64 {
+        let wal = std::fs::metadata(dir.join("modrun.db-wal")).unwrap().len();
+        // A frame is a page and a 24-byte header.
+        wal / (4096 + 24)
+    }
+
     /// The store runs SQLite's checkpoints itself (the automatic ones are off): the WAL does
-    /// not grow with the number of commits.
+    /// not grow with the number of commits, even when they come one after the other and the
+    /// checkpoints beside the writer never catch up with it.
     #[tokio::test]
     async fn the_wal_is_checkpointed() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        // One commit each: every commit adds its pages to the WAL again.
+        // One commit each: every commit adds its pages to the WAL again (~14,400 frames in
+        // all without checkpoints).
         for _ in 0..3000 {
             store
                 .create(new_run(Run::queued_for_test("m")))
                 .await
                 .unwrap();
         }
-        let wal = std::fs::metadata(dir.path().join("modrun.db-wal"))
-            .unwrap()
-            .len();
-        // A WAL frame is a page and a 24-byte header.
-        let frames = wal / (4096 + 24);
+        let frames = wal_frames(dir.path());
+        // At most the limit, and what was committed past it while the checkpointer finished.
         assert!(
-            frames < 2 * CHECKPOINT_PAGES as u64,
+            frames < WAL_LIMIT_PAGES as u64 + CHECKPOINT_PAGES as u64,
+            "{frames} frames in the WAL"
+        );
+        assert!(store.checkpoints.background.load(Ordering::Relaxed) > 0);
+    }
+
+    /// Where the commits pause now and then (any load but a flood), the checkpointer thread
+    /// alone keeps the WAL short: the writer never waits for a checkpoint.
+    #[tokio::test]
+    async fn checkpoints_run_beside_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        for i in 0..3000 {
+            store
+                .create(new_run(Run::queued_for_test("m")))
+                .await
+                .unwrap();
+            if i % 300 == 299 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let (beside, by_writer) = (
+            store.checkpoints.background.load(Ordering::Relaxed),
+            store.checkpoints.writer.load(Ordering::Relaxed),
+        );
+        assert!(beside > 0, "no checkpoint beside the writer");
+        assert_eq!(by_writer, 0, "the writer checkpointed {by_writer} time(s)");
+        let frames = wal_frames(dir.path());
+        assert!(
+            frames < 3 * CHECKPOINT_PAGES as u64,
             "{frames} frames in the WAL"
         );
     }
