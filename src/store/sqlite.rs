@@ -232,8 +232,8 @@ impl Cmd {
     }
 }
 
-/// Checkpoints of one store, by who ran them (for tests and the reader's curiosity: the
-/// checkpointer should run nearly all of them).
+/// Checkpoints of one store, by who ran them: the checkpointer should run nearly all of them
+/// (logged at debug level when the writer ends; the tests check it).
 #[derive(Debug, Default)]
 struct Checkpoints {
     /// By the checkpointer thread.
