@@ -98,7 +98,8 @@
 //! - [`app`] — wiring: open the store, serve a bound listener (503 but for the probes while
 //!   start-up recovery runs: running -> lost, queued -> queued again), reload the configuration
 //!   on request (`app::reload`, SIGHUP), and when a shutdown future fires shut down in order
-//!   (drain with 503, cancel runs, stop accepting, end streams, last flush).
+//!   (drain with 503, cancel runs, stop accepting, end streams, last flush); `app::runtime` is
+//!   the tokio runtime `modrun serve` runs on (the workers' LIFO slot off).
 //!
 //! # Locks, tasks and bounds
 //!

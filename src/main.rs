@@ -271,10 +271,7 @@ fn serve(path: PathBuf, bind: Option<SocketAddr>, ansi: bool) -> ExitCode {
         config.server.bind = addr;
     }
     raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match modrun::app::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             say(format_args!("cannot start the async runtime: {e}"));
