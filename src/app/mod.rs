@@ -38,8 +38,8 @@ use crate::store::{
 /// (every core busy, each run a chain of wake-ups: request, record, spawn, child's exit, answer)
 /// that ordering cost more than it saved. Measured on the run-throughput load (50 connections
 /// of `POST /runs?wait` for `/bin/true`, interleaved pairs on 2 cores): with the slot off, runs/s
-/// +5-7% in memory and +3-4% with SQLite, the server's CPU per run -17% and -11%, p99 latency
-/// -7 to -10%; the 1,000-line run-and-answer load +2-8% runs/s.
+/// +3-8% in memory and +3-4% with SQLite, the server's CPU per run -16 to -21% and -7 to -11%,
+/// p99 latency -7 to -16%; the 1,000-line run-and-answer load +2-8% runs/s.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     #[cfg(tokio_unstable)]
