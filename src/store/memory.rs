@@ -113,15 +113,19 @@ impl Inner {
     }
 
     /// Lines at or below a seq already stored are skipped (a retried batch).
-    fn append(&mut self, id: RunId, lines: Vec<Line>) -> Result<(), StoreError> {
+    fn append(&mut self, id: RunId, mut lines: Vec<Line>) -> Result<(), StoreError> {
         let Some(entry) = self.runs.get_mut(&id) else {
             return Err(StoreError::NotFound(id));
         };
         let have = entry.lines.len() as u64;
-        entry.lines.reserve(lines.len());
-        entry
-            .lines
-            .extend(lines.into_iter().filter(|l| l.seq > have));
+        lines.retain(|l| l.seq > have);
+        if entry.lines.is_empty() {
+            // The run's first batch (for most runs, all of their output, which comes with
+            // their end) is kept as it came: no copy of its lines.
+            entry.lines = lines;
+        } else {
+            entry.lines.append(&mut lines);
+        }
         Ok(())
     }
 
