@@ -21,7 +21,9 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    runs: BTreeMap<RunId, Entry>,
+    /// Boxed: ids only grow, so the map's nodes split at the right and stay about half full;
+    /// a slot of a half-empty node costs a pointer, not a whole record.
+    runs: BTreeMap<RunId, Box<Entry>>,
     /// The finished runs by when they finished, oldest first: retention takes what it removes
     /// from the front instead of sorting every finished run each time it looks (every second).
     finished: BTreeSet<(SystemTime, RunId)>,
@@ -133,7 +135,7 @@ impl Inner {
         match self.keys.get(&key.key) {
             None => Ok(None),
             Some((fp, _)) if *fp != key.fingerprint => Err(StoreError::IdempotencyConflict),
-            Some((_, id)) => Ok(self.runs.get(id).map(Entry::snapshot)),
+            Some((_, id)) => Ok(self.runs.get(id).map(|e| e.snapshot())),
         }
     }
 
@@ -169,11 +171,11 @@ impl RunStore for MemoryStore {
             }
         }
         let id = new.run.id;
-        let entry = Entry {
+        let entry = Box::new(Entry {
             run: new.run,
             lines: Vec::new(),
             key: new.key.map(|k| k.key),
-        };
+        });
         let snapshot = entry.snapshot();
         if let Some(t) = entry.run.finished_at() {
             inner.finished.insert((t, id));
@@ -187,7 +189,7 @@ impl RunStore for MemoryStore {
     }
 
     fn get(&self, id: RunId) -> StoreFuture<'_, Option<Run>> {
-        ready(Ok(self.lock().runs.get(&id).map(Entry::snapshot)))
+        ready(Ok(self.lock().runs.get(&id).map(|e| e.snapshot())))
     }
 
     fn cancel_requested(&self, id: RunId, at: SystemTime) -> StoreFuture<'_, ()> {
