@@ -346,6 +346,48 @@ impl OutputLog {
         Ok(inner.lines.range(start..).take(limit).cloned().collect())
     }
 
+    /// [`read_after`](Self::read_after) as text: the bytes of up to `limit` lines with
+    /// `seq > after` (and up to about `max_bytes`: at least one line), each with `\n`,
+    /// appended to `out` for the lines `keep` passes, copied under the lock rather than the
+    /// lines cloned first. The last seq read, `None` when the log holds nothing after `after`;
+    /// `Err(Evicted)` as for `read_after`.
+    pub fn text_after(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+        keep: impl Fn(&Line) -> bool,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<u64>, Evicted> {
+        let inner = self.lock();
+        let first = inner.lines.front().map_or(inner.last_seq + 1, |l| l.seq);
+        if after >= inner.last_seq {
+            return Ok(None);
+        }
+        if after + 1 < first {
+            return Err(Evicted);
+        }
+        let start = (after + 1 - first) as usize;
+        let (mut n, mut bytes) = (0, 0);
+        for l in inner.lines.range(start..).take(limit) {
+            if n > 0 && bytes + l.bytes().len() + 1 > max_bytes {
+                break;
+            }
+            n += 1;
+            bytes += l.bytes().len() + 1;
+        }
+        out.reserve_exact(bytes);
+        let mut last = after;
+        for l in inner.lines.range(start..start + n) {
+            last = l.seq;
+            if keep(l) {
+                out.extend_from_slice(l.bytes());
+                out.push(b'\n');
+            }
+        }
+        Ok(Some(last))
+    }
+
     /// The seq of the last kept line (0 when there is none).
     pub fn last_seq(&self) -> u64 {
         self.lock().last_seq
@@ -555,6 +597,47 @@ mod tests {
         assert!(l.unflushed(10).is_empty());
         assert_eq!(l.read_after(2999, 10).unwrap()[0].seq, 3000);
         assert!(l.read_after(3000, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn text_after_copies_the_bytes_as_written_within_its_limits() {
+        let l = log(1 << 20, 1 << 30);
+        l.write(Stream::Stdout, b"one\n\xff\xfebad\n");
+        l.write(Stream::Stderr, b"err\n");
+        l.write(Stream::Stdout, b"four\n");
+        let all = |l: &Line| l.seq > 0;
+        let mut out = Vec::new();
+        assert_eq!(l.text_after(0, 100, 1 << 20, all, &mut out), Ok(Some(4)));
+        // The invalid line as its bytes, not its lossy text.
+        assert_eq!(out, b"one\n\xff\xfebad\nerr\nfour\n");
+        // A filter skips lines but the position moves past them.
+        out.clear();
+        let stdout = |l: &Line| l.stream == Stream::Stdout;
+        assert_eq!(l.text_after(2, 100, 1 << 20, stdout, &mut out), Ok(Some(4)));
+        assert_eq!(out, b"four\n");
+        // At most `limit` lines, and past the first one, at most about `max_bytes`.
+        out.clear();
+        assert_eq!(l.text_after(0, 2, 1 << 20, all, &mut out), Ok(Some(2)));
+        out.clear();
+        assert_eq!(l.text_after(0, 100, 1, all, &mut out), Ok(Some(1)));
+        assert_eq!(out, b"one\n");
+        out.clear();
+        assert_eq!(l.text_after(0, 100, 11, all, &mut out), Ok(Some(2)));
+        // Nothing after the last line; persisted lines past the window are the store's.
+        assert_eq!(l.text_after(4, 100, 1 << 20, all, &mut out), Ok(None));
+        let big = log(1 << 20, 1 << 30);
+        let line = "x".repeat(1000);
+        for _ in 0..3000 {
+            big.push_line(Stream::Stdout, &line);
+        }
+        big.mark_flushed(3000);
+        assert_eq!(big.text_after(0, 10, 1 << 20, all, &mut out), Err(Evicted));
+        out.clear();
+        assert_eq!(
+            big.text_after(2998, 10, 1 << 20, all, &mut out),
+            Ok(Some(3000))
+        );
+        assert_eq!(out.len(), 2 * 1001);
     }
 
     #[test]

@@ -54,8 +54,10 @@ impl StreamFilter {
     }
 }
 
-/// Lines read per batch of a text body.
+/// Lines read per batch of a text body...
 const TEXT_BATCH: usize = 4096;
+/// ...and text bytes per batch copied from a live log (under its lock), past the first line.
+const TEXT_BYTES: usize = 256 * 1024;
 
 /// The run's output after line `after` as text (each line's bytes as the program wrote them,
 /// and `\n`: a line that is not valid UTF-8 comes as its bytes), read and sent in batches
@@ -73,24 +75,23 @@ pub(super) fn text_body(
         let log = log.clone();
         async move {
             let pos = pos?;
-            let held = match &log {
-                Some(l) => match l.read_after(pos, TEXT_BATCH) {
-                    Ok(lines) if !lines.is_empty() => Some(lines),
+            if let Some(l) = &log {
+                // From memory: the text copied straight from the log.
+                let mut text = Vec::new();
+                match l.text_after(pos, TEXT_BATCH, TEXT_BYTES, |l| filter.keeps(l), &mut text) {
+                    Ok(Some(last)) => return Some((Ok(Bytes::from(text)), Some(last))),
                     // A closed log that holds nothing after `pos`: the output ends there.
-                    Ok(_) if l.is_closed() => return None,
-                    _ => None,
-                },
-                None => None,
-            };
-            let lines = match held {
-                Some(lines) => lines,
-                None => match registry.read_output(id, pos, TEXT_BATCH).await {
-                    Ok(Some(lines)) => lines,
-                    Ok(None) => return None,
-                    Err(e) => {
-                        return Some((Err(std::io::Error::other(e.to_string())), None));
-                    }
-                },
+                    Ok(None) if l.is_closed() => return None,
+                    // Not there yet, or persisted and dropped from memory: the store.
+                    _ => {}
+                }
+            }
+            let lines = match registry.read_output(id, pos, TEXT_BATCH).await {
+                Ok(Some(lines)) => lines,
+                Ok(None) => return None,
+                Err(e) => {
+                    return Some((Err(std::io::Error::other(e.to_string())), None));
+                }
             };
             let last = lines.last()?.seq;
             let kept = lines.iter().filter(|l| filter.keeps(l));
