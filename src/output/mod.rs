@@ -116,6 +116,19 @@ impl LogInner {
         self.unflushed_bytes += len;
     }
 
+    /// Where the first line with `seq > after` is in `lines`: `None` when there is none yet,
+    /// `Err(Evicted)` when it was persisted and dropped from memory.
+    fn index_after(&self, after: u64) -> Result<Option<usize>, Evicted> {
+        let first = self.lines.front().map_or(self.last_seq + 1, |l| l.seq);
+        if after >= self.last_seq {
+            return Ok(None);
+        }
+        if after + 1 < first {
+            return Err(Evicted);
+        }
+        Ok(Some((after + 1 - first) as usize))
+    }
+
     /// A line of modrun's own (valid UTF-8).
     fn push_text(&mut self, stream: Stream, ts: SystemTime, text: String) {
         self.push(
@@ -335,15 +348,10 @@ impl OutputLog {
     /// of them were persisted and dropped from memory (read those from the store).
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Line>, Evicted> {
         let inner = self.lock();
-        let first = inner.lines.front().map_or(inner.last_seq + 1, |l| l.seq);
-        if after >= inner.last_seq {
-            return Ok(Vec::new());
-        }
-        if after + 1 < first {
-            return Err(Evicted);
-        }
-        let start = (after + 1 - first) as usize;
-        Ok(inner.lines.range(start..).take(limit).cloned().collect())
+        Ok(match inner.index_after(after)? {
+            Some(start) => inner.lines.range(start..).take(limit).cloned().collect(),
+            None => Vec::new(),
+        })
     }
 
     /// [`read_after`](Self::read_after) as text: the bytes of up to `limit` lines with
@@ -360,14 +368,9 @@ impl OutputLog {
         out: &mut Vec<u8>,
     ) -> Result<Option<u64>, Evicted> {
         let inner = self.lock();
-        let first = inner.lines.front().map_or(inner.last_seq + 1, |l| l.seq);
-        if after >= inner.last_seq {
+        let Some(start) = inner.index_after(after)? else {
             return Ok(None);
-        }
-        if after + 1 < first {
-            return Err(Evicted);
-        }
-        let start = (after + 1 - first) as usize;
+        };
         let (mut n, mut bytes) = (0, 0);
         for l in inner.lines.range(start..).take(limit) {
             if n > 0 && bytes + l.bytes().len() + 1 > max_bytes {
