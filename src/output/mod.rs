@@ -354,11 +354,12 @@ impl OutputLog {
         })
     }
 
-    /// [`read_after`](Self::read_after) as text: the bytes of up to `limit` lines with
-    /// `seq > after` (and up to about `max_bytes`: at least one line), each with `\n`,
-    /// appended to `out` for the lines `keep` passes, copied under the lock rather than the
-    /// lines cloned first. The last seq read, `None` when the log holds nothing after `after`;
-    /// `Err(Evicted)` as for `read_after`.
+    /// [`read_after`](Self::read_after) as text: of up to `limit` lines with `seq > after`,
+    /// holding at most `max_bytes` with their `\n`s (but always at least one line), the bytes
+    /// of those `keep` passes, each with `\n`, appended to `out`: copied under the lock rather
+    /// than the lines cloned first, with room reserved for exactly what is kept. The last seq
+    /// read (kept or not), `None` when the log holds nothing after `after`; `Err(Evicted)` as
+    /// for `read_after`.
     pub fn text_after(
         &self,
         after: u64,
@@ -371,22 +372,25 @@ impl OutputLog {
         let Some(start) = inner.index_after(after)? else {
             return Ok(None);
         };
-        let (mut n, mut bytes) = (0, 0);
+        // First the batch's end and the size of what it keeps, then the copy.
+        let (mut n, mut bytes, mut kept) = (0, 0, 0);
         for l in inner.lines.range(start..).take(limit) {
-            if n > 0 && bytes + l.bytes().len() + 1 > max_bytes {
+            let len = l.bytes().len() + 1;
+            if n > 0 && bytes + len > max_bytes {
                 break;
             }
             n += 1;
-            bytes += l.bytes().len() + 1;
-        }
-        out.reserve_exact(bytes);
-        let mut last = after;
-        for l in inner.lines.range(start..start + n) {
-            last = l.seq;
+            bytes += len;
             if keep(l) {
-                out.extend_from_slice(l.bytes());
-                out.push(b'\n');
+                kept += len;
             }
+        }
+        out.reserve_exact(kept);
+        let batch = inner.lines.range(start..start + n);
+        let last = batch.clone().next_back().map_or(after, |l| l.seq);
+        for l in batch.filter(|l| keep(l)) {
+            out.extend_from_slice(l.bytes());
+            out.push(b'\n');
         }
         Ok(Some(last))
     }
@@ -618,7 +622,7 @@ mod tests {
         let stdout = |l: &Line| l.stream == Stream::Stdout;
         assert_eq!(l.text_after(2, 100, 1 << 20, stdout, &mut out), Ok(Some(4)));
         assert_eq!(out, b"four\n");
-        // At most `limit` lines, and past the first one, at most about `max_bytes`.
+        // At most `limit` lines, and at most `max_bytes` in all, but always one line.
         out.clear();
         assert_eq!(l.text_after(0, 2, 1 << 20, all, &mut out), Ok(Some(2)));
         out.clear();
@@ -626,6 +630,24 @@ mod tests {
         assert_eq!(out, b"one\n");
         out.clear();
         assert_eq!(l.text_after(0, 100, 11, all, &mut out), Ok(Some(2)));
+        assert_eq!(out, b"one\n\xff\xfebad\n");
+        out.clear();
+        assert_eq!(l.text_after(0, 100, 10, all, &mut out), Ok(Some(2)));
+        // Room is reserved for what the filter keeps, not for the lines it skips.
+        let mixed = log(1 << 20, 1 << 30);
+        mixed.push_line(Stream::Stderr, &"e".repeat(100_000));
+        mixed.push_line(Stream::Stdout, "kept");
+        let mut small = Vec::new();
+        assert_eq!(
+            mixed.text_after(0, 100, 1 << 20, stdout, &mut small),
+            Ok(Some(2))
+        );
+        assert_eq!(small, b"kept\n");
+        assert!(
+            small.capacity() < 1000,
+            "{} bytes reserved",
+            small.capacity()
+        );
         // Nothing after the last line; persisted lines past the window are the store's.
         assert_eq!(l.text_after(4, 100, 1 << 20, all, &mut out), Ok(None));
         let big = log(1 << 20, 1 << 30);
