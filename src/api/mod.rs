@@ -239,7 +239,7 @@ fn log_request(
     res: &Response,
     took: std::time::Duration,
 ) {
-    let duration_ms = took.as_secs_f64() * 1000.0;
+    let duration_ms = crate::telemetry::millis(took);
     let served = res.extensions().get::<access::Served>();
     let route = served.map_or("-", |s| s.route.as_str());
     let token = served.and_then(|s| s.token.as_deref()).unwrap_or("-");

@@ -154,7 +154,7 @@ impl Registry {
                     .started_at()
                     .zip(run.finished_at())
                     .and_then(|(a, b)| b.duration_since(a).ok())
-                    .map(|d| d.as_secs_f64() * 1000.0);
+                    .map(crate::telemetry::millis);
                 tracing::info!(
                     status = %run.status(),
                     exit_code = run.exit_code(),
