@@ -27,7 +27,7 @@ pub const QUEUE_LINES: usize = 16 * 1024;
 pub const EXIT_FLUSH: Duration = Duration::from_millis(500);
 
 /// A duration in milliseconds to the microsecond, for the `duration_ms` fields of log lines:
-/// `1.381`, where the plain `f64` gave `1.3809390000000001` (and cost its formatter more).
+/// `1.381`, where the plain `f64` gave `1.3809390000000001`.
 pub fn millis(d: Duration) -> f64 {
     // The quotient of an integer by 1000, correctly rounded, prints as its shortest decimal.
     d.as_micros() as f64 / 1000.0
